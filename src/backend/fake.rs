@@ -1,0 +1,356 @@
+//! An in-process backend for tests and benchmarks. Each "VM" is a loopback HTTP
+//! server (the fake guest) that starts listening a configurable boot delay after the
+//! start call — as a real guest does after its VM is running — and records every
+//! event it accepts so tests can check exactly-once delivery.
+//!
+//! Owns: fake VMs and fake guests. Must not import `activator`, `ingress` or `server`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Backend, BackendError, BackendPhase, BackendStatus, Catalog};
+use crate::vm::{Policy, VmKey};
+
+/// How fake VMs behave. Changeable at run time through [`FakeBackend::set_options`].
+#[derive(Clone, Debug)]
+pub struct FakeOptions {
+    /// Start call → backend reports Running.
+    pub running_delay: Duration,
+    /// Start call → the guest server starts listening.
+    pub boot_delay: Duration,
+    /// How long the guest takes to answer each event.
+    pub response_delay: Duration,
+    /// The status the guest answers events with.
+    pub response_status: u16,
+    /// Make the start call fail with this message.
+    pub start_error: Option<String>,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        Self {
+            running_delay: Duration::from_millis(5),
+            boot_delay: Duration::from_millis(100),
+            response_delay: Duration::ZERO,
+            response_status: 202,
+            start_error: None,
+        }
+    }
+}
+
+/// What a fake guest has seen; shared with tests.
+#[derive(Debug, Default)]
+pub struct GuestLog {
+    /// `ce-id` of every accepted event (structured mode: the JSON `id`), in arrival order.
+    pub event_ids: Vec<String>,
+    /// Path of every POST, in arrival order.
+    pub paths: Vec<String>,
+    /// Headers of the last POST.
+    pub last_headers: Vec<(String, String)>,
+    /// Body of the last POST.
+    pub last_body: Bytes,
+    /// When the guest server started listening, per boot.
+    pub listening_since: Vec<Instant>,
+}
+
+struct FakeVm {
+    status: watch::Sender<BackendStatus>,
+    log: Arc<Mutex<GuestLog>>,
+    task: Option<JoinHandle<()>>,
+    starts: usize,
+    stops: usize,
+}
+
+/// The fake backend.
+pub struct FakeBackend {
+    catalog: watch::Sender<Catalog>,
+    vms: Mutex<HashMap<VmKey, FakeVm>>,
+    options: Arc<Mutex<FakeOptions>>,
+}
+
+impl FakeBackend {
+    /// A backend with these VMs, all stopped.
+    pub fn new(
+        vms: impl IntoIterator<Item = (VmKey, Policy)>,
+        options: FakeOptions,
+    ) -> Arc<FakeBackend> {
+        let catalog: BTreeMap<VmKey, Policy> = vms.into_iter().collect();
+        let fakes = catalog
+            .keys()
+            .map(|key| (key.clone(), FakeVm::new()))
+            .collect::<HashMap<_, _>>();
+        let (catalog, _) = watch::channel(Arc::new(catalog));
+        Arc::new(FakeBackend {
+            catalog,
+            vms: Mutex::new(fakes),
+            options: Arc::new(Mutex::new(options)),
+        })
+    }
+
+    /// Changes how VMs behave from now on.
+    pub fn set_options(&self, f: impl FnOnce(&mut FakeOptions)) {
+        f(&mut self.options.lock().expect("options lock"));
+    }
+
+    /// Adds or replaces a VM in the catalog.
+    pub fn add_vm(&self, key: VmKey, policy: Policy) {
+        self.vms
+            .lock()
+            .expect("vms lock")
+            .entry(key.clone())
+            .or_insert_with(FakeVm::new);
+        self.catalog.send_modify(|c| {
+            Arc::make_mut(c).insert(key, policy);
+        });
+    }
+
+    /// How many times the VM was started (or resumed).
+    pub fn starts(&self, key: &VmKey) -> usize {
+        self.with_vm(key, |vm| vm.starts)
+    }
+
+    /// How many times the VM was stopped.
+    pub fn stops(&self, key: &VmKey) -> usize {
+        self.with_vm(key, |vm| vm.stops)
+    }
+
+    /// Whether the VM's guest is running.
+    pub fn is_running(&self, key: &VmKey) -> bool {
+        self.with_vm(key, |vm| vm.task.is_some())
+    }
+
+    /// The VM's guest log (kept across reboots, as a guest's disk would).
+    pub fn guest_log(&self, key: &VmKey) -> Arc<Mutex<GuestLog>> {
+        self.with_vm(key, |vm| vm.log.clone())
+    }
+
+    /// Event ids the guest accepted.
+    pub fn event_ids(&self, key: &VmKey) -> Vec<String> {
+        self.guest_log(key)
+            .lock()
+            .expect("log lock")
+            .event_ids
+            .clone()
+    }
+
+    /// Simulates the VM dying on its own (crash, guest power-off).
+    pub fn crash(&self, key: &VmKey) {
+        self.with_vm(key, |vm| {
+            if let Some(task) = vm.task.take() {
+                task.abort();
+            }
+            vm.status.send_replace(BackendStatus {
+                phase: BackendPhase::Stopped,
+                endpoint: None,
+                message: Some("the VM exited on its own".into()),
+            });
+        });
+    }
+
+    fn with_vm<T>(&self, key: &VmKey, f: impl FnOnce(&mut FakeVm) -> T) -> T {
+        let mut vms = self.vms.lock().expect("vms lock");
+        f(vms
+            .get_mut(key)
+            .unwrap_or_else(|| panic!("fake backend has no VM {key}")))
+    }
+}
+
+impl FakeVm {
+    fn new() -> FakeVm {
+        FakeVm {
+            status: watch::channel(BackendStatus::stopped()).0,
+            log: Arc::default(),
+            task: None,
+            starts: 0,
+            stops: 0,
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for FakeBackend {
+    fn catalog(&self) -> watch::Receiver<Catalog> {
+        self.catalog.subscribe()
+    }
+
+    fn status(&self, vm: &VmKey) -> Option<watch::Receiver<BackendStatus>> {
+        self.vms
+            .lock()
+            .expect("vms lock")
+            .get(vm)
+            .map(|v| v.status.subscribe())
+    }
+
+    async fn start(&self, key: &VmKey) -> Result<(), BackendError> {
+        let options = self.options.lock().expect("options lock").clone();
+        if let Some(message) = options.start_error {
+            return Err(BackendError::Failed {
+                op: "start",
+                message,
+            });
+        }
+        // Reserve a port now; the guest binds it only once "booted", so until then a
+        // connection is refused, as with a real guest whose application is not up yet.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?
+            .port();
+        let endpoint = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut vms = self.vms.lock().expect("vms lock");
+        let vm = vms
+            .get_mut(key)
+            .ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        if vm.task.is_some() {
+            return Ok(());
+        }
+        vm.starts += 1;
+        vm.status.send_replace(BackendStatus {
+            phase: BackendPhase::Starting,
+            endpoint: None,
+            message: None,
+        });
+        let status = vm.status.clone();
+        let log = vm.log.clone();
+        let live = self.options.clone();
+        vm.task = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            tokio::time::sleep(options.running_delay).await;
+            status.send_replace(BackendStatus {
+                phase: BackendPhase::Running,
+                endpoint: Some(endpoint),
+                message: None,
+            });
+            tokio::time::sleep_until(started + options.boot_delay).await;
+            let listener = match TcpListener::bind(endpoint).await {
+                Ok(l) => l,
+                Err(e) => {
+                    status.send_replace(BackendStatus {
+                        phase: BackendPhase::Stopped,
+                        endpoint: None,
+                        message: Some(format!("guest could not listen on {endpoint}: {e}")),
+                    });
+                    return;
+                }
+            };
+            log.lock()
+                .expect("log lock")
+                .listening_since
+                .push(Instant::now());
+            serve_guest(listener, log, live).await;
+        }));
+        Ok(())
+    }
+
+    async fn stop(&self, key: &VmKey) -> Result<(), BackendError> {
+        self.with_vm(key, |vm| {
+            if let Some(task) = vm.task.take() {
+                task.abort();
+            }
+            vm.stops += 1;
+            vm.status.send_replace(BackendStatus::stopped());
+        });
+        Ok(())
+    }
+}
+
+/// Serves the fake guest application until the task is aborted.
+async fn serve_guest(
+    listener: TcpListener,
+    log: Arc<Mutex<GuestLog>>,
+    options: Arc<Mutex<FakeOptions>>,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let log = log.clone();
+        let options = options.clone();
+        // Connections live in this task's JoinSet, so aborting the VM closes them too.
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                guest_handle(req, log.clone(), options.clone())
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+async fn guest_handle(
+    req: Request<Incoming>,
+    log: Arc<Mutex<GuestLog>>,
+    options: Arc<Mutex<FakeOptions>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: u16, body: Bytes| {
+        let mut resp = Response::new(Full::new(body));
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+        Ok(resp)
+    };
+    match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/healthz") => reply(200, Bytes::from_static(b"ok")),
+        ("GET", "/events") => {
+            let ids = log.lock().expect("log lock").event_ids.join("\n");
+            reply(200, Bytes::from(ids))
+        }
+        ("GET", _) => reply(200, Bytes::new()),
+        ("POST", _) => {
+            let (delay, status) = {
+                let o = options.lock().expect("options lock");
+                (o.response_delay, o.response_status)
+            };
+            let path = req.uri().path().to_string();
+            let headers: Vec<(String, String)> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let header_id = req
+                .headers()
+                .get("ce-id")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let body = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return reply(400, Bytes::new()),
+            };
+            let id = header_id.or_else(|| {
+                serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_string))
+            });
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if (200..300).contains(&status) {
+                let mut log = log.lock().expect("log lock");
+                log.event_ids.push(id.unwrap_or_default());
+                log.paths.push(path);
+                log.last_headers = headers;
+                log.last_body = body;
+            }
+            reply(status, Bytes::new())
+        }
+        _ => reply(405, Bytes::new()),
+    }
+}

@@ -1,0 +1,141 @@
+//! The `Backend` trait: what runs VMs. Everything above it (gate, activator, ingress,
+//! idle) is shared and knows nothing of QEMU or Kubernetes.
+//!
+//! A backend publishes a *catalog* (which VMs exist and their policies) and, per VM,
+//! a *status* stream of `{phase, endpoint}`; the activator drives starts and stops
+//! and decides readiness itself by probing the guest.
+//!
+//! Owns: the trait, [`BackendStatus`], [`BackendError`].
+//! Implementations depend on this module, `vm` and their config section only —
+//! never on `activator`, `ingress` or `server`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::vm::{Endpoint, Policy, VmKey};
+
+pub mod fake;
+pub mod qemu;
+
+/// Which VMs a backend can run, with their policies.
+pub type Catalog = Arc<BTreeMap<VmKey, Policy>>;
+
+/// What the backend itself knows of a VM (the activator adds probing and readiness).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendPhase {
+    /// Not running.
+    Stopped,
+    /// Asked to start (or resume); not running yet.
+    Starting,
+    /// Running; the endpoint is where the guest application should answer.
+    Running,
+    /// Suspended in memory.
+    Paused,
+    /// Asked to stop; not stopped yet.
+    Stopping,
+}
+
+/// One status update from the backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendStatus {
+    /// What the VM is doing.
+    pub phase: BackendPhase,
+    /// The guest's address while Running or Paused.
+    pub endpoint: Option<Endpoint>,
+    /// Why the VM is in this phase, when that is news (e.g. the exit status of a crashed VM).
+    pub message: Option<String>,
+}
+
+impl BackendStatus {
+    /// A stopped VM.
+    pub fn stopped() -> Self {
+        Self {
+            phase: BackendPhase::Stopped,
+            endpoint: None,
+            message: None,
+        }
+    }
+}
+
+/// What went wrong in a backend call. `metric_label` gives a bounded label value.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The backend does not know this VM.
+    #[error("VM {0} is not known to the backend")]
+    NotFound(VmKey),
+    /// The backend cannot be reached (API server down, emulator missing).
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend refused or failed the operation.
+    #[error("{op} failed: {message}")]
+    Failed {
+        /// The operation: start, stop, pause or resume.
+        op: &'static str,
+        /// What happened.
+        message: String,
+    },
+    /// The backend does not support this operation (e.g. pause without the subresource).
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
+}
+
+impl BackendError {
+    /// A short, bounded label for logs and metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            BackendError::NotFound(_) => "not_found",
+            BackendError::Unavailable(_) => "unavailable",
+            BackendError::Failed { .. } => "failed",
+            BackendError::Unsupported(_) => "unsupported",
+        }
+    }
+}
+
+/// Runs VMs. Implementations: `qemu` (local processes), `fake` (tests, benches) and,
+/// in a cluster, KubeVirt.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// The VMs this backend can run; the receiver sees every change.
+    fn catalog(&self) -> watch::Receiver<Catalog>;
+
+    /// The status stream of one VM, or `None` if the backend does not know it.
+    fn status(&self, vm: &VmKey) -> Option<watch::Receiver<BackendStatus>>;
+
+    /// Starts the VM. Returns once the request is accepted (the status stream tells
+    /// when it runs). Starting a VM that is already starting or running is a no-op.
+    async fn start(&self, vm: &VmKey) -> Result<(), BackendError>;
+
+    /// Stops the VM and returns once it is stopped.
+    async fn stop(&self, vm: &VmKey) -> Result<(), BackendError>;
+
+    /// Suspends the VM in memory and returns once it is paused.
+    async fn pause(&self, vm: &VmKey) -> Result<(), BackendError> {
+        let _ = vm;
+        Err(BackendError::Unsupported("pause"))
+    }
+
+    /// Resumes a paused VM. Returns once the request is accepted.
+    async fn resume(&self, vm: &VmKey) -> Result<(), BackendError> {
+        let _ = vm;
+        Err(BackendError::Unsupported("resume"))
+    }
+
+    /// Whether the backend can currently act (for `/readyz`).
+    fn is_connected(&self) -> bool {
+        true
+    }
+
+    /// Records that the VM saw traffic at `at` (shared with other replicas where the
+    /// backend has shared state; a single-process backend need not do anything).
+    async fn record_activity(&self, vm: &VmKey, at: SystemTime) -> Result<(), BackendError> {
+        let _ = (vm, at);
+        Ok(())
+    }
+
+    /// Releases what the backend holds (e.g. stops local VMs) before the process exits.
+    async fn shutdown(&self) {}
+}

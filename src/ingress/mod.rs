@@ -1,0 +1,272 @@
+//! The ingress: `POST /{namespace}/{vm}[/{rest}]` → validate the CloudEvent → admit it
+//! through the VM's gate (starting the VM if needed) → forward to the guest → stream
+//! the guest's answer back. With `server`, the only module that knows axum.
+//!
+//! Owns: routing, body limits, the order of checks (route, VM, size, validity, admit).
+//! Must not import `server`, `idle` or any backend implementation.
+
+pub mod cloudevent;
+pub mod response;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::time::Instant;
+
+use crate::activator::Activator;
+use crate::config::IngressConfig;
+use crate::gate::Gate;
+use crate::proxy::{GuardedBody, Proxy, ProxyError};
+use response::IngressError;
+
+/// What the ingress handlers share.
+#[derive(Clone)]
+pub struct IngressState {
+    activator: Arc<Activator>,
+    proxy: Proxy,
+    config: Arc<IngressConfig>,
+}
+
+impl IngressState {
+    /// State over an activator and a proxy, with the ingress limits.
+    pub fn new(activator: Arc<Activator>, proxy: Proxy, config: IngressConfig) -> Self {
+        Self {
+            activator,
+            proxy,
+            config: Arc::new(config),
+        }
+    }
+
+    fn refuse(&self, error: IngressError) -> Response {
+        error.into_response_with(self.config.retry_after_seconds)
+    }
+}
+
+/// The ingress router: `POST /{namespace}/{vm}` and `POST /{namespace}/{vm}/{*rest}`;
+/// anything else is a JSON 404 (or 405 for another method on those paths).
+pub fn router(state: IngressState) -> Router {
+    Router::new()
+        .route("/{namespace}/{vm}", post(deliver))
+        .route("/{namespace}/{vm}/{*rest}", post(deliver))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(state)
+}
+
+async fn no_route(State(state): State<IngressState>, request: Request) -> Response {
+    state.activator.metrics().unknown_vm_request(404);
+    state.refuse(IngressError::NoRoute(request.uri().path().to_string()))
+}
+
+async fn wrong_method(State(state): State<IngressState>, request: Request) -> Response {
+    state.activator.metrics().unknown_vm_request(405);
+    state.refuse(IngressError::MethodNotAllowed(request.method().to_string()))
+}
+
+/// The parts of an ingress path.
+#[derive(Debug, PartialEq, Eq)]
+struct Target<'a> {
+    namespace: String,
+    name: String,
+    /// The rest of the path after `/{namespace}/{vm}`, still percent-encoded, no leading '/'.
+    rest: &'a str,
+}
+
+impl<'a> Target<'a> {
+    fn parse(path: &'a str) -> Result<Target<'a>, IngressError> {
+        let trimmed = path.strip_prefix('/').unwrap_or(path);
+        let mut parts = trimmed.splitn(3, '/');
+        let (Some(ns), Some(name)) = (parts.next(), parts.next()) else {
+            return Err(IngressError::NoRoute(path.to_string()));
+        };
+        let rest = parts.next().unwrap_or("");
+        let decode = |s: &str| {
+            cloudevent::percent_decode(s.as_bytes())
+                .map_err(|e| IngressError::BadPath(format!("{s:?}: {e}")))
+        };
+        for segment in rest.split('/') {
+            let decoded = decode(segment)?;
+            // Reject traversal even when hidden behind encoded slashes or backslashes:
+            // the guest may decode them and leave the configured path prefix.
+            if decoded
+                .split(['/', '\\'])
+                .any(|part| part == "." || part == "..")
+            {
+                return Err(IngressError::BadPath(format!(
+                    "segment {segment:?} would leave the VM's path prefix"
+                )));
+            }
+        }
+        Ok(Target {
+            namespace: decode(ns)?,
+            name: decode(name)?,
+            rest,
+        })
+    }
+
+    /// The guest path: the VM's prefix joined to `rest` with exactly one '/', plus the query.
+    fn guest_path(&self, prefix: &str, query: Option<&str>) -> String {
+        let mut path = String::with_capacity(prefix.len() + self.rest.len() + 2);
+        path.push_str(prefix);
+        if !self.rest.is_empty() {
+            if !path.ends_with('/') {
+                path.push('/');
+            }
+            path.push_str(self.rest);
+        }
+        if let Some(query) = query {
+            path.push('?');
+            path.push_str(query);
+        }
+        path
+    }
+}
+
+async fn deliver(State(state): State<IngressState>, request: Request) -> Response {
+    let arrived = Instant::now();
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_string();
+    let target = match Target::parse(&path) {
+        Ok(target) => target,
+        Err(error) => {
+            state
+                .activator
+                .metrics()
+                .unknown_vm_request(error.status().as_u16());
+            return state.refuse(error);
+        }
+    };
+    let Some(gate) = state.activator.gate(&target.namespace, &target.name) else {
+        state.activator.metrics().unknown_vm_request(404);
+        return state.refuse(IngressError::UnknownVm(format!(
+            "{}/{}",
+            target.namespace, target.name
+        )));
+    };
+    let response = match handle(&state, &gate, &target, parts, body).await {
+        Ok(response) => response,
+        Err(error) => {
+            if let Some(reason) = error.reject_reason() {
+                gate.metrics().rejected(reason);
+            }
+            tracing::debug!(vm = %gate.key(), %error, "request refused");
+            state.refuse(error)
+        }
+    };
+    gate.metrics().request(response.status().as_u16());
+    gate.metrics()
+        .request_duration
+        .observe(arrived.elapsed().as_secs_f64());
+    response
+}
+
+async fn handle(
+    state: &IngressState,
+    gate: &Arc<Gate>,
+    target: &Target<'_>,
+    parts: http::request::Parts,
+    body: Body,
+) -> Result<Response, IngressError> {
+    let body = read_body(&parts.headers, body, state.config.max_body_bytes).await?;
+    let envelope = cloudevent::validate(&parts.headers, body)?;
+    let guard = state.activator.acquire(gate, envelope.body.len()).await?;
+    let endpoint = guard.endpoint();
+    let policy = gate.policy();
+    let guest_path = target.guest_path(&policy.path, parts.uri.query());
+    match state
+        .proxy
+        .forward(
+            endpoint,
+            &guest_path,
+            parts,
+            envelope.body,
+            policy.request_timeout,
+        )
+        .await
+    {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            Ok(
+                Response::from_parts(parts, Body::new(GuardedBody::new(body, guard)))
+                    .into_response(),
+            )
+        }
+        Err(error) => {
+            if matches!(error, ProxyError::Unreachable(_)) {
+                state.activator.report_unreachable(gate, endpoint);
+            }
+            Err(error.into())
+        }
+    }
+}
+
+/// Reads the body, refusing (413) as soon as it passes `limit` — from `Content-Length`
+/// before reading anything, or while streaming a chunked body.
+async fn read_body(
+    headers: &http::HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, IngressError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(IngressError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(IngressError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(IngressError::BodyRead(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_paths_and_joins_guest_paths() {
+        let t = Target::parse("/default/demo").unwrap();
+        assert_eq!(
+            (t.namespace.as_str(), t.name.as_str(), t.rest),
+            ("default", "demo", "")
+        );
+        assert_eq!(t.guest_path("/", None), "/");
+        assert_eq!(t.guest_path("/api", Some("a=1")), "/api?a=1");
+        let t = Target::parse("/default/demo/orders/42").unwrap();
+        assert_eq!(t.rest, "orders/42");
+        assert_eq!(t.guest_path("/", None), "/orders/42");
+        assert_eq!(t.guest_path("/api/", None), "/api/orders/42");
+        assert_eq!(t.guest_path("/api", None), "/api/orders/42");
+    }
+
+    #[test]
+    fn rejects_traversal_in_any_encoding() {
+        for path in [
+            "/default/demo/../admin",
+            "/default/demo/a/./b",
+            "/default/demo/%2e%2e/admin",
+            "/default/demo/..%2Fadmin",
+            "/default/demo/..%5Cadmin",
+            "/default/demo/%zz",
+        ] {
+            assert!(
+                matches!(Target::parse(path), Err(IngressError::BadPath(_))),
+                "{path}"
+            );
+        }
+        assert!(matches!(
+            Target::parse("/onlyone"),
+            Err(IngressError::NoRoute(_))
+        ));
+    }
+}

@@ -1,0 +1,392 @@
+//! Prometheus metrics: one registry, typed handles created once, per-VM label values
+//! resolved once per VM (not per request). Names and labels are the contract of
+//! DESIGN §2; tests scrape them.
+//!
+//! Owns: metric names, labels, buckets, the text exposition.
+//! Must not import any other module but `vm`.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::vm::{VmKey, VmPhase};
+
+const PREFIX: &str = "vm_activator";
+
+/// Why a request was refused without reaching the guest (`rejected_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The VM's held-request bound was reached.
+    BufferFull,
+    /// The backend failed to start the VM (or it stopped while requests waited).
+    StartFailed,
+    /// The VM did not become ready in time.
+    StartTimeout,
+    /// The activator is draining (SIGTERM).
+    Draining,
+    /// The body was larger than the limit.
+    BodyTooLarge,
+    /// The request was not a valid CloudEvent.
+    InvalidEvent,
+    /// Authentication or authorization failed.
+    Unauthorized,
+}
+
+impl RejectReason {
+    /// Every reason.
+    pub const ALL: [RejectReason; 7] = [
+        RejectReason::BufferFull,
+        RejectReason::StartFailed,
+        RejectReason::StartTimeout,
+        RejectReason::Draining,
+        RejectReason::BodyTooLarge,
+        RejectReason::InvalidEvent,
+        RejectReason::Unauthorized,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::BufferFull => "buffer_full",
+            RejectReason::StartFailed => "start_failed",
+            RejectReason::StartTimeout => "start_timeout",
+            RejectReason::Draining => "draining",
+            RejectReason::BodyTooLarge => "body_too_large",
+            RejectReason::InvalidEvent => "invalid_event",
+            RejectReason::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+/// Phases of a cold start (`cold_start_phase_seconds{phase}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColdStartPhase {
+    /// The backend's start (or resume) call.
+    StartCall,
+    /// From the start call returning until the backend reports the VM running.
+    Boot,
+    /// From running until the guest application answered its probe.
+    Probe,
+}
+
+struct Families {
+    requests_total: IntCounterVec,
+    request_duration: HistogramVec,
+    cold_start: HistogramVec,
+    cold_start_phase: HistogramVec,
+    buffered: IntGaugeVec,
+    in_flight: IntGaugeVec,
+    rejected: IntCounterVec,
+    scale_ups: IntCounterVec,
+    scale_downs: IntCounterVec,
+    vm_state: IntGaugeVec,
+}
+
+/// The process's metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    families: Arc<Families>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Cold starts on TCG take seconds, on KVM well under one; the warm path takes
+/// microseconds to milliseconds.
+const COLD_START_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0,
+];
+const REQUEST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    /// A fresh registry with every family registered.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let vm = &["namespace", "vm"];
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help).namespace(PREFIX), labels)
+                .expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help).namespace(PREFIX), labels)
+                .expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help)
+                    .namespace(PREFIX)
+                    .buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let families = Families {
+            requests_total: counter(
+                "requests_total",
+                "Requests answered, by HTTP status code.",
+                &["namespace", "vm", "code"],
+            ),
+            request_duration: histogram(
+                "request_duration_seconds",
+                "Time from request arrival to response headers, including any cold start.",
+                vm,
+                REQUEST_BUCKETS,
+            ),
+            cold_start: histogram(
+                "cold_start_seconds",
+                "First held request's arrival until the guest answered its readiness probe.",
+                vm,
+                COLD_START_BUCKETS,
+            ),
+            cold_start_phase: histogram(
+                "cold_start_phase_seconds",
+                "Cold start by phase: start_call, boot (backend reports running), probe (guest answered).",
+                &["namespace", "vm", "phase"],
+                COLD_START_BUCKETS,
+            ),
+            buffered: gauge("buffered_requests", "Requests held while the VM is not ready.", vm),
+            in_flight: gauge("in_flight_requests", "Requests forwarded to the guest and not yet answered.", vm),
+            rejected: counter(
+                "rejected_total",
+                "Requests refused without reaching the guest, by reason.",
+                &["namespace", "vm", "reason"],
+            ),
+            scale_ups: counter("scale_ups_total", "Starts or resumes issued.", vm),
+            scale_downs: counter(
+                "scale_downs_total",
+                "Idle VMs stopped or paused, by action.",
+                &["namespace", "vm", "action"],
+            ),
+            vm_state: gauge(
+                "vm_state",
+                "1 for the VM's current state, 0 for the others.",
+                &["namespace", "vm", "state"],
+            ),
+        };
+        Metrics {
+            registry,
+            families: Arc::new(families),
+        }
+    }
+
+    /// Resolves this VM's handles (creating its series).
+    pub fn vm(&self, key: &VmKey) -> VmMetrics {
+        let f = &self.families;
+        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
+        let vm = [ns, name];
+        let phase = |p: &str| f.cold_start_phase.with_label_values(&[ns, name, p]);
+        VmMetrics {
+            labels: Arc::new([ns.to_string(), name.to_string()]),
+            families: self.families.clone(),
+            buffered: f.buffered.with_label_values(&vm),
+            in_flight: f.in_flight.with_label_values(&vm),
+            request_duration: f.request_duration.with_label_values(&vm),
+            cold_start: f.cold_start.with_label_values(&vm),
+            phase_start_call: phase("start_call"),
+            phase_boot: phase("boot"),
+            phase_probe: phase("probe"),
+            scale_ups: f.scale_ups.with_label_values(&vm),
+            states: VmPhase::ALL.map(|p| f.vm_state.with_label_values(&[ns, name, p.as_str()])),
+        }
+    }
+
+    /// Counts a request answered for a path that names no known VM. Recorded with empty
+    /// `namespace` and `vm` labels so that unknown names cannot grow the series count.
+    pub fn unknown_vm_request(&self, code: u16) {
+        self.families
+            .requests_total
+            .with_label_values(&["", "", status_label(code)])
+            .inc();
+    }
+
+    /// Drops every series of a VM that left the catalog.
+    pub fn remove_vm(&self, key: &VmKey) {
+        let f = &self.families;
+        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
+        for family in [&f.buffered, &f.in_flight] {
+            let _ = family.remove_label_values(&[ns, name]);
+        }
+        for family in [&f.request_duration, &f.cold_start] {
+            let _ = family.remove_label_values(&[ns, name]);
+        }
+        let _ = f.scale_ups.remove_label_values(&[ns, name]);
+        for p in ["start_call", "boot", "probe"] {
+            let _ = f.cold_start_phase.remove_label_values(&[ns, name, p]);
+        }
+        for p in VmPhase::ALL {
+            let _ = f.vm_state.remove_label_values(&[ns, name, p.as_str()]);
+        }
+        // Counters by code, reason and action: every label value is from a finite set.
+        for code in STATUS_LABELS {
+            let _ = f.requests_total.remove_label_values(&[ns, name, code]);
+        }
+        for reason in RejectReason::ALL {
+            let _ = f.rejected.remove_label_values(&[ns, name, reason.as_str()]);
+        }
+        for action in ["stop", "pause"] {
+            let _ = f.scale_downs.remove_label_values(&[ns, name, action]);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let encoder = TextEncoder::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = encoder.encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Every value `status_label` can return.
+const STATUS_LABELS: [&str; 21] = [
+    "200", "201", "202", "204", "400", "401", "403", "404", "405", "408", "413", "429", "500",
+    "502", "503", "504", "1xx", "2xx", "3xx", "4xx", "5xx",
+];
+
+/// Status codes as label values without allocating for the common ones.
+fn status_label(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => match code {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        },
+    }
+}
+
+/// One VM's metric handles.
+#[derive(Clone)]
+pub struct VmMetrics {
+    labels: Arc<[String; 2]>,
+    families: Arc<Families>,
+    /// `buffered_requests`.
+    pub buffered: IntGauge,
+    /// `in_flight_requests`.
+    pub in_flight: IntGauge,
+    /// `request_duration_seconds`.
+    pub request_duration: Histogram,
+    /// `cold_start_seconds`.
+    pub cold_start: Histogram,
+    phase_start_call: Histogram,
+    phase_boot: Histogram,
+    phase_probe: Histogram,
+    /// `scale_ups_total`.
+    pub scale_ups: IntCounter,
+    states: [IntGauge; 7],
+}
+
+impl VmMetrics {
+    /// Sets `vm_state{state}`: 1 for `phase`, 0 for the rest.
+    pub fn set_phase(&self, phase: VmPhase) {
+        for (p, gauge) in VmPhase::ALL.iter().zip(&self.states) {
+            gauge.set(i64::from(*p == phase));
+        }
+    }
+
+    /// Observes one cold-start phase.
+    pub fn cold_start_phase(&self, phase: ColdStartPhase, seconds: f64) {
+        match phase {
+            ColdStartPhase::StartCall => &self.phase_start_call,
+            ColdStartPhase::Boot => &self.phase_boot,
+            ColdStartPhase::Probe => &self.phase_probe,
+        }
+        .observe(seconds);
+    }
+
+    /// Counts an answered request by status code.
+    pub fn request(&self, code: u16) {
+        self.families
+            .requests_total
+            .with_label_values(&[&self.labels[0], &self.labels[1], status_label(code)])
+            .inc();
+    }
+
+    /// Counts a rejection.
+    pub fn rejected(&self, reason: RejectReason) {
+        self.families
+            .rejected
+            .with_label_values(&[&self.labels[0], &self.labels[1], reason.as_str()])
+            .inc();
+    }
+
+    /// Counts a scale-down (`stop` or `pause`).
+    pub fn scaled_down(&self, action: &str) {
+        self.families
+            .scale_downs
+            .with_label_values(&[&self.labels[0], &self.labels[1], action])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_every_contract_name() {
+        let metrics = Metrics::new();
+        let vm = metrics.vm(&VmKey::new("default", "demo"));
+        vm.request(202);
+        vm.rejected(RejectReason::BufferFull);
+        vm.scaled_down("stop");
+        vm.cold_start.observe(1.0);
+        vm.cold_start_phase(ColdStartPhase::Boot, 0.5);
+        vm.set_phase(VmPhase::Ready);
+        let text = metrics.render();
+        for name in [
+            "vm_activator_requests_total{code=\"202\",namespace=\"default\",vm=\"demo\"} 1",
+            "vm_activator_request_duration_seconds_bucket",
+            "vm_activator_cold_start_seconds_count{namespace=\"default\",vm=\"demo\"} 1",
+            "vm_activator_cold_start_phase_seconds_count{namespace=\"default\",phase=\"boot\",vm=\"demo\"} 1",
+            "vm_activator_buffered_requests{namespace=\"default\",vm=\"demo\"} 0",
+            "vm_activator_in_flight_requests",
+            "vm_activator_rejected_total{namespace=\"default\",reason=\"buffer_full\",vm=\"demo\"} 1",
+            "vm_activator_scale_ups_total",
+            "vm_activator_scale_downs_total{action=\"stop\",namespace=\"default\",vm=\"demo\"} 1",
+            "vm_activator_vm_state{namespace=\"default\",state=\"ready\",vm=\"demo\"} 1",
+            "vm_activator_vm_state{namespace=\"default\",state=\"stopped\",vm=\"demo\"} 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Admin routes on their own listener: `/metrics` (Prometheus text), `/healthz`
+//! (process alive), `/readyz` (backend connected and not draining) and `/v1/vms`
+//! (what each VM is doing). Keep this listener inside the cluster: it names every VM.
+//!
+//! Owns: the admin HTTP surface. Must not import `ingress` or backend implementations.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::activator::Activator;
+
+/// One VM in `/v1/vms`.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct VmView {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Gate phase (`stopped`, `starting`, `probing`, `ready`, `stopping`, `paused`, `failed`).
+    pub state: String,
+    /// The guest's `host:port` while it runs.
+    pub endpoint: Option<String>,
+    /// Requests held.
+    pub buffered: usize,
+    /// Requests in flight to the guest.
+    pub in_flight: usize,
+    /// Last request activity (RFC 3339, milliseconds), if any.
+    pub last_activity: Option<String>,
+    /// Duration of the last cold start in milliseconds, if any.
+    pub last_cold_start_ms: Option<u64>,
+    /// Why the last start failed or the VM stopped unexpectedly, if it did.
+    pub last_error: Option<String>,
+}
+
+/// The admin router.
+pub fn router(activator: Arc<Activator>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/vms", get(vms))
+        .with_state(activator)
+}
+
+async fn metrics(State(activator): State<Arc<Activator>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        activator.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(activator): State<Arc<Activator>>) -> Response {
+    if activator.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if !activator.backend().is_connected() {
+        (StatusCode::SERVICE_UNAVAILABLE, "backend not connected").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+async fn vms(State(activator): State<Arc<Activator>>) -> Json<Vec<VmView>> {
+    let now_wall = SystemTime::now();
+    let now = Instant::now();
+    let views = activator
+        .gates()
+        .iter()
+        .map(|gate| {
+            let state = gate.state();
+            let last_activity = gate.last_activity_if_any().map(|at| {
+                let wall = now_wall - now.saturating_duration_since(at);
+                humantime::format_rfc3339_millis(wall).to_string()
+            });
+            VmView {
+                namespace: gate.key().namespace.clone(),
+                name: gate.key().name.clone(),
+                state: state.phase.to_string(),
+                endpoint: state.endpoint.map(|e| e.to_string()),
+                buffered: gate.held().0,
+                in_flight: gate.in_flight(),
+                last_activity,
+                last_cold_start_ms: gate.last_cold_start().map(|d| d.as_millis() as u64),
+                last_error: state.last_error.map(|e| e.to_string()),
+            }
+        })
+        .collect();
+    Json(views)
+}
