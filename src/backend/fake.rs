@@ -69,7 +69,11 @@ pub struct GuestLog {
 struct FakeVm {
     status: watch::Sender<BackendStatus>,
     log: Arc<Mutex<GuestLog>>,
+    /// The VM's task (boot, then the guest server); `Some` while the VM runs.
     task: Option<JoinHandle<()>>,
+    /// A restarted guest application (see `revive_guest_app`).
+    revived: Option<JoinHandle<()>>,
+    endpoint: Option<SocketAddr>,
     starts: usize,
     stops: usize,
 }
@@ -160,6 +164,33 @@ impl FakeBackend {
         });
     }
 
+    /// The guest application dies while the VM keeps running (connections are refused).
+    pub fn kill_guest_app(&self, key: &VmKey) {
+        self.with_vm(key, |vm| {
+            if let Some(task) = vm.task.take() {
+                task.abort();
+            }
+            if let Some(task) = vm.revived.take() {
+                task.abort();
+            }
+            // Still "running" as far as the backend knows: keep a finished task in place.
+            vm.task = Some(tokio::spawn(async {}));
+        });
+    }
+
+    /// The guest application comes back on the same endpoint.
+    pub async fn revive_guest_app(&self, key: &VmKey) {
+        let (endpoint, log) = self.with_vm(key, |vm| {
+            (vm.endpoint.expect("the VM was started"), vm.log.clone())
+        });
+        let listener = TcpListener::bind(endpoint)
+            .await
+            .expect("endpoint is free again");
+        let options = self.options.clone();
+        let task = tokio::spawn(serve_guest(listener, log, options));
+        self.with_vm(key, |vm| vm.revived = Some(task));
+    }
+
     fn with_vm<T>(&self, key: &VmKey, f: impl FnOnce(&mut FakeVm) -> T) -> T {
         let mut vms = self.vms.lock().expect("vms lock");
         f(vms
@@ -174,6 +205,8 @@ impl FakeVm {
             status: watch::channel(BackendStatus::stopped()).0,
             log: Arc::default(),
             task: None,
+            revived: None,
+            endpoint: None,
             starts: 0,
             stops: 0,
         }
@@ -217,6 +250,7 @@ impl Backend for FakeBackend {
             return Ok(());
         }
         vm.starts += 1;
+        vm.endpoint = Some(endpoint);
         vm.status.send_replace(BackendStatus {
             phase: BackendPhase::Starting,
             endpoint: None,
@@ -256,7 +290,7 @@ impl Backend for FakeBackend {
 
     async fn stop(&self, key: &VmKey) -> Result<(), BackendError> {
         self.with_vm(key, |vm| {
-            if let Some(task) = vm.task.take() {
+            for task in [vm.task.take(), vm.revived.take()].into_iter().flatten() {
                 task.abort();
             }
             vm.stops += 1;
