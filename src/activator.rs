@@ -149,6 +149,7 @@ impl Activator {
             return Ok(guard);
         }
         let (held, start) = gate.hold(body_bytes)?;
+        tracing::debug!(vm = %gate.key(), starts = start.is_some(), "request held");
         if let Some(kind) = start {
             self.spawn_start(gate.clone(), kind);
         }
@@ -227,6 +228,7 @@ impl Activator {
                         tracing::info!(vm = %key, %endpoint, held = opened.len(), cold_start_ms = (seconds * 1000.0) as u64, "VM ready");
                     }
                     opened.release(&gate).await;
+                    tracing::debug!(vm = %key, "held requests released");
                     self.watch_running(&gate, status).await;
                 }
             }
@@ -263,9 +265,11 @@ impl Activator {
         };
         call.map_err(|e| GateError::StartFailed(e.to_string().into()))?;
         let t1 = Instant::now();
+        tracing::debug!(vm = %key, ?kind, "start call returned");
         metrics.cold_start_phase(ColdStartPhase::StartCall, (t1 - t0).as_secs_f64());
         let endpoint = wait_running(status).await?;
         let t2 = Instant::now();
+        tracing::debug!(vm = %key, %endpoint, "backend reports running; probing");
         metrics.cold_start_phase(ColdStartPhase::Boot, (t2 - t1).as_secs_f64());
         gate.set_probing(endpoint);
         let policy = gate.policy().clone();
@@ -303,7 +307,11 @@ impl Activator {
                     let stopped = changed.is_err() || status.borrow().phase == BackendPhase::Stopped;
                     if stopped && matches!(gate.phase(), VmPhase::Ready | VmPhase::Probing) {
                         let message = status.borrow().message.clone().unwrap_or_else(|| "the VM stopped".into());
-                        tracing::warn!(vm = %gate.key(), %message, "VM stopped without being asked");
+                        if self.is_draining() {
+                            tracing::info!(vm = %gate.key(), %message, "VM stopped for shutdown");
+                        } else {
+                            tracing::warn!(vm = %gate.key(), %message, "VM stopped without being asked");
+                        }
                         gate.lost(&message);
                         return;
                     }

@@ -480,6 +480,13 @@ impl Config {
                     "must be at least ingress.max_body_bytes, or no body could ever be held",
                 ));
             }
+            if self.backend == BackendKind::Qemu && policy.readiness == Readiness::Tcp {
+                return Err(invalid(
+                    field("readiness"),
+                    "tcp cannot tell a booted guest from QEMU user networking, which accepts \
+                     connections on the guest's behalf; use http or http:/path",
+                ));
+            }
             if vm.machine.memory_mib < 32 {
                 return Err(invalid(field("machine.memory_mib"), "must be at least 32"));
             }
@@ -613,6 +620,41 @@ vms:
         let config = Config::from_yaml(&VM.replace("name: demo", "name: Demo_1")).unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("vms[0].name"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_config_files_parse_and_validate() {
+        for file in ["config/local.yaml", "config/reference.yaml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let config = Config::from_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            config.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+        let reference =
+            Config::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/reference.yaml"))
+                .unwrap();
+        let defaults = Config::default();
+        assert_eq!(
+            reference.ingress.max_body_bytes,
+            defaults.ingress.max_body_bytes
+        );
+        assert_eq!(reference.readiness.interval, defaults.readiness.interval);
+        assert_eq!(reference.drain_timeout, defaults.drain_timeout);
+        assert_eq!(
+            reference.vms[0].policy(),
+            Policy::default(),
+            "reference.yaml documents the defaults"
+        );
+    }
+
+    #[test]
+    fn tcp_readiness_is_refused_for_qemu_vms() {
+        let config = Config::from_yaml(&VM.replace(
+            "max_buffered: 1000",
+            "max_buffered: 1000\n    readiness: tcp",
+        ))
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("vms[0].readiness"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! below depend on each other: `server` → `ingress` → `activator` → `gate`, `backend`
 //! (trait), `readiness`; `ingress` → `proxy`; `idle` → `activator`, `backend`.
 
+#![deny(missing_docs)]
+
 pub mod activator;
 pub mod backend;
 pub mod config;

@@ -68,7 +68,10 @@ impl Prober {
                     attempts.spawn(async move { probe_once(&config, endpoint, &readiness).await });
                 }
                 Some(done) = attempts.join_next() => match done {
-                    Ok(Ok(())) => return,
+                    Ok(Ok(())) => {
+                        tracing::debug!(%endpoint, "guest answered its probe");
+                        return;
+                    }
                     Ok(Err(e)) => {
                         let message = e.to_string();
                         if last_error.as_ref() != Some(&message) {

@@ -64,6 +64,8 @@ pub struct GuestLog {
     pub last_body: Bytes,
     /// When the guest server started listening, per boot.
     pub listening_since: Vec<Instant>,
+    /// When the backend's start call was made, per boot.
+    pub start_calls: Vec<Instant>,
 }
 
 struct FakeVm {
@@ -251,6 +253,11 @@ impl Backend for FakeBackend {
         }
         vm.starts += 1;
         vm.endpoint = Some(endpoint);
+        vm.log
+            .lock()
+            .expect("log lock")
+            .start_calls
+            .push(Instant::now());
         vm.status.send_replace(BackendStatus {
             phase: BackendPhase::Starting,
             endpoint: None,

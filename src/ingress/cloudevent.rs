@@ -369,7 +369,9 @@ mod tests {
         h
     }
 
-    fn valid_binary() -> Vec<(&'static str, &'static [u8])> {
+    type Headers = Vec<(&'static str, &'static [u8])>;
+
+    fn valid_binary() -> Headers {
         vec![
             ("ce-specversion", b"1.0"),
             ("ce-id", b"e-1"),
@@ -378,7 +380,7 @@ mod tests {
         ]
     }
 
-    fn without(name: &str) -> Vec<(&'static str, &'static [u8])> {
+    fn without(name: &str) -> Headers {
         valid_binary()
             .into_iter()
             .filter(|(k, _)| *k != name)
@@ -395,7 +397,7 @@ mod tests {
 
     #[test]
     fn binary_mode_table() {
-        let cases: Vec<(&str, Vec<(&str, &[u8])>, Option<&str>)> = vec![
+        let cases: Vec<(&str, Headers, Option<&str>)> = vec![
             ("valid", valid_binary(), None),
             ("missing id", without("ce-id"), Some("id")),
             ("missing source", without("ce-source"), Some("source")),

@@ -191,6 +191,7 @@ async fn handle(
         .await
     {
         Ok(response) => {
+            tracing::debug!(vm = %gate.key(), status = response.status().as_u16(), "guest answered");
             let (parts, body) = response.into_parts();
             Ok(
                 Response::from_parts(parts, Body::new(GuardedBody::new(body, guard)))
