@@ -9,7 +9,8 @@
 //!   backend start call issued.
 //!
 //! `cargo bench` for the full run; `cargo bench -- --quick` (or BENCH_QUICK=1) for the
-//! smoke run CI does.
+//! smoke run CI does. BENCH_DEBUG=1 logs each cold start step (vm_activator=debug) and
+//! per-start timings to stderr; BENCH_SKIP_WARM=1 runs only the cold starts.
 
 use std::net::SocketAddr;
 use std::time::Duration;

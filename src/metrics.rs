@@ -196,6 +196,14 @@ impl Metrics {
         let (ns, name) = (key.namespace.as_str(), key.name.as_str());
         let vm = [ns, name];
         let phase = |p: &str| f.cold_start_phase.with_label_values(&[ns, name, p]);
+        // Zero-valued series for every known reason and action, so `rate()` and alerts
+        // see them before the first rejection or scale-down.
+        for reason in RejectReason::ALL {
+            f.rejected.with_label_values(&[ns, name, reason.as_str()]);
+        }
+        for action in ["stop", "pause"] {
+            f.scale_downs.with_label_values(&[ns, name, action]);
+        }
         VmMetrics {
             labels: Arc::new([ns.to_string(), name.to_string()]),
             families: self.families.clone(),

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -166,26 +166,28 @@ impl<B: Body + Unpin, G: Unpin> Body for GuardedBody<B, G> {
     }
 }
 
-/// A header value known to be valid.
-pub fn static_header(value: &'static str) -> HeaderValue {
-    HeaderValue::from_static(value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, static_header("keep-alive, x-secret"));
-        h.insert("keep-alive", static_header("timeout=5"));
-        h.insert("x-secret", static_header("1"));
-        h.insert(header::TRANSFER_ENCODING, static_header("chunked"));
-        h.insert("ce-id", static_header("abc"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("ce-id", HeaderValue::from_static("abc"));
         h.insert(
             "traceparent",
-            static_header("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
         );
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();

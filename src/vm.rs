@@ -120,6 +120,14 @@ impl FromStr for ScaleDown {
 }
 
 /// How the activator decides that the guest application is ready.
+///
+/// Parsed from the `vm-activator.io/readiness` annotation or the `readiness` config key:
+/// ```
+/// use vm_activator::vm::Readiness;
+/// let probe: Readiness = "http:/healthz".parse().unwrap();
+/// assert_eq!(probe.http_path(), Some("/healthz"));
+/// assert_eq!("tcp".parse::<Readiness>().unwrap().http_path(), None);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum Readiness {
     /// A TCP connection to the endpoint succeeds. Only meaningful when nothing in

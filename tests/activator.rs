@@ -516,6 +516,8 @@ async fn metrics_expose_every_contract_name() {
         "vm_activator_buffered_requests",
         "vm_activator_in_flight_requests",
         "vm_activator_scale_ups_total",
+        "vm_activator_scale_downs_total",
+        "vm_activator_rejected_total",
         "vm_activator_vm_state",
     ] {
         assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");

@@ -233,6 +233,12 @@ fn builder_error(e: cloudevents::event::EventBuilderError) -> EventError {
 
 /// Decodes a binary-mode header value (HTTP binding §3.1.3.2): `%XX` escapes must be
 /// complete hex pairs, and the decoded bytes valid UTF-8.
+///
+/// ```
+/// use vm_activator::ingress::cloudevent::percent_decode;
+/// assert_eq!(percent_decode(b"caf%C3%A9 %25").unwrap(), "café %");
+/// assert!(percent_decode(b"100%").is_err());
+/// ```
 pub fn percent_decode(raw: &[u8]) -> Result<String, String> {
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
