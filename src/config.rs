@@ -38,6 +38,13 @@ pub struct Cli {
     /// Largest accepted request body in bytes (larger → 413).
     #[arg(long, env = "VM_ACTIVATOR_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Which backend runs the VMs: `qemu` (local processes) or `kubevirt`.
+    #[arg(long, env = "VM_ACTIVATOR_BACKEND")]
+    pub backend: Option<BackendKind>,
+    /// Kubeconfig for the KubeVirt backend (default: `KUBECONFIG`, `~/.kube/config`, or
+    /// the in-cluster service account).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "VM_ACTIVATOR_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -117,6 +124,8 @@ pub struct Config {
     pub idle: IdleConfig,
     /// The local QEMU backend.
     pub qemu: QemuConfig,
+    /// The KubeVirt backend.
+    pub kubevirt: KubevirtConfig,
     /// The VMs of the local QEMU backend (the KubeVirt backend discovers its VMs).
     pub vms: Vec<VmConfig>,
 }
@@ -133,18 +142,35 @@ impl Default for Config {
             readiness: ReadinessConfig::default(),
             idle: IdleConfig::default(),
             qemu: QemuConfig::default(),
+            kubevirt: KubevirtConfig::default(),
             vms: Vec::new(),
         }
     }
 }
 
 /// Which backend runs the VMs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Local QEMU processes launched by the activator (the embedded default).
     #[default]
     Qemu,
+    /// KubeVirt VirtualMachines through the Kubernetes API.
+    Kubevirt,
+}
+
+/// The KubeVirt backend.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubevirtConfig {
+    /// Kubeconfig file; default: `KUBECONFIG`, `~/.kube/config`, or in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// Only VMs in these namespaces; empty = every namespace (needs a ClusterRole).
+    pub namespaces: Vec<String>,
+    /// Scale down by pausing through `subresources.kubevirt.io` (needs the
+    /// `virtualmachineinstances/pause` and `/unpause` RBAC verbs). Default false: a VM
+    /// whose policy says pause is stopped instead.
+    pub pause: bool,
 }
 
 /// Ingress limits.
@@ -329,6 +355,7 @@ impl VmConfig {
             concurrency: self.concurrency.unwrap_or(d.concurrency),
             readiness: self.readiness.clone().unwrap_or(d.readiness),
             request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
+            warnings: Vec::new(),
         }
     }
 }
@@ -380,6 +407,12 @@ impl Config {
         }
         if let Some(max) = cli.max_body_bytes {
             config.ingress.max_body_bytes = max;
+        }
+        if let Some(backend) = cli.backend {
+            config.backend = backend;
+        }
+        if let Some(kubeconfig) = &cli.kubeconfig {
+            config.kubevirt.kubeconfig = Some(kubeconfig.clone());
         }
         config.validate()?;
         Ok(config)
@@ -433,6 +466,20 @@ impl Config {
         }
         if self.idle.check_interval.is_zero() {
             return Err(invalid("idle.check_interval", "must be greater than 0"));
+        }
+        for (i, ns) in self.kubevirt.namespaces.iter().enumerate() {
+            if !is_dns_label(ns) {
+                return Err(invalid(
+                    format!("kubevirt.namespaces[{i}]"),
+                    "must be a DNS label",
+                ));
+            }
+        }
+        if self.backend == BackendKind::Kubevirt && !self.vms.is_empty() {
+            return Err(invalid(
+                "vms",
+                "the kubevirt backend discovers its VMs by label; configure them with annotations, not here",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, vm) in self.vms.iter().enumerate() {

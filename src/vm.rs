@@ -213,6 +213,9 @@ pub struct Policy {
     pub readiness: Readiness,
     /// How long the guest may take to answer one request (→ 504).
     pub request_timeout: Duration,
+    /// Problems found while reading this policy (bad annotation values, each replaced
+    /// by its default). Shown in `/v1/vms`.
+    pub warnings: Vec<String>,
 }
 
 impl Default for Policy {
@@ -228,7 +231,92 @@ impl Default for Policy {
             concurrency: 0,
             readiness: Readiness::HttpRoot,
             request_timeout: Duration::from_secs(30),
+            warnings: Vec::new(),
         }
+    }
+}
+
+/// Annotation prefix of every per-VM setting.
+pub const ANNOTATION_PREFIX: &str = "vm-activator.io/";
+/// The label that opts a VirtualMachine in.
+pub const OPT_IN_LABEL: &str = "vm-activator.io/enabled";
+/// The annotation the activator writes with the last activity it saw.
+pub const LAST_ACTIVITY_ANNOTATION: &str = "vm-activator.io/last-activity";
+
+impl Policy {
+    /// Reads a policy from VirtualMachine annotations (`vm-activator.io/port`, `/path`,
+    /// `/idle-timeout`, `/scale-down`, `/start-timeout`, `/max-buffered`,
+    /// `/concurrency`, `/readiness`, `/request-timeout`). A bad value never fails: it is
+    /// replaced by the default and recorded in `warnings`.
+    ///
+    /// ```
+    /// use vm_activator::vm::Policy;
+    /// let policy = Policy::from_annotations([
+    ///     ("vm-activator.io/port", "9000"),
+    ///     ("vm-activator.io/idle-timeout", "ten minutes"),
+    /// ]);
+    /// assert_eq!(policy.port, 9000);
+    /// assert_eq!(policy.idle_timeout, Policy::default().idle_timeout);
+    /// assert!(policy.warnings[0].contains("idle-timeout"));
+    /// ```
+    pub fn from_annotations<'a>(
+        annotations: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Policy {
+        let mut policy = Policy::default();
+        let mut warnings = Vec::new();
+        for (key, value) in annotations {
+            let Some(name) = key.strip_prefix(ANNOTATION_PREFIX) else {
+                continue;
+            };
+            let value = value.trim();
+            let result: Result<(), String> = match name {
+                "port" => value
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .map(|p| policy.port = p)
+                    .ok_or_else(|| "expected a port 1-65535".to_string()),
+                "path" if value.starts_with('/') => {
+                    policy.path = value.to_string();
+                    Ok(())
+                }
+                "path" => Err("expected a path starting with '/'".into()),
+                "idle-timeout" => parse_positive_duration(value).map(|d| policy.idle_timeout = d),
+                "start-timeout" => parse_positive_duration(value).map(|d| policy.start_timeout = d),
+                "request-timeout" => {
+                    parse_positive_duration(value).map(|d| policy.request_timeout = d)
+                }
+                "scale-down" => value.parse().map(|s| policy.scale_down = s),
+                "max-buffered" => value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .map(|n| policy.max_buffered = n)
+                    .ok_or_else(|| "expected a whole number of at least 1".to_string()),
+                "concurrency" => value
+                    .parse::<usize>()
+                    .map(|n| policy.concurrency = n)
+                    .map_err(|_| "expected a whole number (0 = unlimited)".to_string()),
+                "readiness" => value.parse().map(|r| policy.readiness = r),
+                // Written by the activator or read elsewhere; not policy.
+                "enabled" | "last-activity" | "allowed-subjects" => Ok(()),
+                _ => Err("unknown setting".into()),
+            };
+            if let Err(problem) = result {
+                warnings.push(format!("{key}={value:?}: {problem}; using the default"));
+            }
+        }
+        warnings.sort();
+        policy.warnings = warnings;
+        policy
+    }
+}
+
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be greater than 0".into()),
+        Err(e) => Err(format!("expected a duration like 30s or 10m ({e})")),
     }
 }
 
@@ -252,6 +340,94 @@ mod tests {
     fn scale_down_parses_and_rejects_unknown() {
         assert_eq!("pause-then-stop".parse(), Ok(ScaleDown::PauseThenStop));
         assert!("halt".parse::<ScaleDown>().unwrap_err().contains("halt"));
+    }
+
+    #[test]
+    fn annotations_table() {
+        let cases: Vec<(&str, &str, Box<dyn Fn(&Policy) -> bool>, bool)> = vec![
+            ("port", "9000", Box::new(|p| p.port == 9000), false),
+            ("port", "0", Box::new(|p| p.port == 8080), true),
+            ("port", "http", Box::new(|p| p.port == 8080), true),
+            ("path", "/api", Box::new(|p| p.path == "/api"), false),
+            ("path", "api", Box::new(|p| p.path == "/"), true),
+            (
+                "idle-timeout",
+                "90s",
+                Box::new(|p| p.idle_timeout == Duration::from_secs(90)),
+                false,
+            ),
+            (
+                "idle-timeout",
+                "0s",
+                Box::new(|p| p.idle_timeout == Duration::from_secs(600)),
+                true,
+            ),
+            (
+                "start-timeout",
+                "2m",
+                Box::new(|p| p.start_timeout == Duration::from_secs(120)),
+                false,
+            ),
+            (
+                "scale-down",
+                "pause-then-stop",
+                Box::new(|p| p.scale_down == ScaleDown::PauseThenStop),
+                false,
+            ),
+            (
+                "scale-down",
+                "hibernate",
+                Box::new(|p| p.scale_down == ScaleDown::Stop),
+                true,
+            ),
+            (
+                "max-buffered",
+                "50",
+                Box::new(|p| p.max_buffered == 50),
+                false,
+            ),
+            (
+                "max-buffered",
+                "-1",
+                Box::new(|p| p.max_buffered == 1000),
+                true,
+            ),
+            ("concurrency", "4", Box::new(|p| p.concurrency == 4), false),
+            (
+                "readiness",
+                "http:/healthz",
+                Box::new(|p| p.readiness == Readiness::Http("/healthz".into())),
+                false,
+            ),
+            (
+                "readiness",
+                "ping",
+                Box::new(|p| p.readiness == Readiness::HttpRoot),
+                true,
+            ),
+            ("frobnicate", "1", Box::new(|_| true), true),
+            (
+                "last-activity",
+                "2026-01-01T00:00:00.000Z",
+                Box::new(|_| true),
+                false,
+            ),
+        ];
+        for (name, value, check, warns) in cases {
+            let key = format!("{ANNOTATION_PREFIX}{name}");
+            let policy =
+                Policy::from_annotations([(key.as_str(), value), ("other.io/x", "ignored")]);
+            assert!(check(&policy), "{name}={value}: {policy:?}");
+            assert_eq!(
+                !policy.warnings.is_empty(),
+                warns,
+                "{name}={value}: {:?}",
+                policy.warnings
+            );
+            if warns {
+                assert!(policy.warnings[0].contains(name));
+            }
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::vm::{Endpoint, Policy, VmKey};
 
 pub mod fake;
+pub mod kubevirt;
 pub mod qemu;
 
 /// Which VMs a backend can run, with their policies.

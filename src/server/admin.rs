@@ -38,6 +38,8 @@ pub struct VmView {
     pub last_cold_start_ms: Option<u64>,
     /// Why the last start failed or the VM stopped unexpectedly, if it did.
     pub last_error: Option<String>,
+    /// Problems with the VM's settings (bad annotation values replaced by defaults).
+    pub warnings: Vec<String>,
 }
 
 /// The admin router.
@@ -93,6 +95,7 @@ async fn vms(State(activator): State<Arc<Activator>>) -> Json<Vec<VmView>> {
                 last_activity,
                 last_cold_start_ms: gate.last_cold_start().map(|d| d.as_millis() as u64),
                 last_error: state.last_error.map(|e| e.to_string()),
+                warnings: gate.policy().warnings.clone(),
             }
         })
         .collect();

@@ -25,6 +25,7 @@ use tower::ServiceBuilder;
 use tower_http::trace::TraceLayer;
 
 use crate::activator::Activator;
+use crate::backend::kubevirt::KubevirtBackend;
 use crate::backend::qemu::QemuBackend;
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config};
@@ -69,14 +70,15 @@ pub struct Server {
 }
 
 /// Builds the backend the config asks for.
-pub fn build_backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
-    match config.backend {
-        BackendKind::Qemu => {
-            let backend = QemuBackend::new(config.qemu.clone(), config.vms.clone())
-                .map_err(|e| ServerError::Backend(e.to_string()))?;
-            Ok(backend)
-        }
-    }
+pub async fn build_backend(config: &Config) -> Result<Arc<dyn Backend>, ServerError> {
+    let backend: Arc<dyn Backend> = match config.backend {
+        BackendKind::Qemu => QemuBackend::new(config.qemu.clone(), config.vms.clone())
+            .map_err(|e| ServerError::Backend(e.to_string()))?,
+        BackendKind::Kubevirt => KubevirtBackend::connect(config.kubevirt.clone())
+            .await
+            .map_err(|e| ServerError::Backend(e.to_string()))?,
+    };
+    Ok(backend)
 }
 
 /// Binds both listeners and starts serving with `backend`.
@@ -219,7 +221,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// Runs the activator until SIGTERM or SIGINT, then drains.
 pub async fn run(config: Config) -> Result<(), ServerError> {
-    let backend = build_backend(&config)?;
+    let backend = build_backend(&config).await?;
     let server = start(config, backend).await?;
     wait_for_signal().await;
     server.drain().await;

@@ -1,0 +1,650 @@
+//! The KubeVirt backend: VirtualMachines carrying the opt-in label
+//! `vm-activator.io/enabled=true` and their VirtualMachineInstances, kept in
+//! watch-driven reflector stores — readiness is event-driven, never polled. Starts and
+//! stops by JSON merge patch of `spec.runStrategy` (`Always` / `Halted`; a VM still on
+//! the deprecated `spec.running` gets `running: null` in the same patch — CRDs do not
+//! accept strategic-merge patches). Pause/unpause through `subresources.kubevirt.io`
+//! when enabled. Endpoint = VMI `status.interfaces[0].ipAddress` + the VM's port.
+//!
+//! Owns: everything Kubernetes. The only module that imports kube.
+//! Must not import `activator`, `ingress`, `server`, `gate`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::{Stream, StreamExt};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, CustomResource, Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{Backend, BackendError, BackendPhase, BackendStatus, Catalog};
+use crate::config::KubevirtConfig;
+use crate::vm::{Policy, VmKey, OPT_IN_LABEL};
+
+/// The parts of a KubeVirt `VirtualMachine` spec the activator reads and patches.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "kubevirt.io",
+    version = "v1",
+    kind = "VirtualMachine",
+    namespaced,
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineSpec {
+    /// `Always`, `Halted`, `Manual`, `RerunOnFailure`, `Once`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_strategy: Option<String>,
+    /// Deprecated predecessor of `runStrategy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<bool>,
+}
+
+/// The parts of a KubeVirt `VirtualMachineInstance` the activator reads.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "kubevirt.io",
+    version = "v1",
+    kind = "VirtualMachineInstance",
+    namespaced,
+    status = "VmiStatus",
+    schema = "disabled"
+)]
+pub struct VmiSpec {}
+
+/// `VirtualMachineInstance.status`, the fields used.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmiStatus {
+    /// `Pending`, `Scheduling`, `Scheduled`, `Running`, `Succeeded`, `Failed`, `Unknown`.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// Network interfaces; the first one's address is the guest's.
+    #[serde(default)]
+    pub interfaces: Vec<VmiInterface>,
+    /// Conditions (`Ready`, `Paused`, ...).
+    #[serde(default)]
+    pub conditions: Vec<VmiCondition>,
+}
+
+/// One VMI network interface.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmiInterface {
+    /// The interface's primary IP address.
+    #[serde(default)]
+    pub ip_address: Option<String>,
+}
+
+/// One VMI condition.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct VmiCondition {
+    /// Condition type.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+}
+
+/// How long a stop may take before it is reported as failed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The KubeVirt backend.
+pub struct KubevirtBackend {
+    client: Client,
+    config: KubevirtConfig,
+    vms: Store<VirtualMachine>,
+    vmis: Store<VirtualMachineInstance>,
+    catalog: watch::Sender<Catalog>,
+    statuses: Mutex<HashMap<VmKey, watch::Sender<BackendStatus>>>,
+    health: Arc<Health>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Whether both watches are synced: /readyz reports it.
+#[derive(Default)]
+struct Health {
+    vms_synced: AtomicBool,
+    vmis_synced: AtomicBool,
+}
+
+impl KubevirtBackend {
+    /// Builds a client (from `--kubeconfig`, `KUBECONFIG`, `~/.kube/config` or the
+    /// in-cluster service account) and starts the two watches. Does not wait for the API
+    /// server: until it answers, `/readyz` fails and starts are refused with 503.
+    pub async fn connect(config: KubevirtConfig) -> Result<Arc<KubevirtBackend>, BackendError> {
+        let kube_config = match &config.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    BackendError::Unavailable(format!("kubeconfig {}: {e}", path.display()))
+                })?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .map_err(|e| {
+                        BackendError::Unavailable(format!("kubeconfig {}: {e}", path.display()))
+                    })?
+            }
+            None => kube::Config::infer().await.map_err(|e| {
+                BackendError::Unavailable(format!("no Kubernetes credentials: {e}"))
+            })?,
+        };
+        let client =
+            Client::try_from(kube_config).map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        Ok(Self::start(client, config))
+    }
+
+    /// Starts the watches with an existing client.
+    pub fn start(client: Client, config: KubevirtConfig) -> Arc<KubevirtBackend> {
+        let (vms, vm_writer) = reflector::store();
+        let (vmis, vmi_writer) = reflector::store();
+        let backend = Arc::new(KubevirtBackend {
+            client: client.clone(),
+            config,
+            vms,
+            vmis,
+            catalog: watch::channel(Arc::new(BTreeMap::new())).0,
+            statuses: Mutex::new(HashMap::new()),
+            health: Arc::new(Health::default()),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let vm_events = backend.watch_all::<VirtualMachine>(Some(format!("{OPT_IN_LABEL}=true")));
+        let vmi_events = backend.watch_all::<VirtualMachineInstance>(None);
+        let vm_task = tokio::spawn({
+            let this = Arc::downgrade(&backend);
+            let stream = reflector::reflector(vm_writer, vm_events);
+            async move { drive(stream, this, Kind::Vm).await }
+        });
+        let vmi_task = tokio::spawn({
+            let this = Arc::downgrade(&backend);
+            let stream = reflector::reflector(vmi_writer, vmi_events);
+            async move { drive(stream, this, Kind::Vmi).await }
+        });
+        backend
+            .tasks
+            .lock()
+            .expect("tasks lock")
+            .extend([vm_task, vmi_task]);
+        backend
+    }
+
+    /// One watcher per configured namespace (or one cluster-wide), merged.
+    fn watch_all<K>(
+        &self,
+        labels: Option<String>,
+    ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let mut wc = watcher::Config::default();
+        if let Some(labels) = &labels {
+            wc = wc.labels(labels);
+        }
+        let apis: Vec<Api<K>> = if self.config.namespaces.is_empty() {
+            vec![Api::all(self.client.clone())]
+        } else {
+            self.config
+                .namespaces
+                .iter()
+                .map(|ns| Api::namespaced(self.client.clone(), ns))
+                .collect()
+        };
+        futures_util::stream::select_all(
+            apis.into_iter()
+                .map(move |api| watcher(api, wc.clone()).default_backoff().boxed()),
+        )
+    }
+
+    fn vm(&self, key: &VmKey) -> Option<Arc<VirtualMachine>> {
+        self.vms
+            .get(&ObjectRef::new(&key.name).within(&key.namespace))
+    }
+
+    fn vm_api(&self, key: &VmKey) -> Api<VirtualMachine> {
+        Api::namespaced(self.client.clone(), &key.namespace)
+    }
+
+    /// Rebuilds the catalog from the VM store; publishes it if it changed.
+    fn refresh_catalog(&self) {
+        let catalog: BTreeMap<VmKey, Policy> = self
+            .vms
+            .state()
+            .iter()
+            .filter_map(|vm| {
+                let key = VmKey::new(vm.namespace()?, vm.name_any());
+                let policy = Policy::from_annotations(
+                    vm.annotations()
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str())),
+                );
+                for warning in &policy.warnings {
+                    tracing::warn!(vm = %key, %warning, "bad annotation");
+                }
+                Some((key, policy))
+            })
+            .collect();
+        self.catalog.send_if_modified(|current| {
+            if **current == catalog {
+                return false;
+            }
+            *current = Arc::new(catalog);
+            true
+        });
+    }
+
+    /// Recomputes one VM's status from the stores; publishes it if it changed.
+    fn refresh_status(&self, key: &VmKey) {
+        let vm = self.vm(key);
+        let vmi = self
+            .vmis
+            .get(&ObjectRef::new(&key.name).within(&key.namespace));
+        let port = vm
+            .as_ref()
+            .map(|vm| {
+                Policy::from_annotations(
+                    vm.annotations()
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str())),
+                )
+                .port
+            })
+            .unwrap_or(8080);
+        let status = derive_status(vm.as_deref(), vmi.as_deref(), port);
+        let mut statuses = self.statuses.lock().expect("statuses lock");
+        let sender = statuses
+            .entry(key.clone())
+            .or_insert_with(|| watch::channel(BackendStatus::stopped()).0);
+        sender.send_if_modified(|current| {
+            if *current == status {
+                return false;
+            }
+            tracing::debug!(vm = %key, phase = ?status.phase, endpoint = ?status.endpoint, "VM status");
+            *current = status;
+            true
+        });
+    }
+
+    fn refresh_all(&self) {
+        self.refresh_catalog();
+        let mut keys: Vec<VmKey> = self.catalog.borrow().keys().cloned().collect();
+        keys.extend(self.statuses.lock().expect("statuses lock").keys().cloned());
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            self.refresh_status(&key);
+        }
+    }
+
+    async fn patch_run_strategy(
+        &self,
+        key: &VmKey,
+        strategy: &str,
+        op: &'static str,
+    ) -> Result<(), BackendError> {
+        let vm = self
+            .vm(key)
+            .ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        let mut spec = json!({ "runStrategy": strategy });
+        if vm.spec.running.is_some() {
+            // `running` and `runStrategy` are mutually exclusive: drop the deprecated one.
+            spec["running"] = serde_json::Value::Null;
+        }
+        let patch = json!({ "spec": spec });
+        self.vm_api(key)
+            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| api_error(key, op, e))
+    }
+
+    async fn subresource(&self, key: &VmKey, action: &'static str) -> Result<(), BackendError> {
+        if !self.config.pause {
+            return Err(BackendError::Unsupported(action));
+        }
+        let url = format!(
+            "/apis/subresources.kubevirt.io/v1/namespaces/{}/virtualmachineinstances/{}/{action}",
+            key.namespace, key.name
+        );
+        let request = http::Request::put(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(b"{}".to_vec())
+            .map_err(|e| BackendError::Failed {
+                op: action,
+                message: e.to_string(),
+            })?;
+        self.client
+            .request_text(request)
+            .await
+            .map(|_| ())
+            .map_err(|e| api_error(key, action, e))
+    }
+
+    async fn wait_for(
+        &self,
+        key: &VmKey,
+        op: &'static str,
+        phase: BackendPhase,
+    ) -> Result<(), BackendError> {
+        let mut status = self
+            .status(key)
+            .ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        let reached = tokio::time::timeout(STOP_TIMEOUT, async {
+            status.wait_for(|s| s.phase == phase).await.is_ok()
+        })
+        .await;
+        match reached {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(BackendError::NotFound(key.clone())),
+            Err(_) => Err(BackendError::Failed {
+                op,
+                message: format!("the VM did not reach {phase:?} within {STOP_TIMEOUT:?}"),
+            }),
+        }
+    }
+}
+
+fn api_error(key: &VmKey, op: &'static str, e: kube::Error) -> BackendError {
+    match e {
+        kube::Error::Api(status) if status.code == 404 => BackendError::NotFound(key.clone()),
+        kube::Error::Api(status) => BackendError::Failed {
+            op,
+            message: format!("{} ({})", status.message, status.code),
+        },
+        other => BackendError::Unavailable(format!("{op} {key}: {other}")),
+    }
+}
+
+/// What the backend reports for one VM, from its VM and VMI objects.
+fn derive_status(
+    vm: Option<&VirtualMachine>,
+    vmi: Option<&VirtualMachineInstance>,
+    port: u16,
+) -> BackendStatus {
+    let status = |phase, endpoint, message: Option<String>| BackendStatus {
+        phase,
+        endpoint,
+        message,
+    };
+    if let Some(vmi) = vmi {
+        if vmi.meta().deletion_timestamp.is_some() {
+            return status(BackendPhase::Stopping, None, None);
+        }
+        let s = vmi.status.clone().unwrap_or_default();
+        let paused = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Paused" && c.status == "True");
+        let endpoint = s
+            .interfaces
+            .first()
+            .and_then(|i| i.ip_address.as_deref())
+            .and_then(|ip| ip.parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, port));
+        return match s.phase.as_deref() {
+            Some("Running") if paused => status(BackendPhase::Paused, endpoint, None),
+            Some("Running") if endpoint.is_some() => status(BackendPhase::Running, endpoint, None),
+            Some("Succeeded") | Some("Failed") => status(
+                BackendPhase::Stopped,
+                None,
+                Some(format!(
+                    "VirtualMachineInstance {}",
+                    s.phase.as_deref().unwrap_or_default()
+                )),
+            ),
+            _ => status(BackendPhase::Starting, None, None),
+        };
+    }
+    let Some(vm) = vm else {
+        return status(
+            BackendPhase::Stopped,
+            None,
+            Some("the VirtualMachine is gone".into()),
+        );
+    };
+    let wants_running = match vm.spec.run_strategy.as_deref() {
+        Some("Always") | Some("RerunOnFailure") | Some("Once") => true,
+        Some(_) => false,
+        None => vm.spec.running == Some(true),
+    };
+    if wants_running {
+        status(BackendPhase::Starting, None, None)
+    } else {
+        status(BackendPhase::Stopped, None, None)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Vm,
+    Vmi,
+}
+
+/// Applies one watch stream's events to the backend until the backend is dropped.
+async fn drive<K, S>(stream: S, backend: std::sync::Weak<KubevirtBackend>, kind: Kind)
+where
+    K: Resource + ResourceExt,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    futures_util::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        let Some(backend) = backend.upgrade() else {
+            return;
+        };
+        let synced = match kind {
+            Kind::Vm => &backend.health.vms_synced,
+            Kind::Vmi => &backend.health.vmis_synced,
+        };
+        match item {
+            Ok(watcher::Event::InitDone) => {
+                if !synced.swap(true, Ordering::SeqCst) {
+                    tracing::info!(kind = kind_name(kind), "watch synced");
+                }
+                backend.refresh_all();
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+                let key = VmKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
+                if matches!(kind, Kind::Vm) {
+                    backend.refresh_catalog();
+                }
+                backend.refresh_status(&key);
+            }
+            // 410 Gone: the watch fell behind; the watcher re-lists and the stores stay
+            // consistent. Not an outage.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                tracing::info!(kind = kind_name(kind), "watch expired (410); re-listing");
+            }
+            Err(error) => {
+                if synced.swap(false, Ordering::SeqCst) {
+                    tracing::warn!(kind = kind_name(kind), %error, "lost the Kubernetes API");
+                } else {
+                    tracing::debug!(kind = kind_name(kind), %error, "Kubernetes API still unreachable");
+                }
+            }
+        }
+    }
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Vm => "VirtualMachine",
+        Kind::Vmi => "VirtualMachineInstance",
+    }
+}
+
+#[async_trait]
+impl Backend for KubevirtBackend {
+    fn catalog(&self) -> watch::Receiver<Catalog> {
+        self.catalog.subscribe()
+    }
+
+    fn status(&self, vm: &VmKey) -> Option<watch::Receiver<BackendStatus>> {
+        if !self.catalog.borrow().contains_key(vm) {
+            return None;
+        }
+        let mut statuses = self.statuses.lock().expect("statuses lock");
+        Some(
+            statuses
+                .entry(vm.clone())
+                .or_insert_with(|| watch::channel(BackendStatus::stopped()).0)
+                .subscribe(),
+        )
+    }
+
+    async fn start(&self, key: &VmKey) -> Result<(), BackendError> {
+        if !self.is_connected() {
+            return Err(BackendError::Unavailable(
+                "the Kubernetes API is unreachable".into(),
+            ));
+        }
+        let vm = self
+            .vm(key)
+            .ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        // Already asked to run (by us, a peer replica or an operator): nothing to do.
+        if vm.spec.run_strategy.as_deref() == Some("Always") {
+            return Ok(());
+        }
+        self.patch_run_strategy(key, "Always", "start").await
+    }
+
+    async fn stop(&self, key: &VmKey) -> Result<(), BackendError> {
+        self.patch_run_strategy(key, "Halted", "stop").await?;
+        self.wait_for(key, "stop", BackendPhase::Stopped).await
+    }
+
+    async fn pause(&self, key: &VmKey) -> Result<(), BackendError> {
+        self.subresource(key, "pause").await?;
+        self.wait_for(key, "pause", BackendPhase::Paused).await
+    }
+
+    async fn resume(&self, key: &VmKey) -> Result<(), BackendError> {
+        self.subresource(key, "unpause").await
+    }
+
+    fn is_connected(&self) -> bool {
+        self.health.vms_synced.load(Ordering::SeqCst)
+            && self.health.vmis_synced.load(Ordering::SeqCst)
+    }
+
+    async fn shutdown(&self) {
+        for task in self.tasks.lock().expect("tasks lock").drain(..) {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(run_strategy: Option<&str>, running: Option<bool>) -> VirtualMachine {
+        VirtualMachine::new(
+            "demo",
+            VirtualMachineSpec {
+                run_strategy: run_strategy.map(str::to_string),
+                running,
+            },
+        )
+    }
+
+    fn vmi(phase: &str, ip: Option<&str>, paused: bool) -> VirtualMachineInstance {
+        let mut vmi = VirtualMachineInstance::new("demo", VmiSpec {});
+        vmi.status = Some(VmiStatus {
+            phase: Some(phase.into()),
+            interfaces: ip
+                .map(|ip| VmiInterface {
+                    ip_address: Some(ip.into()),
+                })
+                .into_iter()
+                .collect(),
+            conditions: paused
+                .then(|| VmiCondition {
+                    type_: "Paused".into(),
+                    status: "True".into(),
+                })
+                .into_iter()
+                .collect(),
+        });
+        vmi
+    }
+
+    #[test]
+    fn status_table() {
+        let halted = vm(Some("Halted"), None);
+        let always = vm(Some("Always"), None);
+        let legacy = vm(None, Some(true));
+        let cases = [
+            ("halted, no VMI", Some(&halted), None, BackendPhase::Stopped),
+            (
+                "always, no VMI yet",
+                Some(&always),
+                None,
+                BackendPhase::Starting,
+            ),
+            (
+                "deprecated running: true",
+                Some(&legacy),
+                None,
+                BackendPhase::Starting,
+            ),
+            (
+                "pending",
+                Some(&always),
+                Some(vmi("Pending", None, false)),
+                BackendPhase::Starting,
+            ),
+            (
+                "scheduled",
+                Some(&always),
+                Some(vmi("Scheduled", None, false)),
+                BackendPhase::Starting,
+            ),
+            (
+                "running without IP",
+                Some(&always),
+                Some(vmi("Running", None, false)),
+                BackendPhase::Starting,
+            ),
+            (
+                "running with IP",
+                Some(&always),
+                Some(vmi("Running", Some("10.0.0.7"), false)),
+                BackendPhase::Running,
+            ),
+            (
+                "paused",
+                Some(&always),
+                Some(vmi("Running", Some("10.0.0.7"), true)),
+                BackendPhase::Paused,
+            ),
+            (
+                "failed",
+                Some(&always),
+                Some(vmi("Failed", None, false)),
+                BackendPhase::Stopped,
+            ),
+            ("VM deleted", None, None, BackendPhase::Stopped),
+        ];
+        for (name, vm, vmi, phase) in cases {
+            let status = derive_status(vm, vmi.as_ref(), 9000);
+            assert_eq!(status.phase, phase, "{name}");
+            if phase == BackendPhase::Running {
+                assert_eq!(status.endpoint, Some("10.0.0.7:9000".parse().unwrap()));
+            }
+        }
+    }
+}
