@@ -73,12 +73,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Closed loop: `concurrency` workers each send one request, wait for the full answer,
 /// and repeat until `duration` has passed.
-async fn load(
-    client: &HttpClient,
-    uri: &str,
-    concurrency: usize,
-    duration: Duration,
-) -> LoadResult {
+async fn load(client: &HttpClient, uri: &str, concurrency: usize, duration: Duration) -> LoadResult {
     let started = Instant::now();
     let deadline = started + duration;
     let mut workers = Vec::new();
@@ -141,10 +136,7 @@ async fn warm_path(quick: bool) {
     let client = client();
     let through = format!("http://{}/bench/warm", server.ingress_addr);
     // One request to boot the VM; afterwards it is warm.
-    let first = client
-        .request(event(&through, 0))
-        .await
-        .expect("cold start");
+    let first = client.request(event(&through, 0)).await.expect("cold start");
     assert!(first.status().is_success());
     let guest: SocketAddr = server
         .activator
@@ -197,9 +189,7 @@ async fn warm_path(quick: bool) {
 async fn cold_starts(quick: bool) {
     let n = if quick { 5 } else { 50 };
     let boot = Duration::from_millis(200);
-    let keys: Vec<VmKey> = (0..n)
-        .map(|i| VmKey::new("bench", format!("cold-{i}")))
-        .collect();
+    let keys: Vec<VmKey> = (0..n).map(|i| VmKey::new("bench", format!("cold-{i}"))).collect();
     let policy = Policy {
         readiness: "http:/healthz".parse().expect("valid"),
         ..Policy::default()
@@ -219,10 +209,7 @@ async fn cold_starts(quick: bool) {
     let mut signals = Vec::new();
     let mut totals = Vec::new();
     for key in &keys {
-        let uri = format!(
-            "http://{}/{}/{}",
-            server.ingress_addr, key.namespace, key.name
-        );
+        let uri = format!("http://{}/{}/{}", server.ingress_addr, key.namespace, key.name);
         let sent = Instant::now();
         let response = client.request(event(&uri, 1)).await.expect("cold start");
         let _ = response.into_body().collect().await;
@@ -232,10 +219,7 @@ async fn cold_starts(quick: bool) {
         let listening = log.listening_since[0];
         let start_called = log.start_calls[0];
         if std::env::var("BENCH_DEBUG").is_ok() {
-            let gate = server
-                .activator
-                .gate(&key.namespace, &key.name)
-                .expect("gate");
+            let gate = server.activator.gate(&key.namespace, &key.name).expect("gate");
             eprintln!(
                 "listening→answered {:?}, cold_start {:?}",
                 answered.saturating_duration_since(listening),
@@ -257,9 +241,7 @@ async fn cold_starts(quick: bool) {
             ms(*v.last().expect("non-empty"))
         );
     };
-    println!(
-        "\n## Cold start ({n} cold starts, fake guest listening {boot:?} after the start call)\n"
-    );
+    println!("\n## Cold start ({n} cold starts, fake guest listening {boot:?} after the start call)\n");
     println!("| measure | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|");
     row("client-observed cold start", &totals);
@@ -275,8 +257,7 @@ fn main() {
             .with_writer(std::io::stderr)
             .init();
     }
-    let quick = std::env::args().any(|a| a == "--quick")
-        || std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
+    let quick = std::env::args().any(|a| a == "--quick") || std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -284,9 +265,7 @@ fn main() {
     println!(
         "# vm-activator benchmarks ({} mode, {} CPUs)",
         if quick { "quick" } else { "full" },
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     runtime.block_on(async {
         if std::env::var("BENCH_SKIP_WARM").is_err() {

@@ -184,10 +184,7 @@ impl Activator {
     /// Returns whether everything finished.
     pub async fn wait_drained(&self, deadline: Instant) -> bool {
         loop {
-            let busy = self
-                .gates()
-                .iter()
-                .any(|g| g.in_flight() > 0 || g.held().0 > 0);
+            let busy = self.gates().iter().any(|g| g.in_flight() > 0 || g.held().0 > 0);
             if !busy {
                 return true;
             }
@@ -204,9 +201,7 @@ impl Activator {
         let key = gate.key().clone();
         gate.metrics().scale_ups.inc();
         let Some(mut status) = self.backend.status(&key) else {
-            gate.fail(GateError::StartFailed(
-                "the backend does not know this VM".into(),
-            ));
+            gate.fail(GateError::StartFailed("the backend does not know this VM".into()));
             return;
         };
         let timeout = gate.policy().start_timeout;
@@ -371,9 +366,7 @@ async fn wait_running(status: &mut watch::Receiver<BackendStatus>) -> Result<End
             }
         }
         if status.changed().await.is_err() {
-            return Err(GateError::Stopped(
-                "the backend stopped reporting this VM".into(),
-            ));
+            return Err(GateError::Stopped("the backend stopped reporting this VM".into()));
         }
     }
 }
@@ -386,12 +379,7 @@ async fn wait_stopped(status: &mut watch::Receiver<BackendStatus>) -> GateError 
         }
         let s = status.borrow_and_update();
         if s.phase == BackendPhase::Stopped {
-            return GateError::Stopped(
-                s.message
-                    .clone()
-                    .unwrap_or_else(|| "the VM stopped".into())
-                    .into(),
-            );
+            return GateError::Stopped(s.message.clone().unwrap_or_else(|| "the VM stopped".into()).into());
         }
     }
 }

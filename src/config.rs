@@ -61,8 +61,7 @@ pub enum LogFormat {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration like 30s or 10m: {e}"))
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s or 10m: {e}"))
 }
 
 /// Why a configuration could not be used. Every variant names the file or field.
@@ -450,29 +449,20 @@ impl Config {
             return Err(invalid("ingress.max_body_bytes", "must be at least 1"));
         }
         if self.ingress.max_concurrent_requests == 0 {
-            return Err(invalid(
-                "ingress.max_concurrent_requests",
-                "must be at least 1",
-            ));
+            return Err(invalid("ingress.max_concurrent_requests", "must be at least 1"));
         }
         if self.readiness.interval.is_zero() {
             return Err(invalid("readiness.interval", "must be greater than 0"));
         }
         if self.readiness.attempt_timeout.is_zero() {
-            return Err(invalid(
-                "readiness.attempt_timeout",
-                "must be greater than 0",
-            ));
+            return Err(invalid("readiness.attempt_timeout", "must be greater than 0"));
         }
         if self.idle.check_interval.is_zero() {
             return Err(invalid("idle.check_interval", "must be greater than 0"));
         }
         for (i, ns) in self.kubevirt.namespaces.iter().enumerate() {
             if !is_dns_label(ns) {
-                return Err(invalid(
-                    format!("kubevirt.namespaces[{i}]"),
-                    "must be a DNS label",
-                ));
+                return Err(invalid(format!("kubevirt.namespaces[{i}]"), "must be a DNS label"));
             }
         }
         if self.backend == BackendKind::Kubevirt && !self.vms.is_empty() {
@@ -485,22 +475,13 @@ impl Config {
         for (i, vm) in self.vms.iter().enumerate() {
             let field = |name: &str| format!("vms[{i}].{name}");
             if !is_dns_label(&vm.namespace) {
-                return Err(invalid(
-                    field("namespace"),
-                    "must be a DNS label (a-z, 0-9, '-')",
-                ));
+                return Err(invalid(field("namespace"), "must be a DNS label (a-z, 0-9, '-')"));
             }
             if !is_dns_label(&vm.name) {
-                return Err(invalid(
-                    field("name"),
-                    "must be a DNS label (a-z, 0-9, '-')",
-                ));
+                return Err(invalid(field("name"), "must be a DNS label (a-z, 0-9, '-')"));
             }
             if !seen.insert(vm.key()) {
-                return Err(invalid(
-                    field("name"),
-                    format!("{} is listed twice", vm.key()),
-                ));
+                return Err(invalid(field("name"), format!("{} is listed twice", vm.key())));
             }
             let policy = vm.policy();
             if policy.port == 0 {
@@ -586,9 +567,8 @@ pub mod human_duration {
     /// Parses `humantime` text.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!("{text:?} is not a duration like 30s or 10m: {e}"))
-        })
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like 30s or 10m: {e}")))
     }
 
     /// The same for optional fields.
@@ -609,11 +589,9 @@ pub mod human_duration {
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
             match Option::<String>::deserialize(d)? {
                 None => Ok(None),
-                Some(text) => humantime::parse_duration(&text).map(Some).map_err(|e| {
-                    serde::de::Error::custom(format!(
-                        "{text:?} is not a duration like 30s or 10m: {e}"
-                    ))
-                }),
+                Some(text) => humantime::parse_duration(&text)
+                    .map(Some)
+                    .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like 30s or 10m: {e}"))),
             }
         }
     }
@@ -660,8 +638,7 @@ vms:
 
     #[test]
     fn validation_names_the_field() {
-        let config =
-            Config::from_yaml(&VM.replace("max_buffered: 1000", "max_buffered: 0")).unwrap();
+        let config = Config::from_yaml(&VM.replace("max_buffered: 1000", "max_buffered: 0")).unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("vms[0].max_buffered"), "{err}");
         let config = Config::from_yaml(&VM.replace("name: demo", "name: Demo_1")).unwrap();
@@ -677,13 +654,9 @@ vms:
             config.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
         }
         let reference =
-            Config::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/reference.yaml"))
-                .unwrap();
+            Config::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/reference.yaml")).unwrap();
         let defaults = Config::default();
-        assert_eq!(
-            reference.ingress.max_body_bytes,
-            defaults.ingress.max_body_bytes
-        );
+        assert_eq!(reference.ingress.max_body_bytes, defaults.ingress.max_body_bytes);
         assert_eq!(reference.readiness.interval, defaults.readiness.interval);
         assert_eq!(reference.drain_timeout, defaults.drain_timeout);
         assert_eq!(
@@ -695,11 +668,8 @@ vms:
 
     #[test]
     fn tcp_readiness_is_refused_for_qemu_vms() {
-        let config = Config::from_yaml(&VM.replace(
-            "max_buffered: 1000",
-            "max_buffered: 1000\n    readiness: tcp",
-        ))
-        .unwrap();
+        let config =
+            Config::from_yaml(&VM.replace("max_buffered: 1000", "max_buffered: 1000\n    readiness: tcp")).unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("vms[0].readiness"), "{err}");
     }

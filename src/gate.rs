@@ -110,8 +110,7 @@ pub struct Gate {
 impl Gate {
     /// A gate for a stopped VM.
     pub fn new(key: VmKey, policy: Policy, metrics: VmMetrics) -> Arc<Gate> {
-        let limiter =
-            (policy.concurrency > 0).then(|| Arc::new(Semaphore::new(policy.concurrency)));
+        let limiter = (policy.concurrency > 0).then(|| Arc::new(Semaphore::new(policy.concurrency)));
         let (state, _) = watch::channel(GateState {
             phase: VmPhase::Stopped,
             endpoint: None,
@@ -195,9 +194,7 @@ impl Gate {
 
     /// Records activity now.
     pub fn touch(&self) {
-        let ms = Instant::now()
-            .saturating_duration_since(self.clock_base)
-            .as_millis() as u64;
+        let ms = Instant::now().saturating_duration_since(self.clock_base).as_millis() as u64;
         self.last_activity_ms.fetch_max(ms + 1, Ordering::Relaxed);
     }
 
@@ -257,11 +254,7 @@ impl Gate {
         }
     }
 
-    fn entered(
-        self: &Arc<Self>,
-        endpoint: Endpoint,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> InFlightGuard {
+    fn entered(self: &Arc<Self>, endpoint: Endpoint, permit: Option<OwnedSemaphorePermit>) -> InFlightGuard {
         self.metrics.in_flight.inc();
         self.touch();
         InFlightGuard {
@@ -274,10 +267,7 @@ impl Gate {
     /// The slow path: hold the request (bounded by count and bytes) until the VM is
     /// Ready and a concurrency slot is free. Returns the held request and, for exactly
     /// one caller per cold start, the start that caller must drive.
-    pub fn hold(
-        self: &Arc<Self>,
-        body_bytes: usize,
-    ) -> Result<(Held, Option<StartKind>), GateError> {
+    pub fn hold(self: &Arc<Self>, body_bytes: usize) -> Result<(Held, Option<StartKind>), GateError> {
         let now = Instant::now();
         let mut p = self.lock();
         let policy = &self.policy;
@@ -505,11 +495,7 @@ pub struct Held {
 }
 
 impl Held {
-    fn in_queue(
-        ticket: HeldTicket,
-        rx: oneshot::Receiver<Result<Release, GateError>>,
-        deadline: Instant,
-    ) -> Held {
+    fn in_queue(ticket: HeldTicket, rx: oneshot::Receiver<Result<Release, GateError>>, deadline: Instant) -> Held {
         Held {
             ticket,
             wait: HeldWait::Queue(rx),
@@ -540,19 +526,14 @@ impl Held {
             // Without a concurrency limit a Ready gate admits at once (the request only
             // missed the warm path because a release was under way).
             HeldWait::Slot(endpoint) => match gate.limiter.clone() {
-                None => Release {
-                    endpoint,
-                    permit: None,
+                None => Release { endpoint, permit: None },
+                Some(limiter) => match tokio::time::timeout_at(self.deadline, limiter.acquire_owned()).await {
+                    Ok(permit) => Release {
+                        endpoint,
+                        permit: permit.ok(),
+                    },
+                    Err(_) => return Err(GateError::StartTimeout(timeout)),
                 },
-                Some(limiter) => {
-                    match tokio::time::timeout_at(self.deadline, limiter.acquire_owned()).await {
-                        Ok(permit) => Release {
-                            endpoint,
-                            permit: permit.ok(),
-                        },
-                        Err(_) => return Err(GateError::StartTimeout(timeout)),
-                    }
-                }
             },
         };
         gate.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -637,16 +618,10 @@ mod tests {
     async fn held_requests_are_bounded_by_count_and_bytes() {
         let gate = gate();
         let _a = gate.hold(60).unwrap();
-        assert!(matches!(
-            gate.hold(50),
-            Err(GateError::BufferFull { bytes: 60, .. })
-        ));
+        assert!(matches!(gate.hold(50), Err(GateError::BufferFull { bytes: 60, .. })));
         let _b = gate.hold(40).unwrap();
         let _c = gate.hold(0).unwrap();
-        assert!(matches!(
-            gate.hold(0),
-            Err(GateError::BufferFull { count: 3, .. })
-        ));
+        assert!(matches!(gate.hold(0), Err(GateError::BufferFull { count: 3, .. })));
         drop(_a);
         assert_eq!(gate.held(), (2, 40));
         assert!(gate.hold(0).is_ok());
@@ -677,17 +652,11 @@ mod tests {
         let gate = gate();
         let (a, _) = gate.hold(1).unwrap();
         gate.fail(GateError::StartFailed("no such image".into()));
-        assert!(
-            matches!(a.admitted().await, Err(GateError::StartFailed(m)) if m.contains("image"))
-        );
+        assert!(matches!(a.admitted().await, Err(GateError::StartFailed(m)) if m.contains("image")));
         assert_eq!(gate.phase(), VmPhase::Failed);
         assert_eq!(gate.held(), (0, 0));
         let (_b, start) = gate.hold(1).unwrap();
-        assert_eq!(
-            start,
-            Some(StartKind::Boot),
-            "the next request retries the start"
-        );
+        assert_eq!(start, Some(StartKind::Boot), "the next request retries the start");
     }
 
     #[tokio::test(start_paused = true)]
@@ -708,16 +677,9 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!(gate.begin_stop(Duration::from_secs(30)), None, "in flight");
         drop(guard); // touches: activity is now
-        assert_eq!(
-            gate.begin_stop(Duration::from_secs(30)),
-            None,
-            "not idle yet"
-        );
+        assert_eq!(gate.begin_stop(Duration::from_secs(30)), None, "not idle yet");
         tokio::time::advance(Duration::from_secs(31)).await;
-        assert_eq!(
-            gate.begin_stop(Duration::from_secs(30)),
-            Some(VmPhase::Ready)
-        );
+        assert_eq!(gate.begin_stop(Duration::from_secs(30)), Some(VmPhase::Ready));
         assert!(gate.try_enter().is_none(), "closed gate admits nothing");
         assert_eq!(gate.finish_stop(VmPhase::Stopped), None);
         assert_eq!(gate.phase(), VmPhase::Stopped);

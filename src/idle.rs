@@ -17,16 +17,10 @@ use crate::gate::Gate;
 use crate::vm::{ScaleDown, VmPhase};
 
 /// What to do with a VM in this phase under this policy, and after how much idleness.
-fn plan(
-    phase: VmPhase,
-    scale_down: ScaleDown,
-    idle_timeout: Duration,
-) -> Option<(Action, Duration)> {
+fn plan(phase: VmPhase, scale_down: ScaleDown, idle_timeout: Duration) -> Option<(Action, Duration)> {
     match (phase, scale_down) {
         (VmPhase::Ready, ScaleDown::Stop) => Some((Action::Stop, idle_timeout)),
-        (VmPhase::Ready, ScaleDown::Pause | ScaleDown::PauseThenStop) => {
-            Some((Action::Pause, idle_timeout))
-        }
+        (VmPhase::Ready, ScaleDown::Pause | ScaleDown::PauseThenStop) => Some((Action::Pause, idle_timeout)),
         // Paused once for `idle_timeout` already: stop after a second one.
         (VmPhase::Paused, ScaleDown::PauseThenStop) => Some((Action::Stop, idle_timeout * 2)),
         _ => None,
@@ -64,8 +58,7 @@ pub async fn check_once(activator: &Arc<Activator>) {
     let mut stops = tokio::task::JoinSet::new();
     for gate in activator.gates() {
         let policy = gate.policy();
-        let Some((action, idle_for)) = plan(gate.phase(), policy.scale_down, policy.idle_timeout)
-        else {
+        let Some((action, idle_for)) = plan(gate.phase(), policy.scale_down, policy.idle_timeout) else {
             continue;
         };
         if gate.begin_stop(idle_for).is_none() {
@@ -135,11 +128,7 @@ mod tests {
             ..Policy::default()
         };
         let backend = FakeBackend::new([(key.clone(), policy)], FakeOptions::default());
-        let activator = Activator::new(
-            backend.clone(),
-            Prober::new(ReadinessConfig::default()),
-            Metrics::new(),
-        );
+        let activator = Activator::new(backend.clone(), Prober::new(ReadinessConfig::default()), Metrics::new());
         let gate = activator.gate("ns", "vm").unwrap();
         // Bring the gate to Ready by hand: these tests are about the scaler, not starts.
         let (_held, _) = gate.hold(0).unwrap();
@@ -150,14 +139,8 @@ mod tests {
     #[test]
     fn plan_covers_every_policy() {
         let t = Duration::from_secs(10);
-        assert_eq!(
-            plan(VmPhase::Ready, ScaleDown::Stop, t),
-            Some((Action::Stop, t))
-        );
-        assert_eq!(
-            plan(VmPhase::Ready, ScaleDown::Pause, t),
-            Some((Action::Pause, t))
-        );
+        assert_eq!(plan(VmPhase::Ready, ScaleDown::Stop, t), Some((Action::Stop, t)));
+        assert_eq!(plan(VmPhase::Ready, ScaleDown::Pause, t), Some((Action::Pause, t)));
         assert_eq!(plan(VmPhase::Paused, ScaleDown::Pause, t), None);
         assert_eq!(
             plan(VmPhase::Paused, ScaleDown::PauseThenStop, t),
@@ -179,9 +162,7 @@ mod tests {
         assert_eq!(backend.stops(gate.key()), 1);
         assert_eq!(gate.phase(), VmPhase::Stopped);
         let text = activator.metrics().render();
-        assert!(text.contains(
-            "vm_activator_scale_downs_total{action=\"stop\",namespace=\"ns\",vm=\"vm\"} 1"
-        ));
+        assert!(text.contains("vm_activator_scale_downs_total{action=\"stop\",namespace=\"ns\",vm=\"vm\"} 1"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,8 +18,6 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Text => logs.init(),
     }
     let config = Config::load(&cli).context("configuration")?;
-    vm_activator::server::run(config)
-        .await
-        .context("vm-activator")?;
+    vm_activator::server::run(config).await.context("vm-activator")?;
     Ok(())
 }

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::vm::{VmKey, VmPhase};
@@ -113,19 +113,13 @@ impl Metrics {
         let registry = Registry::new();
         let vm = &["namespace", "vm"];
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help).namespace(PREFIX), labels)
-                .expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            let c = IntCounterVec::new(Opts::new(name, help).namespace(PREFIX), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help).namespace(PREFIX), labels)
-                .expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
+            let g = IntGaugeVec::new(Opts::new(name, help).namespace(PREFIX), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
@@ -136,9 +130,7 @@ impl Metrics {
                 labels,
             )
             .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
         let families = Families {
@@ -166,7 +158,11 @@ impl Metrics {
                 COLD_START_BUCKETS,
             ),
             buffered: gauge("buffered_requests", "Requests held while the VM is not ready.", vm),
-            in_flight: gauge("in_flight_requests", "Requests forwarded to the guest and not yet answered.", vm),
+            in_flight: gauge(
+                "in_flight_requests",
+                "Requests forwarded to the guest and not yet answered.",
+                vm,
+            ),
             rejected: counter(
                 "rejected_total",
                 "Requests refused without reaching the guest, by reason.",
@@ -269,8 +265,8 @@ impl Metrics {
 
 /// Every value `status_label` can return.
 const STATUS_LABELS: [&str; 21] = [
-    "200", "201", "202", "204", "400", "401", "403", "404", "405", "408", "413", "429", "500",
-    "502", "503", "504", "1xx", "2xx", "3xx", "4xx", "5xx",
+    "200", "201", "202", "204", "400", "401", "403", "404", "405", "408", "413", "429", "500", "502", "503", "504",
+    "1xx", "2xx", "3xx", "4xx", "5xx",
 ];
 
 /// Status codes as label values without allocating for the common ones.

@@ -139,10 +139,7 @@ pub struct GuardedBody<B, G> {
 impl<B, G> GuardedBody<B, G> {
     /// Wraps `body`, holding `guard` until it is dropped.
     pub fn new(body: B, guard: G) -> Self {
-        Self {
-            body,
-            _guard: guard,
-        }
+        Self { body, _guard: guard }
     }
 }
 
@@ -174,16 +171,10 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert("ce-id", HeaderValue::from_static("abc"));
         h.insert(
             "traceparent",

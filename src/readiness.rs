@@ -91,11 +91,7 @@ impl Prober {
     }
 }
 
-async fn probe_once(
-    config: &ReadinessConfig,
-    endpoint: Endpoint,
-    readiness: &Readiness,
-) -> Result<(), ProbeError> {
+async fn probe_once(config: &ReadinessConfig, endpoint: Endpoint, readiness: &Readiness) -> Result<(), ProbeError> {
     let timeout = config.attempt_timeout;
     let attempt = async {
         let stream = TcpStream::connect(endpoint).await?;
@@ -103,8 +99,7 @@ async fn probe_once(
             return Ok(());
         };
         stream.set_nodelay(true)?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         let conn = tokio::spawn(conn);
         let request = hyper::Request::get(path)
             .header(hyper::header::HOST, endpoint.to_string())
@@ -161,10 +156,7 @@ mod tests {
         let bad = http_server("503 Service Unavailable").await;
         let http = Readiness::Http("/healthz".into());
         assert!(prober().probe(ok, &http).await.is_ok());
-        assert!(matches!(
-            prober().probe(bad, &http).await,
-            Err(ProbeError::Status(503))
-        ));
+        assert!(matches!(prober().probe(bad, &http).await, Err(ProbeError::Status(503))));
     }
 
     #[tokio::test]
@@ -185,8 +177,7 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let waiter =
-            tokio::spawn(async move { prober().wait_ready(addr, &Readiness::HttpRoot).await });
+        let waiter = tokio::spawn(async move { prober().wait_ready(addr, &Readiness::HttpRoot).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
         let listener = TcpListener::bind(addr).await.unwrap();
@@ -195,9 +186,7 @@ mod tests {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                    .await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
             }
         });
         tokio::time::timeout(Duration::from_secs(5), waiter)

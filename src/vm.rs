@@ -259,9 +259,7 @@ impl Policy {
     /// assert_eq!(policy.idle_timeout, Policy::default().idle_timeout);
     /// assert!(policy.warnings[0].contains("idle-timeout"));
     /// ```
-    pub fn from_annotations<'a>(
-        annotations: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Policy {
+    pub fn from_annotations<'a>(annotations: impl IntoIterator<Item = (&'a str, &'a str)>) -> Policy {
         let mut policy = Policy::default();
         let mut warnings = Vec::new();
         for (key, value) in annotations {
@@ -283,9 +281,7 @@ impl Policy {
                 "path" => Err("expected a path starting with '/'".into()),
                 "idle-timeout" => parse_positive_duration(value).map(|d| policy.idle_timeout = d),
                 "start-timeout" => parse_positive_duration(value).map(|d| policy.start_timeout = d),
-                "request-timeout" => {
-                    parse_positive_duration(value).map(|d| policy.request_timeout = d)
-                }
+                "request-timeout" => parse_positive_duration(value).map(|d| policy.request_timeout = d),
                 "scale-down" => value.parse().map(|s| policy.scale_down = s),
                 "max-buffered" => value
                     .parse::<usize>()
@@ -344,7 +340,8 @@ mod tests {
 
     #[test]
     fn annotations_table() {
-        let cases: Vec<(&str, &str, Box<dyn Fn(&Policy) -> bool>, bool)> = vec![
+        type Check = Box<dyn Fn(&Policy) -> bool>;
+        let cases: Vec<(&str, &str, Check, bool)> = vec![
             ("port", "9000", Box::new(|p| p.port == 9000), false),
             ("port", "0", Box::new(|p| p.port == 8080), true),
             ("port", "http", Box::new(|p| p.port == 8080), true),
@@ -380,18 +377,8 @@ mod tests {
                 Box::new(|p| p.scale_down == ScaleDown::Stop),
                 true,
             ),
-            (
-                "max-buffered",
-                "50",
-                Box::new(|p| p.max_buffered == 50),
-                false,
-            ),
-            (
-                "max-buffered",
-                "-1",
-                Box::new(|p| p.max_buffered == 1000),
-                true,
-            ),
+            ("max-buffered", "50", Box::new(|p| p.max_buffered == 50), false),
+            ("max-buffered", "-1", Box::new(|p| p.max_buffered == 1000), true),
             ("concurrency", "4", Box::new(|p| p.concurrency == 4), false),
             (
                 "readiness",
@@ -406,17 +393,11 @@ mod tests {
                 true,
             ),
             ("frobnicate", "1", Box::new(|_| true), true),
-            (
-                "last-activity",
-                "2026-01-01T00:00:00.000Z",
-                Box::new(|_| true),
-                false,
-            ),
+            ("last-activity", "2026-01-01T00:00:00.000Z", Box::new(|_| true), false),
         ];
         for (name, value, check, warns) in cases {
             let key = format!("{ANNOTATION_PREFIX}{name}");
-            let policy =
-                Policy::from_annotations([(key.as_str(), value), ("other.io/x", "ignored")]);
+            let policy = Policy::from_annotations([(key.as_str(), value), ("other.io/x", "ignored")]);
             assert!(check(&policy), "{name}={value}: {policy:?}");
             assert_eq!(
                 !policy.warnings.is_empty(),

@@ -11,12 +11,10 @@ use support::{demo, policy, Harness};
 use vm_activator::backend::fake::FakeOptions;
 use vm_activator::vm::Policy;
 
-const COLD_STARTS: &str =
-    "vm_activator_cold_start_seconds_count{namespace=\"default\",vm=\"demo\"}";
+const COLD_STARTS: &str = "vm_activator_cold_start_seconds_count{namespace=\"default\",vm=\"demo\"}";
 
 #[tokio::test]
-async fn cold_start_holds_the_event_until_the_guest_answers_then_warm_requests_go_straight_through()
-{
+async fn cold_start_holds_the_event_until_the_guest_answers_then_warm_requests_go_straight_through() {
     let h = Harness::start(
         policy(),
         FakeOptions {
@@ -35,11 +33,7 @@ async fn cold_start_holds_the_event_until_the_guest_answers_then_warm_requests_g
     let response = h.send("/default/demo", "second").await;
     assert_eq!(response.status(), 202);
     assert_eq!(h.backend.event_ids(&demo()), vec!["first", "second"]);
-    assert_eq!(
-        h.backend.starts(&demo()),
-        1,
-        "a warm request starts nothing"
-    );
+    assert_eq!(h.backend.starts(&demo()), 1, "a warm request starts nothing");
     assert_eq!(h.metric(COLD_STARTS).await, 1.0);
 
     let vm = &h.vms().await[0];
@@ -180,15 +174,10 @@ async fn a_full_buffer_answers_503_with_retry_after_and_never_starts_twice() {
     assert_eq!(first.await.unwrap(), 202);
     assert_eq!(second.await.unwrap(), 202);
     assert_eq!(h.backend.starts(&demo()), 1);
-    assert!(!h
-        .backend
-        .event_ids(&demo())
-        .contains(&"refused".to_string()));
+    assert!(!h.backend.event_ids(&demo()).contains(&"refused".to_string()));
     assert_eq!(
-        h.metric(
-            "vm_activator_rejected_total{namespace=\"default\",reason=\"buffer_full\",vm=\"demo\"}"
-        )
-        .await,
+        h.metric("vm_activator_rejected_total{namespace=\"default\",reason=\"buffer_full\",vm=\"demo\"}")
+            .await,
         1.0
     );
 }
@@ -222,15 +211,9 @@ async fn a_failed_start_answers_503_and_the_next_event_tries_again() {
     assert!(refused.headers().contains_key("retry-after"));
     let body: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(body["error"], "start_failed");
-    assert!(
-        body["detail"].as_str().unwrap().contains("no capacity"),
-        "{body}"
-    );
+    assert!(body["detail"].as_str().unwrap().contains("no capacity"), "{body}");
     assert_eq!(h.demo_state().await, "failed");
-    assert!(h.vms().await[0]["last_error"]
-        .as_str()
-        .unwrap()
-        .contains("no capacity"));
+    assert!(h.vms().await[0]["last_error"].as_str().unwrap().contains("no capacity"));
 
     h.backend.set_options(|o| o.start_error = None);
     assert_eq!(h.send("/default/demo", "y").await.status(), 202);
@@ -265,7 +248,8 @@ async fn a_vm_that_never_becomes_ready_answers_503_at_the_start_timeout_and_is_s
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(
-        h.metric("vm_activator_rejected_total{namespace=\"default\",reason=\"start_timeout\",vm=\"demo\"}").await,
+        h.metric("vm_activator_rejected_total{namespace=\"default\",reason=\"start_timeout\",vm=\"demo\"}")
+            .await,
         1.0
     );
 }
@@ -368,19 +352,13 @@ async fn the_guest_status_headers_and_path_pass_through() {
     .await;
     let response = h
         .client
-        .post(format!(
-            "{}/default/demo/orders/42?priority=high",
-            h.ingress
-        ))
+        .post(format!("{}/default/demo/orders/42?priority=high", h.ingress))
         .header("ce-specversion", "1.0")
         .header("ce-id", "o-42")
         .header("ce-source", "/shop")
         .header("ce-type", "order.created")
         .header("ce-subject", "caf%C3%A9")
-        .header(
-            "traceparent",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
+        .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
         .header("content-type", "application/json")
         .body("{\"total\": 3}")
         .send()
@@ -425,10 +403,7 @@ async fn bad_requests_get_clear_errors_and_start_nothing() {
     let body: serde_json::Value = missing_id.json().await.unwrap();
     assert_eq!(body["error"], "invalid_event");
     assert_eq!(body["attribute"], "id");
-    assert!(
-        body["detail"].as_str().unwrap().contains("\"id\""),
-        "{body}"
-    );
+    assert!(body["detail"].as_str().unwrap().contains("\"id\""), "{body}");
 
     let unknown = h.send("/default/nope", "x").await;
     assert_eq!(unknown.status(), 404);
@@ -437,12 +412,7 @@ async fn bad_requests_get_clear_errors_and_start_nothing() {
         "unknown_vm"
     );
 
-    let no_route = h
-        .client
-        .get(format!("{}/", h.ingress))
-        .send()
-        .await
-        .unwrap();
+    let no_route = h.client.get(format!("{}/", h.ingress)).send().await.unwrap();
     assert_eq!(no_route.status(), 404);
 
     let wrong_method = h
@@ -469,9 +439,7 @@ async fn bad_requests_get_clear_errors_and_start_nothing() {
         "/default/demo/../admin",
         "/default/demo/..%2Fadmin",
     ] {
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-        );
+        let request = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
         assert_eq!(
             support::raw_status(h.server.ingress_addr, &request).await,
             400,
@@ -479,27 +447,24 @@ async fn bad_requests_get_clear_errors_and_start_nothing() {
         );
     }
 
-    assert_eq!(
-        h.backend.starts(&demo()),
-        0,
-        "no bad request may start the VM"
-    );
+    assert_eq!(h.backend.starts(&demo()), 0, "no bad request may start the VM");
     let text = h.metrics().await;
     assert_eq!(
-        support::metric_value(&text, "vm_activator_rejected_total{namespace=\"default\",reason=\"invalid_event\",vm=\"demo\"}"),
+        support::metric_value(
+            &text,
+            "vm_activator_rejected_total{namespace=\"default\",reason=\"invalid_event\",vm=\"demo\"}"
+        ),
         1.0,
         "only the missing id is counted per VM; bad paths are refused before any VM is known"
     );
     assert_eq!(
-        support::metric_value(&text, "vm_activator_rejected_total{namespace=\"default\",reason=\"body_too_large\",vm=\"demo\"}"),
+        support::metric_value(
+            &text,
+            "vm_activator_rejected_total{namespace=\"default\",reason=\"body_too_large\",vm=\"demo\"}"
+        ),
         1.0
     );
-    let healthy = h
-        .client
-        .get(format!("{}/healthz", h.admin))
-        .send()
-        .await
-        .unwrap();
+    let healthy = h.client.get(format!("{}/healthz", h.admin)).send().await.unwrap();
     assert_eq!(healthy.status(), 200);
 }
 
@@ -562,11 +527,7 @@ async fn drain_finishes_held_events_refuses_new_ones_and_fails_readyz() {
     assert_eq!(ready.status(), 503);
     let refused = send_with(&client, &format!("{ingress}/default/demo"), "late").await;
     assert_eq!(refused, 503);
-    assert_eq!(
-        held.await.unwrap(),
-        202,
-        "held events are delivered during the drain"
-    );
+    assert_eq!(held.await.unwrap(), 202, "held events are delivered during the drain");
     assert!(drain.await.unwrap(), "drain completed within its timeout");
     assert_eq!(h.backend.event_ids(&demo()), vec!["held"]);
 }

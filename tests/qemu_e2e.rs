@@ -7,38 +7,19 @@
 //! Needs `qemu-system-x86_64` and the guest image (`deploy/local/setup.sh` installs
 //! both). Set `VM_ACTIVATOR_SKIP_QEMU=1` to skip where QEMU cannot run.
 
+mod support;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use support::binary::Activator;
 use tokio::time::Instant;
-
-struct Activator {
-    child: Child,
-    ingress: String,
-    admin: String,
-}
-
-impl Drop for Activator {
-    fn drop(&mut self) {
-        // On a failed assertion: kill it (its QEMU children die with it, PR_SET_PDEATHSIG).
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn prerequisites_missing() -> Option<String> {
@@ -62,10 +43,7 @@ fn write_config(dir: &Path, idle_timeout: &str) -> PathBuf {
     assert!(text.contains("idle_timeout: 30s") && text.contains("max_buffered: 1000"));
     let guest = repo().join("target/guest");
     let text = text
-        .replace(
-            "idle_timeout: 30s",
-            &format!("idle_timeout: {idle_timeout}"),
-        )
+        .replace("idle_timeout: 30s", &format!("idle_timeout: {idle_timeout}"))
         .replace("../target/guest", guest.to_str().unwrap())
         .replace(
             "stop_grace: 5s",
@@ -76,73 +54,14 @@ fn write_config(dir: &Path, idle_timeout: &str) -> PathBuf {
     path
 }
 
-async fn spawn_activator(config: &Path) -> Activator {
-    let (ingress, admin) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_vm-activator"))
-        .arg("--config")
-        .arg(config)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{ingress}"))
-        .arg("--admin-listen")
-        .arg(format!("127.0.0.1:{admin}"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the binary runs");
-    let activator = Activator {
-        child,
-        ingress: format!("http://127.0.0.1:{ingress}"),
-        admin: format!("http://127.0.0.1:{admin}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while reqwest::get(format!("{}/healthz", activator.admin))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "activator did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn cold_starts(activator: &Activator) -> f64 {
     activator
-}
-
-async fn send(client: &reqwest::Client, activator: &Activator, id: &str) -> u16 {
-    client
-        .post(format!("{}/default/demo", activator.ingress))
-        .header("ce-specversion", "1.0")
-        .header("ce-id", id)
-        .header("ce-source", "/e2e")
-        .header("ce-type", "e2e.event")
-        .header("content-type", "application/json")
-        .body(format!("{{\"id\":\"{id}\"}}"))
-        .send()
+        .metric("vm_activator_cold_start_seconds_count{namespace=\"default\",vm=\"demo\"}")
         .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
 }
 
 async fn vm(activator: &Activator) -> serde_json::Value {
-    let vms: serde_json::Value = reqwest::get(format!("{}/v1/vms", activator.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    vms[0].clone()
-}
-
-async fn cold_starts(activator: &Activator) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", activator.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = "vm_activator_cold_start_seconds_count{namespace=\"default\",vm=\"demo\"} ";
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .map(|v| v.parse().unwrap())
-        .unwrap_or(0.0)
+    activator.vm("default", "demo").await.expect("default/demo is listed")
 }
 
 /// The guest's own record of received event ids (`GET /events` on the guest).
@@ -179,18 +98,14 @@ async fn real_vm_cold_start_burst_idle_stop_and_reboot() {
     }
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "4s");
-    let mut activator = spawn_activator(&config).await;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(90))
-        .build()
-        .unwrap();
+    let mut activator = Activator::spawn(&["--config", config.to_str().unwrap()]).await;
     assert_eq!(vm(&activator).await["state"], "stopped");
     assert_eq!(qemu_children(activator.child.id()), 0);
 
     // 100 different events while the VM is stopped: one cold start for all of them.
     let ids: Vec<String> = (0..100).map(|i| format!("burst-{i}")).collect();
     let started = Instant::now();
-    let codes = join_all(ids.iter().map(|id| send(&client, &activator, id))).await;
+    let codes = join_all(ids.iter().map(|id| activator.send_status("/default/demo", id))).await;
     let took = started.elapsed();
     let mut by_code: HashMap<u16, usize> = HashMap::new();
     for code in codes {
@@ -222,22 +137,13 @@ async fn real_vm_cold_start_burst_idle_stop_and_reboot() {
     }
 
     // The next event boots it again, and reaches the new guest exactly once.
-    assert_eq!(send(&client, &activator, "after-idle").await, 202);
+    assert_eq!(activator.send_status("/default/demo", "after-idle").await, 202);
     assert_eq!(cold_starts(&activator).await, 2.0);
     assert_eq!(guest_events(&activator).await, vec!["after-idle"]);
 
     // SIGTERM: clean exit, VM stopped with it.
-    let pid = activator.child.id();
-    assert_eq!(qemu_children(pid), 1);
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = activator.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    assert_eq!(qemu_children(activator.child.id()), 1);
+    let status = activator.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "exit status {status}");
     let qemu_left = Command::new("pgrep")
         .args(["-f", &dir.path().join("run").display().to_string()])

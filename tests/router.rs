@@ -70,24 +70,14 @@ fn cases() -> Vec<Case> {
         attribute,
     };
     vec![
-        bad(
-            "missing id",
-            binary_headers_without("ce-id"),
-            "",
-            Some("id"),
-        ),
+        bad("missing id", binary_headers_without("ce-id"), "", Some("id")),
         bad(
             "missing source",
             binary_headers_without("ce-source"),
             "",
             Some("source"),
         ),
-        bad(
-            "missing type",
-            binary_headers_without("ce-type"),
-            "",
-            Some("type"),
-        ),
+        bad("missing type", binary_headers_without("ce-type"), "", Some("type")),
         bad(
             "missing specversion (not an event)",
             binary_headers_without("ce-specversion"),
@@ -130,12 +120,7 @@ fn cases() -> Vec<Case> {
             "",
             Some("subject"),
         ),
-        bad(
-            "structured invalid JSON",
-            vec![STRUCTURED],
-            "{\"specversion\": ",
-            None,
-        ),
+        bad("structured invalid JSON", vec![STRUCTURED], "{\"specversion\": ", None),
         bad(
             "structured data and data_base64",
             vec![STRUCTURED],
@@ -217,11 +202,7 @@ fn cases() -> Vec<Case> {
 async fn every_bad_input_gets_its_status_and_a_json_error_naming_the_cause() {
     let key = VmKey::new("default", "demo");
     let backend = FakeBackend::new([(key.clone(), Policy::default())], FakeOptions::default());
-    let activator = Activator::new(
-        backend.clone(),
-        Prober::new(ReadinessConfig::default()),
-        Metrics::new(),
-    );
+    let activator = Activator::new(backend.clone(), Prober::new(ReadinessConfig::default()), Metrics::new());
     let ingress = IngressConfig {
         max_body_bytes: 256,
         ..IngressConfig::default()
@@ -245,25 +226,14 @@ async fn every_bad_input_gets_its_status_and_a_json_error_naming_the_cause() {
         } else {
             Body::from(case.body)
         };
-        let response = app
-            .clone()
-            .oneshot(request.body(body).unwrap())
-            .await
-            .unwrap();
+        let response = app.clone().oneshot(request.body(body).unwrap()).await.unwrap();
         assert_eq!(response.status().as_u16(), case.status, "{}", case.name);
-        let content_type = response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
         assert_eq!(content_type, "application/json", "{}", case.name);
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(json["error"], case.error, "{}: {json}", case.name);
-        assert!(
-            !json["detail"].as_str().unwrap().is_empty(),
-            "{}",
-            case.name
-        );
+        assert!(!json["detail"].as_str().unwrap().is_empty(), "{}", case.name);
         if let Some(attribute) = case.attribute {
             assert_eq!(json["attribute"], attribute, "{}: {json}", case.name);
             assert!(
@@ -284,11 +254,7 @@ async fn a_valid_event_through_oneshot_is_delivered() {
         ..Policy::default()
     };
     let backend = FakeBackend::new([(key.clone(), policy)], FakeOptions::default());
-    let activator = Activator::new(
-        backend.clone(),
-        Prober::new(ReadinessConfig::default()),
-        Metrics::new(),
-    );
+    let activator = Activator::new(backend.clone(), Prober::new(ReadinessConfig::default()), Metrics::new());
     let app = router(IngressState::new(
         activator,
         Proxy::new(&ProxyConfig::default()),

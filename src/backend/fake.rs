@@ -89,10 +89,7 @@ pub struct FakeBackend {
 
 impl FakeBackend {
     /// A backend with these VMs, all stopped.
-    pub fn new(
-        vms: impl IntoIterator<Item = (VmKey, Policy)>,
-        options: FakeOptions,
-    ) -> Arc<FakeBackend> {
+    pub fn new(vms: impl IntoIterator<Item = (VmKey, Policy)>, options: FakeOptions) -> Arc<FakeBackend> {
         let catalog: BTreeMap<VmKey, Policy> = vms.into_iter().collect();
         let fakes = catalog
             .keys()
@@ -145,11 +142,7 @@ impl FakeBackend {
 
     /// Event ids the guest accepted.
     pub fn event_ids(&self, key: &VmKey) -> Vec<String> {
-        self.guest_log(key)
-            .lock()
-            .expect("log lock")
-            .event_ids
-            .clone()
+        self.guest_log(key).lock().expect("log lock").event_ids.clone()
     }
 
     /// Simulates the VM dying on its own (crash, guest power-off).
@@ -182,12 +175,8 @@ impl FakeBackend {
 
     /// The guest application comes back on the same endpoint.
     pub async fn revive_guest_app(&self, key: &VmKey) {
-        let (endpoint, log) = self.with_vm(key, |vm| {
-            (vm.endpoint.expect("the VM was started"), vm.log.clone())
-        });
-        let listener = TcpListener::bind(endpoint)
-            .await
-            .expect("endpoint is free again");
+        let (endpoint, log) = self.with_vm(key, |vm| (vm.endpoint.expect("the VM was started"), vm.log.clone()));
+        let listener = TcpListener::bind(endpoint).await.expect("endpoint is free again");
         let options = self.options.clone();
         let task = tokio::spawn(serve_guest(listener, log, options));
         self.with_vm(key, |vm| vm.revived = Some(task));
@@ -222,20 +211,13 @@ impl Backend for FakeBackend {
     }
 
     fn status(&self, vm: &VmKey) -> Option<watch::Receiver<BackendStatus>> {
-        self.vms
-            .lock()
-            .expect("vms lock")
-            .get(vm)
-            .map(|v| v.status.subscribe())
+        self.vms.lock().expect("vms lock").get(vm).map(|v| v.status.subscribe())
     }
 
     async fn start(&self, key: &VmKey) -> Result<(), BackendError> {
         let options = self.options.lock().expect("options lock").clone();
         if let Some(message) = options.start_error {
-            return Err(BackendError::Failed {
-                op: "start",
-                message,
-            });
+            return Err(BackendError::Failed { op: "start", message });
         }
         // Reserve a port now; the guest binds it only once "booted", so until then a
         // connection is refused, as with a real guest whose application is not up yet.
@@ -245,19 +227,13 @@ impl Backend for FakeBackend {
             .port();
         let endpoint = SocketAddr::from(([127, 0, 0, 1], port));
         let mut vms = self.vms.lock().expect("vms lock");
-        let vm = vms
-            .get_mut(key)
-            .ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        let vm = vms.get_mut(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
         if vm.task.is_some() {
             return Ok(());
         }
         vm.starts += 1;
         vm.endpoint = Some(endpoint);
-        vm.log
-            .lock()
-            .expect("log lock")
-            .start_calls
-            .push(Instant::now());
+        vm.log.lock().expect("log lock").start_calls.push(Instant::now());
         vm.status.send_replace(BackendStatus {
             phase: BackendPhase::Starting,
             endpoint: None,
@@ -286,10 +262,7 @@ impl Backend for FakeBackend {
                     return;
                 }
             };
-            log.lock()
-                .expect("log lock")
-                .listening_since
-                .push(Instant::now());
+            log.lock().expect("log lock").listening_since.push(Instant::now());
             serve_guest(listener, log, live).await;
         }));
         Ok(())
@@ -308,11 +281,7 @@ impl Backend for FakeBackend {
 }
 
 /// Serves the fake guest application until the task is aborted.
-async fn serve_guest(
-    listener: TcpListener,
-    log: Arc<Mutex<GuestLog>>,
-    options: Arc<Mutex<FakeOptions>>,
-) {
+async fn serve_guest(listener: TcpListener, log: Arc<Mutex<GuestLog>>, options: Arc<Mutex<FakeOptions>>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -322,9 +291,7 @@ async fn serve_guest(
         let options = options.clone();
         // Connections live in this task's JoinSet, so aborting the VM closes them too.
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                guest_handle(req, log.clone(), options.clone())
-            });
+            let service = hyper::service::service_fn(move |req| guest_handle(req, log.clone(), options.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)
@@ -360,12 +327,7 @@ async fn guest_handle(
             let headers: Vec<(String, String)> = req
                 .headers()
                 .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
                 .collect();
             let header_id = req
                 .headers()

@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Client, CustomResource, Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -95,6 +95,37 @@ pub struct VmiCondition {
     pub status: String,
 }
 
+/// Retry delays for a watch that lost the API server: 250 ms doubling to at most 5 s,
+/// each shortened by up to a quarter at random so replicas do not retry in step. (kube's
+/// default grows to 30 s, which would keep `/readyz` failing long after the API is back.)
+struct ReconnectBackoff {
+    next: Duration,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Default for ReconnectBackoff {
+    fn default() -> Self {
+        Self { next: BACKOFF_MIN }
+    }
+}
+
+impl Iterator for ReconnectBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        // Cheap jitter from the clock's sub-second nanoseconds; no RNG needed for this.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let jitter = delay.mul_f64(f64::from(nanos % 1000) / 4000.0);
+        Some(delay - jitter)
+    }
+}
+
 /// How long a stop may take before it is reported as failed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -124,21 +155,17 @@ impl KubevirtBackend {
     pub async fn connect(config: KubevirtConfig) -> Result<Arc<KubevirtBackend>, BackendError> {
         let kube_config = match &config.kubeconfig {
             Some(path) => {
-                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    BackendError::Unavailable(format!("kubeconfig {}: {e}", path.display()))
-                })?;
+                let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| BackendError::Unavailable(format!("kubeconfig {}: {e}", path.display())))?;
                 kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                     .await
-                    .map_err(|e| {
-                        BackendError::Unavailable(format!("kubeconfig {}: {e}", path.display()))
-                    })?
+                    .map_err(|e| BackendError::Unavailable(format!("kubeconfig {}: {e}", path.display())))?
             }
-            None => kube::Config::infer().await.map_err(|e| {
-                BackendError::Unavailable(format!("no Kubernetes credentials: {e}"))
-            })?,
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| BackendError::Unavailable(format!("no Kubernetes credentials: {e}")))?,
         };
-        let client =
-            Client::try_from(kube_config).map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        let client = Client::try_from(kube_config).map_err(|e| BackendError::Unavailable(e.to_string()))?;
         Ok(Self::start(client, config))
     }
 
@@ -156,31 +183,18 @@ impl KubevirtBackend {
             health: Arc::new(Health::default()),
             tasks: Mutex::new(Vec::new()),
         });
-        let vm_events = backend.watch_all::<VirtualMachine>(Some(format!("{OPT_IN_LABEL}=true")));
-        let vmi_events = backend.watch_all::<VirtualMachineInstance>(None);
-        let vm_task = tokio::spawn({
-            let this = Arc::downgrade(&backend);
-            let stream = reflector::reflector(vm_writer, vm_events);
-            async move { drive(stream, this, Kind::Vm).await }
-        });
-        let vmi_task = tokio::spawn({
-            let this = Arc::downgrade(&backend);
-            let stream = reflector::reflector(vmi_writer, vmi_events);
-            async move { drive(stream, this, Kind::Vmi).await }
-        });
-        backend
-            .tasks
-            .lock()
-            .expect("tasks lock")
-            .extend([vm_task, vmi_task]);
+        let vm_task = tokio::spawn(drive(Arc::downgrade(&backend), vm_writer, Kind::Vm, |b: &Self| {
+            b.watch_all::<VirtualMachine>(Some(format!("{OPT_IN_LABEL}=true")))
+        }));
+        let vmi_task = tokio::spawn(drive(Arc::downgrade(&backend), vmi_writer, Kind::Vmi, |b: &Self| {
+            b.watch_all::<VirtualMachineInstance>(None)
+        }));
+        backend.tasks.lock().expect("tasks lock").extend([vm_task, vmi_task]);
         backend
     }
 
     /// One watcher per configured namespace (or one cluster-wide), merged.
-    fn watch_all<K>(
-        &self,
-        labels: Option<String>,
-    ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+    fn watch_all<K>(&self, labels: Option<String>) -> WatchStream<K>
     where
         K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
             + Clone
@@ -203,15 +217,11 @@ impl KubevirtBackend {
                 .map(|ns| Api::namespaced(self.client.clone(), ns))
                 .collect()
         };
-        futures_util::stream::select_all(
-            apis.into_iter()
-                .map(move |api| watcher(api, wc.clone()).default_backoff().boxed()),
-        )
+        futures_util::stream::select_all(apis.into_iter().map(move |api| watcher(api, wc.clone()).boxed())).boxed()
     }
 
     fn vm(&self, key: &VmKey) -> Option<Arc<VirtualMachine>> {
-        self.vms
-            .get(&ObjectRef::new(&key.name).within(&key.namespace))
+        self.vms.get(&ObjectRef::new(&key.name).within(&key.namespace))
     }
 
     fn vm_api(&self, key: &VmKey) -> Api<VirtualMachine> {
@@ -226,11 +236,7 @@ impl KubevirtBackend {
             .iter()
             .filter_map(|vm| {
                 let key = VmKey::new(vm.namespace()?, vm.name_any());
-                let policy = Policy::from_annotations(
-                    vm.annotations()
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str())),
-                );
+                let policy = Policy::from_annotations(vm.annotations().iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 for warning in &policy.warnings {
                     tracing::warn!(vm = %key, %warning, "bad annotation");
                 }
@@ -249,19 +255,10 @@ impl KubevirtBackend {
     /// Recomputes one VM's status from the stores; publishes it if it changed.
     fn refresh_status(&self, key: &VmKey) {
         let vm = self.vm(key);
-        let vmi = self
-            .vmis
-            .get(&ObjectRef::new(&key.name).within(&key.namespace));
+        let vmi = self.vmis.get(&ObjectRef::new(&key.name).within(&key.namespace));
         let port = vm
             .as_ref()
-            .map(|vm| {
-                Policy::from_annotations(
-                    vm.annotations()
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str())),
-                )
-                .port
-            })
+            .map(|vm| Policy::from_annotations(vm.annotations().iter().map(|(k, v)| (k.as_str(), v.as_str()))).port)
             .unwrap_or(8080);
         let status = derive_status(vm.as_deref(), vmi.as_deref(), port);
         let mut statuses = self.statuses.lock().expect("statuses lock");
@@ -289,15 +286,8 @@ impl KubevirtBackend {
         }
     }
 
-    async fn patch_run_strategy(
-        &self,
-        key: &VmKey,
-        strategy: &str,
-        op: &'static str,
-    ) -> Result<(), BackendError> {
-        let vm = self
-            .vm(key)
-            .ok_or_else(|| BackendError::NotFound(key.clone()))?;
+    async fn patch_run_strategy(&self, key: &VmKey, strategy: &str, op: &'static str) -> Result<(), BackendError> {
+        let vm = self.vm(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
         let mut spec = json!({ "runStrategy": strategy });
         if vm.spec.running.is_some() {
             // `running` and `runStrategy` are mutually exclusive: drop the deprecated one.
@@ -333,15 +323,8 @@ impl KubevirtBackend {
             .map_err(|e| api_error(key, action, e))
     }
 
-    async fn wait_for(
-        &self,
-        key: &VmKey,
-        op: &'static str,
-        phase: BackendPhase,
-    ) -> Result<(), BackendError> {
-        let mut status = self
-            .status(key)
-            .ok_or_else(|| BackendError::NotFound(key.clone()))?;
+    async fn wait_for(&self, key: &VmKey, op: &'static str, phase: BackendPhase) -> Result<(), BackendError> {
+        let mut status = self.status(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
         let reached = tokio::time::timeout(STOP_TIMEOUT, async {
             status.wait_for(|s| s.phase == phase).await.is_ok()
         })
@@ -369,11 +352,7 @@ fn api_error(key: &VmKey, op: &'static str, e: kube::Error) -> BackendError {
 }
 
 /// What the backend reports for one VM, from its VM and VMI objects.
-fn derive_status(
-    vm: Option<&VirtualMachine>,
-    vmi: Option<&VirtualMachineInstance>,
-    port: u16,
-) -> BackendStatus {
+fn derive_status(vm: Option<&VirtualMachine>, vmi: Option<&VirtualMachineInstance>, port: u16) -> BackendStatus {
     let status = |phase, endpoint, message: Option<String>| BackendStatus {
         phase,
         endpoint,
@@ -384,10 +363,7 @@ fn derive_status(
             return status(BackendPhase::Stopping, None, None);
         }
         let s = vmi.status.clone().unwrap_or_default();
-        let paused = s
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Paused" && c.status == "True");
+        let paused = s.conditions.iter().any(|c| c.type_ == "Paused" && c.status == "True");
         let endpoint = s
             .interfaces
             .first()
@@ -409,11 +385,7 @@ fn derive_status(
         };
     }
     let Some(vm) = vm else {
-        return status(
-            BackendPhase::Stopped,
-            None,
-            Some("the VirtualMachine is gone".into()),
-        );
+        return status(BackendPhase::Stopped, None, Some("the VirtualMachine is gone".into()));
     };
     let wants_running = match vm.spec.run_strategy.as_deref() {
         Some("Always") | Some("RerunOnFailure") | Some("Once") => true,
@@ -427,55 +399,77 @@ fn derive_status(
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Kind {
     Vm,
     Vmi,
 }
 
-/// Applies one watch stream's events to the backend until the backend is dropped.
-async fn drive<K, S>(stream: S, backend: std::sync::Weak<KubevirtBackend>, kind: Kind)
-where
-    K: Resource + ResourceExt,
-    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+type WatchStream<K> = futures_util::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+/// Keeps one store in step with the API server until the backend is dropped, and
+/// reports whether it is synced. After an error (other than 410 Gone, which the watcher
+/// handles by re-listing) the watch is started afresh after a backoff, so it re-lists
+/// as client-go's reflectors do: a resumed watch with no news would never tell us that
+/// the API server is back.
+async fn drive<K>(
+    backend: std::sync::Weak<KubevirtBackend>,
+    mut writer: reflector::store::Writer<K>,
+    kind: Kind,
+    watch: impl Fn(&KubevirtBackend) -> WatchStream<K>,
+) where
+    K: Resource<DynamicType = ()> + ResourceExt + Clone + 'static,
 {
-    futures_util::pin_mut!(stream);
-    while let Some(item) = stream.next().await {
-        let Some(backend) = backend.upgrade() else {
+    let mut backoff = ReconnectBackoff::default();
+    loop {
+        let Some(mut stream) = backend.upgrade().map(|b| watch(&b)) else {
             return;
         };
-        let synced = match kind {
-            Kind::Vm => &backend.health.vms_synced,
-            Kind::Vmi => &backend.health.vmis_synced,
-        };
-        match item {
-            Ok(watcher::Event::InitDone) => {
-                if !synced.swap(true, Ordering::SeqCst) {
-                    tracing::info!(kind = kind_name(kind), "watch synced");
+        while let Some(item) = stream.next().await {
+            let Some(backend) = backend.upgrade() else {
+                return;
+            };
+            let synced = match kind {
+                Kind::Vm => &backend.health.vms_synced,
+                Kind::Vmi => &backend.health.vmis_synced,
+            };
+            match item {
+                Ok(event) => {
+                    writer.apply_watcher_event(&event);
+                    match event {
+                        watcher::Event::InitDone => {
+                            backoff = ReconnectBackoff::default();
+                            if !synced.swap(true, Ordering::SeqCst) {
+                                tracing::info!(kind = kind_name(kind), "watch synced");
+                            }
+                            backend.refresh_all();
+                        }
+                        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                        watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => {
+                            let key = VmKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
+                            if matches!(kind, Kind::Vm) {
+                                backend.refresh_catalog();
+                            }
+                            backend.refresh_status(&key);
+                        }
+                    }
                 }
-                backend.refresh_all();
-            }
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-            Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
-                let key = VmKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
-                if matches!(kind, Kind::Vm) {
-                    backend.refresh_catalog();
+                // 410 Gone: the watch fell behind; the watcher re-lists on its own and the
+                // store stays consistent meanwhile. Not an outage.
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    tracing::info!(kind = kind_name(kind), "watch expired (410); re-listing");
                 }
-                backend.refresh_status(&key);
-            }
-            // 410 Gone: the watch fell behind; the watcher re-lists and the stores stay
-            // consistent. Not an outage.
-            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
-                tracing::info!(kind = kind_name(kind), "watch expired (410); re-listing");
-            }
-            Err(error) => {
-                if synced.swap(false, Ordering::SeqCst) {
-                    tracing::warn!(kind = kind_name(kind), %error, "lost the Kubernetes API");
-                } else {
-                    tracing::debug!(kind = kind_name(kind), %error, "Kubernetes API still unreachable");
+                Err(error) => {
+                    if synced.swap(false, Ordering::SeqCst) {
+                        tracing::warn!(kind = kind_name(kind), %error, "lost the Kubernetes API");
+                    } else {
+                        tracing::debug!(kind = kind_name(kind), %error, "Kubernetes API still unreachable");
+                    }
+                    break;
                 }
             }
         }
+        tokio::time::sleep(backoff.next().unwrap_or(BACKOFF_MAX)).await;
     }
 }
 
@@ -507,13 +501,9 @@ impl Backend for KubevirtBackend {
 
     async fn start(&self, key: &VmKey) -> Result<(), BackendError> {
         if !self.is_connected() {
-            return Err(BackendError::Unavailable(
-                "the Kubernetes API is unreachable".into(),
-            ));
+            return Err(BackendError::Unavailable("the Kubernetes API is unreachable".into()));
         }
-        let vm = self
-            .vm(key)
-            .ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        let vm = self.vm(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
         // Already asked to run (by us, a peer replica or an operator): nothing to do.
         if vm.spec.run_strategy.as_deref() == Some("Always") {
             return Ok(());
@@ -536,8 +526,7 @@ impl Backend for KubevirtBackend {
     }
 
     fn is_connected(&self) -> bool {
-        self.health.vms_synced.load(Ordering::SeqCst)
-            && self.health.vmis_synced.load(Ordering::SeqCst)
+        self.health.vms_synced.load(Ordering::SeqCst) && self.health.vmis_synced.load(Ordering::SeqCst)
     }
 
     async fn shutdown(&self) {
@@ -589,18 +578,8 @@ mod tests {
         let legacy = vm(None, Some(true));
         let cases = [
             ("halted, no VMI", Some(&halted), None, BackendPhase::Stopped),
-            (
-                "always, no VMI yet",
-                Some(&always),
-                None,
-                BackendPhase::Starting,
-            ),
-            (
-                "deprecated running: true",
-                Some(&legacy),
-                None,
-                BackendPhase::Starting,
-            ),
+            ("always, no VMI yet", Some(&always), None, BackendPhase::Starting),
+            ("deprecated running: true", Some(&legacy), None, BackendPhase::Starting),
             (
                 "pending",
                 Some(&always),

@@ -65,16 +65,15 @@ impl QemuBackend {
     /// A backend for these VMs. Fails if the run directory cannot be created or KVM
     /// was demanded but is unusable.
     pub fn new(config: QemuConfig, vms: Vec<VmConfig>) -> Result<Arc<QemuBackend>, BackendError> {
-        let run_dir = config.run_dir.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("vm-activator-{}", std::process::id()))
-        });
-        std::fs::create_dir_all(&run_dir).map_err(|e| {
-            BackendError::Unavailable(format!("cannot create run dir {}: {e}", run_dir.display()))
-        })?;
+        let run_dir = config
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("vm-activator-{}", std::process::id())));
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|e| BackendError::Unavailable(format!("cannot create run dir {}: {e}", run_dir.display())))?;
         let accel = resolve_accel(config.accel, kvm_usable())?;
         tracing::info!(accel, run_dir = %run_dir.display(), "local QEMU backend");
-        let catalog: BTreeMap<VmKey, crate::vm::Policy> =
-            vms.iter().map(|vm| (vm.key(), vm.policy())).collect();
+        let catalog: BTreeMap<VmKey, crate::vm::Policy> = vms.iter().map(|vm| (vm.key(), vm.policy())).collect();
         let vms = vms
             .into_iter()
             .map(|spec| {
@@ -98,9 +97,7 @@ impl QemuBackend {
     }
 
     fn vm(&self, key: &VmKey) -> Result<&Arc<LocalVm>, BackendError> {
-        self.vms
-            .get(key)
-            .ok_or_else(|| BackendError::NotFound(key.clone()))
+        self.vms.get(key).ok_or_else(|| BackendError::NotFound(key.clone()))
     }
 
     /// The QEMU command line for one VM (without the program name).
@@ -143,10 +140,7 @@ impl QemuBackend {
     }
 
     async fn spawn(&self, vm: &Arc<LocalVm>) -> Result<Process, BackendError> {
-        let fail = |message: String| BackendError::Failed {
-            op: "start",
-            message,
-        };
+        let fail = |message: String| BackendError::Failed { op: "start", message };
         for file in [&vm.spec.machine.kernel, &vm.spec.machine.initrd] {
             if !file.is_file() {
                 return Err(fail(format!(
@@ -217,11 +211,7 @@ impl QemuBackend {
         let exited = process.exited.clone();
         let wait_exit = |limit: Duration| {
             let mut exited = exited.clone();
-            async move {
-                tokio::time::timeout(limit, exited.wait_for(|e| *e))
-                    .await
-                    .is_ok()
-            }
+            async move { tokio::time::timeout(limit, exited.wait_for(|e| *e)).await.is_ok() }
         };
         if *exited.borrow() {
             return;
@@ -292,10 +282,7 @@ async fn supervise(
             }
         }
     };
-    let stderr = stderr_tail
-        .lock()
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
+    let stderr = stderr_tail.lock().map(|s| s.trim().to_string()).unwrap_or_default();
     let message = match exit {
         Ok(status) if status.success() => "QEMU exited".to_string(),
         Ok(status) => format!("QEMU exited with {status}"),
@@ -316,10 +303,7 @@ async fn supervise(
     let _ = exited.send(true);
 }
 
-async fn collect_tail(
-    mut stderr: tokio::process::ChildStderr,
-    tail: Arc<std::sync::Mutex<String>>,
-) {
+async fn collect_tail(mut stderr: tokio::process::ChildStderr, tail: Arc<std::sync::Mutex<String>>) {
     let mut buf = [0u8; 1024];
     while let Ok(n) = stderr.read(&mut buf).await {
         if n == 0 {
@@ -329,9 +313,7 @@ async fn collect_tail(
         t.push_str(&String::from_utf8_lossy(&buf[..n]));
         if t.len() > STDERR_TAIL {
             let cut = t.len() - STDERR_TAIL;
-            let cut = (cut..t.len())
-                .find(|i| t.is_char_boundary(*i))
-                .unwrap_or(t.len());
+            let cut = (cut..t.len()).find(|i| t.is_char_boundary(*i)).unwrap_or(t.len());
             t.drain(..cut);
         }
     }
@@ -401,10 +383,7 @@ impl Backend for QemuBackend {
         })?;
         qmp_execute(&p.qmp, "stop")
             .await
-            .map_err(|message| BackendError::Failed {
-                op: "pause",
-                message,
-            })?;
+            .map_err(|message| BackendError::Failed { op: "pause", message })?;
         vm.status.send_modify(|s| s.phase = BackendPhase::Paused);
         Ok(())
     }
@@ -420,10 +399,7 @@ impl Backend for QemuBackend {
         };
         qmp_execute(&p.qmp, "cont")
             .await
-            .map_err(|message| BackendError::Failed {
-                op: "resume",
-                message,
-            })?;
+            .map_err(|message| BackendError::Failed { op: "resume", message })?;
         let endpoint = p.endpoint;
         vm.status.send_replace(BackendStatus {
             phase: BackendPhase::Running,
@@ -509,9 +485,7 @@ impl Qmp {
 }
 
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Whether KVM can really be used: the CPU advertises VT-x/AMD-V and /dev/kvm opens.
@@ -548,9 +522,7 @@ mod tests {
 
     #[test]
     fn kvm_needs_the_cpu_flag_not_just_the_device() {
-        assert!(cpu_has_virtualization(
-            "flags\t\t: fpu vme de pse vmx sse\n"
-        ));
+        assert!(cpu_has_virtualization("flags\t\t: fpu vme de pse vmx sse\n"));
         assert!(cpu_has_virtualization("flags\t\t: fpu svm\n"));
         assert!(!cpu_has_virtualization(
             "flags\t\t: fpu vme hypervisor\nmodel name: vmx-like\n"

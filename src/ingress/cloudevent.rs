@@ -98,9 +98,7 @@ impl EventError {
     /// The attribute this error is about, if one.
     pub fn attribute(&self) -> Option<&str> {
         match self {
-            EventError::Missing { attribute, .. } | EventError::Empty { attribute } => {
-                Some(attribute)
-            }
+            EventError::Missing { attribute, .. } | EventError::Empty { attribute } => Some(attribute),
             EventError::SpecVersion(_) => Some("specversion"),
             EventError::Invalid { attribute, .. } => Some(attribute),
             EventError::Header { header, .. } => header.strip_prefix("ce-"),
@@ -115,14 +113,7 @@ impl EventError {
 /// The media type of a `Content-Type` value, lowercased, without parameters.
 fn media_type(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
-    Some(
-        value
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase(),
-    )
+    Some(value.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
 }
 
 /// Validates a request's headers and body as one CloudEvent (or a batch).
@@ -167,9 +158,7 @@ fn validate_binary(headers: &HeaderMap) -> Result<String, EventError> {
         };
         if attribute.is_empty()
             || attribute.len() > 20
-            || !attribute
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            || !attribute.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         {
             return Err(EventError::Header {
                 header: name.to_string(),
@@ -245,9 +234,7 @@ pub fn percent_decode(raw: &[u8]) -> Result<String, String> {
     while i < raw.len() {
         let b = raw[i];
         if b == b'%' {
-            let hex = raw
-                .get(i + 1..i + 3)
-                .ok_or("incomplete percent-encoding at the end")?;
+            let hex = raw.get(i + 1..i + 3).ok_or("incomplete percent-encoding at the end")?;
             let text = std::str::from_utf8(hex).map_err(|_| "bad percent-encoding")?;
             let byte = u8::from_str_radix(text, 16)
                 .ok()
@@ -260,8 +247,7 @@ pub fn percent_decode(raw: &[u8]) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out)
-        .map_err(|_| "value is not valid UTF-8 after percent-decoding".to_string())
+    String::from_utf8(out).map_err(|_| "value is not valid UTF-8 after percent-decoding".to_string())
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, EventError> {
@@ -271,17 +257,13 @@ fn parse_json(body: &[u8]) -> Result<Value, EventError> {
 fn validate_structured(body: &[u8]) -> Result<String, EventError> {
     match parse_json(body)? {
         Value::Object(map) => validate_object(map),
-        _ => Err(EventError::Json(
-            "a structured-mode event must be a JSON object".into(),
-        )),
+        _ => Err(EventError::Json("a structured-mode event must be a JSON object".into())),
     }
 }
 
 fn validate_batch(body: &[u8]) -> Result<(usize, String), EventError> {
     let Value::Array(events) = parse_json(body)? else {
-        return Err(EventError::Json(
-            "a batch must be a JSON array of events".into(),
-        ));
+        return Err(EventError::Json("a batch must be a JSON array of events".into()));
     };
     let count = events.len();
     let mut first_id = String::new();
@@ -387,17 +369,11 @@ mod tests {
     }
 
     fn without(name: &str) -> Headers {
-        valid_binary()
-            .into_iter()
-            .filter(|(k, _)| *k != name)
-            .collect()
+        valid_binary().into_iter().filter(|(k, _)| *k != name).collect()
     }
 
     fn structured(json: &str) -> Result<Envelope, EventError> {
-        let h = binary(&[(
-            "content-type",
-            b"application/cloudevents+json; charset=utf-8",
-        )]);
+        let h = binary(&[("content-type", b"application/cloudevents+json; charset=utf-8")]);
         validate(&h, Bytes::from(json.to_string()))
     }
 
@@ -455,11 +431,7 @@ mod tests {
             ),
             (
                 "encoded ok",
-                [
-                    valid_binary(),
-                    vec![("ce-subject", b"caf%C3%A9%20au%20lait")],
-                ]
-                .concat(),
+                [valid_binary(), vec![("ce-subject", b"caf%C3%A9%20au%20lait")]].concat(),
                 None,
             ),
         ];

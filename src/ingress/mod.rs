@@ -87,17 +87,13 @@ impl<'a> Target<'a> {
         };
         let rest = parts.next().unwrap_or("");
         let decode = |s: &str| {
-            cloudevent::percent_decode(s.as_bytes())
-                .map_err(|e| IngressError::BadPath(format!("{s:?}: {e}")))
+            cloudevent::percent_decode(s.as_bytes()).map_err(|e| IngressError::BadPath(format!("{s:?}: {e}")))
         };
         for segment in rest.split('/') {
             let decoded = decode(segment)?;
             // Reject traversal even when hidden behind encoded slashes or backslashes:
             // the guest may decode them and leave the configured path prefix.
-            if decoded
-                .split(['/', '\\'])
-                .any(|part| part == "." || part == "..")
-            {
+            if decoded.split(['/', '\\']).any(|part| part == "." || part == "..") {
                 return Err(IngressError::BadPath(format!(
                     "segment {segment:?} would leave the VM's path prefix"
                 )));
@@ -135,19 +131,19 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
     let target = match Target::parse(&path) {
         Ok(target) => target,
         Err(error) => {
-            state
-                .activator
-                .metrics()
-                .unknown_vm_request(error.status().as_u16());
+            state.activator.metrics().unknown_vm_request(error.status().as_u16());
             return state.refuse(error);
         }
     };
     let Some(gate) = state.activator.gate(&target.namespace, &target.name) else {
-        state.activator.metrics().unknown_vm_request(404);
-        return state.refuse(IngressError::UnknownVm(format!(
-            "{}/{}",
-            target.namespace, target.name
-        )));
+        let vm = format!("{}/{}", target.namespace, target.name);
+        let error = if state.activator.backend().is_connected() {
+            IngressError::UnknownVm(vm)
+        } else {
+            IngressError::BackendUnavailable(vm)
+        };
+        state.activator.metrics().unknown_vm_request(error.status().as_u16());
+        return state.refuse(error);
     };
     let response = match handle(&state, &gate, &target, parts, body).await {
         Ok(response) => response,
@@ -160,9 +156,7 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
         }
     };
     gate.metrics().request(response.status().as_u16());
-    gate.metrics()
-        .request_duration
-        .observe(arrived.elapsed().as_secs_f64());
+    gate.metrics().request_duration.observe(arrived.elapsed().as_secs_f64());
     response
 }
 
@@ -181,22 +175,13 @@ async fn handle(
     let guest_path = target.guest_path(&policy.path, parts.uri.query());
     match state
         .proxy
-        .forward(
-            endpoint,
-            &guest_path,
-            parts,
-            envelope.body,
-            policy.request_timeout,
-        )
+        .forward(endpoint, &guest_path, parts, envelope.body, policy.request_timeout)
         .await
     {
         Ok(response) => {
             tracing::debug!(vm = %gate.key(), status = response.status().as_u16(), "guest answered");
             let (parts, body) = response.into_parts();
-            Ok(
-                Response::from_parts(parts, Body::new(GuardedBody::new(body, guard)))
-                    .into_response(),
-            )
+            Ok(Response::from_parts(parts, Body::new(GuardedBody::new(body, guard))).into_response())
         }
         Err(error) => {
             if matches!(error, ProxyError::Unreachable(_)) {
@@ -209,11 +194,7 @@ async fn handle(
 
 /// Reads the body, refusing (413) as soon as it passes `limit` — from `Content-Length`
 /// before reading anything, or while streaming a chunked body.
-async fn read_body(
-    headers: &http::HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<Bytes, IngressError> {
+async fn read_body(headers: &http::HeaderMap, body: Body, limit: usize) -> Result<Bytes, IngressError> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -223,9 +204,7 @@ async fn read_body(
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(IngressError::BodyTooLarge { limit })
-        }
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(IngressError::BodyTooLarge { limit }),
         Err(e) => Err(IngressError::BodyRead(e.to_string())),
     }
 }
@@ -237,10 +216,7 @@ mod tests {
     #[test]
     fn parses_paths_and_joins_guest_paths() {
         let t = Target::parse("/default/demo").unwrap();
-        assert_eq!(
-            (t.namespace.as_str(), t.name.as_str(), t.rest),
-            ("default", "demo", "")
-        );
+        assert_eq!((t.namespace.as_str(), t.name.as_str(), t.rest), ("default", "demo", ""));
         assert_eq!(t.guest_path("/", None), "/");
         assert_eq!(t.guest_path("/api", Some("a=1")), "/api?a=1");
         let t = Target::parse("/default/demo/orders/42").unwrap();
@@ -260,14 +236,8 @@ mod tests {
             "/default/demo/..%5Cadmin",
             "/default/demo/%zz",
         ] {
-            assert!(
-                matches!(Target::parse(path), Err(IngressError::BadPath(_))),
-                "{path}"
-            );
+            assert!(matches!(Target::parse(path), Err(IngressError::BadPath(_))), "{path}");
         }
-        assert!(matches!(
-            Target::parse("/onlyone"),
-            Err(IngressError::NoRoute(_))
-        ));
+        assert!(matches!(Target::parse("/onlyone"), Err(IngressError::NoRoute(_))));
     }
 }

@@ -27,6 +27,10 @@ pub enum IngressError {
     /// No such VM, or not opted in.
     #[error("no VM {0} is managed by this activator")]
     UnknownVm(String),
+    /// The VM is not in the catalog, but the catalog cannot be trusted: the backend has
+    /// not synced (e.g. the Kubernetes API is unreachable), so "unknown" may be wrong.
+    #[error("cannot tell whether VM {0} exists: the backend is not connected; retry")]
+    BackendUnavailable(String),
     /// A path segment is `.`/`..` or otherwise unusable.
     #[error("invalid path: {0}")]
     BadPath(String),
@@ -56,11 +60,11 @@ impl IngressError {
         match self {
             IngressError::NoRoute(_) | IngressError::UnknownVm(_) => StatusCode::NOT_FOUND,
             IngressError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            IngressError::BadPath(_)
-            | IngressError::BodyRead(_)
-            | IngressError::InvalidEvent(_) => StatusCode::BAD_REQUEST,
+            IngressError::BadPath(_) | IngressError::BodyRead(_) | IngressError::InvalidEvent(_) => {
+                StatusCode::BAD_REQUEST
+            }
             IngressError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            IngressError::Activate(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngressError::Activate(_) | IngressError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngressError::Proxy(ProxyError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             IngressError::Proxy(_) => StatusCode::BAD_GATEWAY,
         }
@@ -72,6 +76,7 @@ impl IngressError {
             IngressError::NoRoute(_) => "no_route",
             IngressError::MethodNotAllowed(_) => "method_not_allowed",
             IngressError::UnknownVm(_) => "unknown_vm",
+            IngressError::BackendUnavailable(_) => "backend_unavailable",
             IngressError::BadPath(_) => "bad_path",
             IngressError::BodyTooLarge { .. } => "body_too_large",
             IngressError::BodyRead(_) => "body_unreadable",
@@ -92,9 +97,9 @@ impl IngressError {
     pub fn reject_reason(&self) -> Option<RejectReason> {
         match self {
             IngressError::BodyTooLarge { .. } => Some(RejectReason::BodyTooLarge),
-            IngressError::InvalidEvent(_)
-            | IngressError::BodyRead(_)
-            | IngressError::BadPath(_) => Some(RejectReason::InvalidEvent),
+            IngressError::InvalidEvent(_) | IngressError::BodyRead(_) | IngressError::BadPath(_) => {
+                Some(RejectReason::InvalidEvent)
+            }
             IngressError::Activate(ActivateError::Draining) => Some(RejectReason::Draining),
             IngressError::Activate(ActivateError::Gate(e)) => Some(match e {
                 GateError::BufferFull { .. } => RejectReason::BufferFull,
@@ -146,6 +151,7 @@ mod tests {
             (gate(GateError::StartTimeout(Duration::from_secs(1))), 503),
             (gate(GateError::StartFailed("x".into())), 503),
             (IngressError::Activate(ActivateError::Draining), 503),
+            (IngressError::BackendUnavailable("a/b".into()), 503),
             (ProxyError::Timeout(Duration::from_secs(1)).into(), 504),
             (ProxyError::Unreachable("reset".into()).into(), 502),
         ];

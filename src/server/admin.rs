@@ -54,10 +54,7 @@ pub fn router(activator: Arc<Activator>) -> Router {
 
 async fn metrics(State(activator): State<Arc<Activator>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         activator.metrics().render(),
     )
         .into_response()

@@ -85,11 +85,7 @@ pub async fn build_backend(config: &Config) -> Result<Arc<dyn Backend>, ServerEr
 pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, ServerError> {
     let metrics = Metrics::new();
     let activator = Activator::new(backend, Prober::new(config.readiness.clone()), metrics);
-    let state = IngressState::new(
-        activator.clone(),
-        Proxy::new(&config.proxy),
-        config.ingress.clone(),
-    );
+    let state = IngressState::new(activator.clone(), Proxy::new(&config.proxy), config.ingress.clone());
     let ingress_router = ingress::router(state).layer(
         ServiceBuilder::new()
             .layer(TraceLayer::new_for_http())
@@ -104,30 +100,18 @@ pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, 
     };
     let ingress_listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
-    let ingress_addr = ingress_listener
-        .local_addr()
-        .expect("bound socket has an address");
-    let admin_addr = admin_listener
-        .local_addr()
-        .expect("bound socket has an address");
+    let ingress_addr = ingress_listener.local_addr().expect("bound socket has an address");
+    let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
     let (stop_accepting, stop_rx) = watch::channel(false);
     let header_timeout = config.ingress.header_read_timeout;
     let listeners = vec![
-        tokio::spawn(serve(
-            ingress_listener,
-            ingress_router,
-            header_timeout,
-            stop_rx.clone(),
-        )),
+        tokio::spawn(serve(ingress_listener, ingress_router, header_timeout, stop_rx.clone())),
         tokio::spawn(serve(admin_listener, admin_router, header_timeout, stop_rx)),
     ];
     let background = vec![
         tokio::spawn(activator.clone().run_catalog_sync()),
-        tokio::spawn(crate::idle::run(
-            activator.clone(),
-            config.idle.check_interval,
-        )),
+        tokio::spawn(crate::idle::run(activator.clone(), config.idle.check_interval)),
     ];
     tracing::info!(%ingress_addr, %admin_addr, vms = activator.gates().len(), "vm-activator listening");
     Ok(Server {
@@ -169,12 +153,7 @@ impl Server {
 
 /// Serves `router` on `listener` until `stop` turns true, then lets open connections
 /// finish their current exchange.
-async fn serve(
-    listener: TcpListener,
-    router: Router,
-    header_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn serve(listener: TcpListener, router: Router, header_timeout: Duration, mut stop: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -202,9 +181,7 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = connection.await;

@@ -2,6 +2,8 @@
 //! and helpers to send CloudEvents and read the admin API.
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,15 +44,9 @@ impl Harness {
     }
 
     /// Any VMs and config.
-    pub async fn start_with(
-        vms: Vec<(VmKey, Policy)>,
-        options: FakeOptions,
-        config: Config,
-    ) -> Harness {
+    pub async fn start_with(vms: Vec<(VmKey, Policy)>, options: FakeOptions, config: Config) -> Harness {
         let backend = FakeBackend::new(vms, options);
-        let server = server::start(config, backend.clone())
-            .await
-            .expect("server starts");
+        let server = server::start(config, backend.clone()).await.expect("server starts");
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .timeout(Duration::from_secs(30))
@@ -134,10 +130,7 @@ impl Harness {
 /// The value of one exact series (`name{labels}`) in Prometheus text, or 0 if absent.
 pub fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
 }
