@@ -73,9 +73,14 @@ impl Activator {
     /// Keeps the registry in step with the backend's catalog until the backend goes away.
     pub async fn run_catalog_sync(self: Arc<Self>) {
         let mut catalog = self.backend.catalog();
-        while catalog.changed().await.is_ok() {
+        loop {
+            // Sync what is current *after* subscribing: a change published between
+            // `new` and this subscription would otherwise count as seen and be lost.
             let current = catalog.borrow_and_update().clone();
             self.sync_catalog(&current);
+            if catalog.changed().await.is_err() {
+                return;
+            }
         }
     }
 
@@ -381,5 +386,61 @@ async fn wait_stopped(status: &mut watch::Receiver<BackendStatus>) -> GateError 
         if s.phase == BackendPhase::Stopped {
             return GateError::Stopped(s.message.clone().unwrap_or_else(|| "the VM stopped".into()).into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::fake::{FakeBackend, FakeOptions};
+    use crate::config::ReadinessConfig;
+    use crate::vm::{Policy, VmKey};
+
+    #[tokio::test]
+    async fn a_catalog_change_before_the_sync_task_subscribes_is_not_lost() {
+        let backend = FakeBackend::new([], FakeOptions::default());
+        let activator = Activator::new(backend.clone(), Prober::new(ReadinessConfig::default()), Metrics::new());
+        // Published after `new` read the catalog, before the sync task subscribes.
+        backend.add_vm(VmKey::new("ns", "late"), Policy::default());
+        let sync = tokio::spawn(activator.clone().run_catalog_sync());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while activator.gate("ns", "late").is_none() {
+            assert!(Instant::now() < deadline, "the VM never got a gate");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sync.abort();
+    }
+
+    #[tokio::test]
+    async fn a_vm_leaving_the_catalog_answers_its_held_requests() {
+        let key = VmKey::new("ns", "gone");
+        let policy = Policy {
+            start_timeout: Duration::from_secs(30),
+            ..Policy::default()
+        };
+        let backend = FakeBackend::new(
+            [(key.clone(), policy)],
+            FakeOptions {
+                boot_delay: Duration::from_secs(30),
+                ..FakeOptions::default()
+            },
+        );
+        let activator = Activator::new(backend.clone(), Prober::new(ReadinessConfig::default()), Metrics::new());
+        let gate = activator.gate("ns", "gone").unwrap();
+        let held = tokio::spawn({
+            let activator = activator.clone();
+            async move { activator.acquire(&gate, 0).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        activator.sync_catalog(&Arc::new(Default::default()));
+        let result = tokio::time::timeout(Duration::from_secs(2), held)
+            .await
+            .expect("no hang")
+            .unwrap();
+        assert!(
+            matches!(result, Err(ActivateError::Gate(GateError::Stopped(_)))),
+            "{result:?}"
+        );
+        assert!(activator.gate("ns", "gone").is_none());
     }
 }
