@@ -43,6 +43,40 @@ async fn cluster(options: Options, setup: impl FnOnce(&FakeKube)) -> Cluster {
     }
 }
 
+/// Every request the activator made is allowed by the RBAC it ships with
+/// (`API_ACCESS`, which tests/manifests.rs checks against deploy/base/rbac.yaml).
+fn assert_rbac_covers_every_request(kube: &FakeKube) {
+    use vm_activator::backend::kubevirt::API_ACCESS;
+    for r in kube.requests() {
+        let parts: Vec<&str> = r.path.trim_start_matches('/').split('/').collect();
+        assert_eq!(parts[0], "apis", "{r:?}");
+        let group = parts[1];
+        let rest = if parts.get(3) == Some(&"namespaces") {
+            &parts[5..]
+        } else {
+            &parts[3..]
+        };
+        let resource = match rest.get(2) {
+            Some(sub) => format!("{}/{sub}", rest[0]),
+            None => rest[0].to_string(),
+        };
+        let verb = match (r.method.as_str(), rest.len() > 1) {
+            ("GET", false) if r.is_watch() => "watch",
+            ("GET", false) => "list",
+            ("GET", true) => "get",
+            ("PATCH", _) => "patch",
+            ("PUT", _) => "update",
+            ("POST", _) => "create",
+            ("DELETE", _) => "delete",
+            (m, _) => panic!("unexpected method {m}"),
+        };
+        let allowed = API_ACCESS
+            .iter()
+            .any(|(g, res, verbs)| *g == group && *res == resource && verbs.contains(&verb));
+        assert!(allowed, "{verb} {group}/{resource} is not in the shipped RBAC: {r:?}");
+    }
+}
+
 fn start_patch(name: &'static str) -> impl Fn(&Recorded) -> bool {
     move |r| r.is_vm_patch(NS, name) && r.body.contains("\"Always\"")
 }
@@ -112,6 +146,7 @@ async fn a_burst_starts_a_halted_vm_with_one_patch_and_idle_stops_it_with_one_pa
     // The next event starts it again.
     assert_eq!(c.activator.send_status("/apps/orders", "again").await, 202);
     assert_eq!(c.kube.count(start_patch("orders")), 2);
+    assert_rbac_covers_every_request(&c.kube);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,4 +364,50 @@ async fn an_api_server_down_at_start_up_is_waited_for() {
     activator.wait_status("/readyz", 200, Duration::from_secs(20)).await;
     assert_eq!(activator.send_status("/apps/early", "in-time").await, 202);
     assert_eq!(kube.guest_events(NS, "early"), vec!["in-time"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_scale_down_pauses_the_vmi_and_the_next_event_resumes_it() {
+    let kube = FakeKube::start(Options::default()).await;
+    let mut a = annotations("2s");
+    a["vm-activator.io/scale-down"] = json!("pause");
+    kube.create_opted_in_vm(NS, "napper", a);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.write_kubeconfig(dir.path());
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  pause: true\n",
+            kubeconfig.display()
+        ),
+    )
+    .unwrap();
+    let activator = Activator::spawn(&["--config", config.to_str().unwrap()]).await;
+    activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
+    assert_eq!(activator.send_status("/apps/napper", "one").await, 202);
+
+    let pause = "/apis/subresources.kubevirt.io/v1/namespaces/apps/virtualmachineinstances/napper/pause";
+    kube.expect_request("pause", Duration::from_secs(10), |r| {
+        r.method == "PUT" && r.path == pause
+    })
+    .await;
+    activator
+        .wait_vm_state(NS, "napper", "paused", Duration::from_secs(5))
+        .await;
+    assert!(kube.vmi(NS, "napper").unwrap()["status"]["conditions"]
+        .to_string()
+        .contains("Paused"));
+    assert_eq!(
+        activator
+            .metric("vm_activator_scale_downs_total{action=\"pause\",namespace=\"apps\",vm=\"napper\"}")
+            .await,
+        1.0
+    );
+
+    assert_eq!(activator.send_status("/apps/napper", "two").await, 202);
+    let unpause = "/apis/subresources.kubevirt.io/v1/namespaces/apps/virtualmachineinstances/napper/unpause";
+    assert_eq!(kube.count(|r| r.method == "PUT" && r.path == unpause), 1);
+    assert_eq!(kube.count(start_patch("napper")), 1, "resumed, not booted again");
+    assert_eq!(kube.guest_events(NS, "napper"), vec!["one", "two"]);
 }

@@ -30,6 +30,26 @@ use super::{Backend, BackendError, BackendPhase, BackendStatus, Catalog};
 use crate::config::KubevirtConfig;
 use crate::vm::{Policy, VmKey, OPT_IN_LABEL};
 
+/// Every Kubernetes API permission the backend uses: `(API group, resource, verbs)`.
+/// `deploy/base/rbac.yaml` grants exactly these (a test checks it, and the end-to-end
+/// tests check that every request they observe is covered). `get` is for re-reading a
+/// VM after a failed compare-and-stop. Pausing needs the extra
+/// [`PAUSE_API_ACCESS`] (the `deploy/components/pause` component).
+pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
+    ("kubevirt.io", "virtualmachines", &["get", "list", "watch", "patch"]),
+    ("kubevirt.io", "virtualmachineinstances", &["get", "list", "watch"]),
+];
+
+/// Extra permissions for `kubevirt.pause: true`.
+pub const PAUSE_API_ACCESS: &[(&str, &str, &[&str])] = &[
+    ("subresources.kubevirt.io", "virtualmachineinstances/pause", &["update"]),
+    (
+        "subresources.kubevirt.io",
+        "virtualmachineinstances/unpause",
+        &["update"],
+    ),
+];
+
 /// The parts of a KubeVirt `VirtualMachine` spec the activator reads and patches.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[kube(
