@@ -250,6 +250,63 @@ async fn cold_starts(quick: bool) {
     server.drain().await;
 }
 
+/// Cold starts through the KubeVirt backend against the fake kube-apiserver: what the
+/// activator adds on top of the simulated cluster's own timeline, and how many API
+/// requests one cold start costs.
+async fn kubevirt_cold_starts(quick: bool) {
+    use fake_kube::{FakeKube, Options};
+    use vm_activator::backend::kubevirt::KubevirtBackend;
+    use vm_activator::config::KubevirtConfig;
+
+    let n = if quick { 3 } else { 20 };
+    let options = Options::default();
+    let cluster_time = options.schedule_delay + options.running_delay + options.guest_delay;
+    let kube = FakeKube::start(options).await;
+    for i in 0..n {
+        kube.create_opted_in_vm(
+            "bench",
+            &format!("vm-{i}"),
+            serde_json::json!({"vm-activator.io/readiness": "http:/healthz"}),
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = KubevirtConfig {
+        kubeconfig: Some(kube.write_kubeconfig(dir.path())),
+        ..KubevirtConfig::default()
+    };
+    let backend = KubevirtBackend::connect(config).await.expect("backend");
+    let server = server::start(Config::for_tests(), backend).await.expect("server");
+    while server.activator.gates().len() < n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = client();
+    let mut totals = Vec::new();
+    let api_before = kube.count(|r| !r.is_watch());
+    for i in 0..n {
+        let uri = format!("http://{}/bench/vm-{i}", server.ingress_addr);
+        let sent = Instant::now();
+        let response = client.request(event(&uri, 1)).await.expect("cold start");
+        assert!(response.status().is_success(), "{}", response.status());
+        let _ = response.into_body().collect().await;
+        totals.push(sent.elapsed());
+    }
+    let api_requests = kube.count(|r| !r.is_watch()) - api_before;
+    totals.sort();
+    println!("\n## KubeVirt cold start ({n} VMs, fake API server; simulated cluster: VMI created → guest listening in {cluster_time:?})\n");
+    println!("| measure | p50 ms | max ms |");
+    println!("|---|---:|---:|");
+    println!(
+        "| client-observed cold start | {} | {} |",
+        ms(percentile(&totals, 0.5)),
+        ms(*totals.last().expect("non-empty"))
+    );
+    println!(
+        "\nAPI requests per cold start (besides the watches): {:.1}",
+        api_requests as f64 / n as f64
+    );
+    server.drain().await;
+}
+
 fn main() {
     if std::env::var("BENCH_DEBUG").is_ok() {
         tracing_subscriber::fmt()
@@ -272,5 +329,6 @@ fn main() {
             warm_path(quick).await;
         }
         cold_starts(quick).await;
+        kubevirt_cold_starts(quick).await;
     });
 }

@@ -411,3 +411,32 @@ async fn pause_scale_down_pauses_the_vmi_and_the_next_event_resumes_it() {
     assert_eq!(kube.count(start_patch("napper")), 1, "resumed, not booted again");
     assert_eq!(kube.guest_events(NS, "napper"), vec!["one", "two"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_namespaces_limit_what_the_activator_manages() {
+    let kube = FakeKube::start(Options::default()).await;
+    kube.create_opted_in_vm(NS, "inside", annotations("1m"));
+    kube.create_opted_in_vm("elsewhere", "outside", annotations("1m"));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.write_kubeconfig(dir.path());
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  namespaces: [apps]\n",
+            kubeconfig.display()
+        ),
+    )
+    .unwrap();
+    let activator = Activator::spawn(&["--config", config.to_str().unwrap()]).await;
+    activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
+    activator
+        .wait_vm_state(NS, "inside", "stopped", Duration::from_secs(5))
+        .await;
+    assert_eq!(activator.send_status("/elsewhere/outside", "x").await, 404);
+    assert_eq!(activator.send_status("/apps/inside", "y").await, 202);
+    // Only namespaced requests: a RoleBinding per namespace is enough.
+    for r in kube.requests() {
+        assert!(r.path.starts_with("/apis/kubevirt.io/v1/namespaces/apps/"), "{r:?}");
+    }
+}

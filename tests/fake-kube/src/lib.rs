@@ -142,6 +142,9 @@ struct Store {
     compacted: u64,
 }
 
+/// Event ids one VM's guest accepted, over all its boots.
+type GuestLog = Arc<Mutex<Vec<String>>>;
+
 struct Guest {
     task: JoinHandle<()>,
 }
@@ -155,7 +158,7 @@ struct Inner {
     options: Mutex<Options>,
     serving: Mutex<Option<JoinHandle<()>>>,
     guests: Mutex<HashMap<(String, String), Guest>>,
-    guest_logs: Mutex<HashMap<(String, String), Arc<Mutex<Vec<String>>>>>,
+    guest_logs: Mutex<HashMap<(String, String), GuestLog>>,
     controller: Mutex<Option<JoinHandle<()>>>,
     /// Bumped to end every open watch cleanly (as a watch timeout does).
     watch_epoch: tokio::sync::watch::Sender<u64>,
@@ -229,7 +232,11 @@ impl FakeKube {
     /// Creates a VirtualMachine. `spec` is merged over `{"runStrategy": "Halted"}`
     /// unless it sets `running` (the deprecated field) itself.
     pub fn create_vm(&self, namespace: &str, name: &str, labels: Value, annotations: Value, spec: Value) {
-        let mut full_spec = if spec.get("running").is_some() { json!({}) } else { json!({"runStrategy": "Halted"}) };
+        let mut full_spec = if spec.get("running").is_some() {
+            json!({})
+        } else {
+            json!({"runStrategy": "Halted"})
+        };
         json_patch::merge(&mut full_spec, &spec);
         full_spec["template"] = json!({"spec": {"domain": {"devices": {}}}});
         let object = json!({
@@ -243,7 +250,13 @@ impl FakeKube {
 
     /// An opted-in VM with these annotations, halted.
     pub fn create_opted_in_vm(&self, namespace: &str, name: &str, annotations: Value) {
-        self.create_vm(namespace, name, json!({"vm-activator.io/enabled": "true"}), annotations, json!({}));
+        self.create_vm(
+            namespace,
+            name,
+            json!({"vm-activator.io/enabled": "true"}),
+            annotations,
+            json!({}),
+        );
     }
 
     /// Deletes a VirtualMachine (its VMI follows, as with KubeVirt).
@@ -280,7 +293,13 @@ impl FakeKube {
 
     /// How many recorded requests match.
     pub fn count(&self, predicate: impl Fn(&Recorded) -> bool) -> usize {
-        self.inner.requests.lock().unwrap().iter().filter(|r| predicate(r)).count()
+        self.inner
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| predicate(r))
+            .count()
     }
 
     /// Waits until a request matching `predicate` has been received (at any time) and
@@ -347,7 +366,10 @@ impl Drop for FakeKube {
 impl Inner {
     fn get(&self, res: Res, namespace: &str, name: &str) -> Option<Value> {
         let store = self.store.lock().unwrap();
-        store.objects.get(&(res, namespace.to_string(), name.to_string())).cloned()
+        store
+            .objects
+            .get(&(res, namespace.to_string(), name.to_string()))
+            .cloned()
     }
 
     /// Creates, replaces (`Some`) or deletes (`None`) an object, bumping resourceVersion.
@@ -401,7 +423,7 @@ impl Inner {
         Some(object)
     }
 
-    fn guest_log(&self, namespace: &str, name: &str) -> Arc<Mutex<Vec<String>>> {
+    fn guest_log(&self, namespace: &str, name: &str) -> GuestLog {
         self.guest_logs
             .lock()
             .unwrap()
@@ -421,7 +443,10 @@ impl Inner {
 fn router(inner: Arc<Inner>) -> Router {
     Router::new()
         .route("/apis/kubevirt.io/v1/{plural}", get(list_or_watch_all))
-        .route("/apis/kubevirt.io/v1/namespaces/{ns}/{plural}", get(list_or_watch_namespaced))
+        .route(
+            "/apis/kubevirt.io/v1/namespaces/{ns}/{plural}",
+            get(list_or_watch_namespaced),
+        )
         .route(
             "/apis/kubevirt.io/v1/namespaces/{ns}/{plural}/{name}",
             get(get_object).patch(patch_object).delete(delete_object),
@@ -467,12 +492,20 @@ fn status(code: u16, reason: &str, message: &str) -> Response {
 }
 
 fn not_found(res: Res, name: &str) -> Response {
-    status(404, "NotFound", &format!("{}.kubevirt.io \"{name}\" not found", res.plural()))
+    status(
+        404,
+        "NotFound",
+        &format!("{}.kubevirt.io \"{name}\" not found", res.plural()),
+    )
 }
 
 type Params = Query<HashMap<String, String>>;
 
-async fn list_or_watch_all(State(inner): State<Arc<Inner>>, UrlPath(plural): UrlPath<String>, Query(q): Params) -> Response {
+async fn list_or_watch_all(
+    State(inner): State<Arc<Inner>>,
+    UrlPath(plural): UrlPath<String>,
+    Query(q): Params,
+) -> Response {
     list_or_watch(inner, None, &plural, q).await
 }
 
@@ -505,7 +538,11 @@ async fn list_or_watch(inner: Arc<Inner>, ns: Option<String>, plural: &str, q: H
     let store = inner.store.lock().unwrap();
     if let Ok(asked) = rv.parse::<u64>() {
         if asked > 0 && asked < store.compacted && q.get("resourceVersionMatch").is_some_and(|m| m == "Exact") {
-            return status(410, "Expired", &format!("too old resource version: {asked} ({})", store.compacted));
+            return status(
+                410,
+                "Expired",
+                &format!("too old resource version: {asked} ({})", store.compacted),
+            );
         }
     }
     let items: Vec<Value> = store
@@ -637,7 +674,10 @@ fn selected(c: &Change, selector: &Selector) -> Option<&'static str> {
     }
 }
 
-async fn get_object(State(inner): State<Arc<Inner>>, UrlPath((ns, plural, name)): UrlPath<(String, String, String)>) -> Response {
+async fn get_object(
+    State(inner): State<Arc<Inner>>,
+    UrlPath((ns, plural, name)): UrlPath<(String, String, String)>,
+) -> Response {
     let Some(res) = Res::from_plural(&plural) else {
         return status(404, "NotFound", "the server could not find the requested resource");
     };
@@ -647,7 +687,10 @@ async fn get_object(State(inner): State<Arc<Inner>>, UrlPath((ns, plural, name))
     }
 }
 
-async fn delete_object(State(inner): State<Arc<Inner>>, UrlPath((ns, plural, name)): UrlPath<(String, String, String)>) -> Response {
+async fn delete_object(
+    State(inner): State<Arc<Inner>>,
+    UrlPath((ns, plural, name)): UrlPath<(String, String, String)>,
+) -> Response {
     let Some(res) = Res::from_plural(&plural) else {
         return status(404, "NotFound", "the server could not find the requested resource");
     };
@@ -666,7 +709,10 @@ async fn patch_object(
     let Some(res) = Res::from_plural(&plural) else {
         return status(404, "NotFound", "the server could not find the requested resource");
     };
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim();
     if media == "application/strategic-merge-patch+json" {
         return status(
@@ -703,16 +749,29 @@ async fn patch_object(
                 Err(e) => return status(400, "BadRequest", &format!("invalid JSON patch: {e}")),
             };
             if let Err(e) = json_patch::patch(&mut object, &ops) {
-                return status(422, "Invalid", &format!("the server rejected our request due to an error in our request: {e}"));
+                return status(
+                    422,
+                    "Invalid",
+                    &format!("the server rejected our request due to an error in our request: {e}"),
+                );
             }
         }
-        _ => return status(415, "UnsupportedMediaType", &format!("unsupported patch content type {content_type:?}")),
+        _ => {
+            return status(
+                415,
+                "UnsupportedMediaType",
+                &format!("unsupported patch content type {content_type:?}"),
+            )
+        }
     }
     if object["metadata"]["name"] != name.as_str() || object["metadata"]["namespace"] != ns.as_str() {
         return status(422, "Invalid", "metadata.name and metadata.namespace cannot be changed");
     }
     // KubeVirt's admission webhook.
-    if res == Res::Vm && object["spec"].get("running").is_some_and(|r| !r.is_null()) && object["spec"].get("runStrategy").is_some_and(|r| !r.is_null()) {
+    if res == Res::Vm
+        && object["spec"].get("running").is_some_and(|r| !r.is_null())
+        && object["spec"].get("runStrategy").is_some_and(|r| !r.is_null())
+    {
         return status(
             422,
             "Invalid",
@@ -737,7 +796,10 @@ fn strip_nulls(value: &mut Value) {
     }
 }
 
-async fn vmi_subresource(State(inner): State<Arc<Inner>>, UrlPath((ns, name, action)): UrlPath<(String, String, String)>) -> Response {
+async fn vmi_subresource(
+    State(inner): State<Arc<Inner>>,
+    UrlPath((ns, name, action)): UrlPath<(String, String, String)>,
+) -> Response {
     let Some(mut vmi) = inner.get(Res::Vmi, &ns, &name) else {
         return not_found(Res::Vmi, &name);
     };
@@ -859,8 +921,14 @@ async fn virt_controller(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let ns = change.object["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-        let name = change.object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let ns = change.object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = change.object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         reconcile(&inner, &ns, &name);
     }
 }
@@ -889,7 +957,14 @@ fn reconcile(inner: &Arc<Inner>, ns: &str, name: &str) {
             });
             let created = inner.write(Res::Vmi, ns, name, Some(vmi)).expect("created");
             let uid = created["metadata"]["uid"].clone();
-            tokio::spawn(boot(Arc::downgrade(inner), ns.to_string(), name.to_string(), uid, port, options));
+            tokio::spawn(boot(
+                Arc::downgrade(inner),
+                ns.to_string(),
+                name.to_string(),
+                uid,
+                port,
+                options,
+            ));
         }
         (false, Some(_)) => {
             let (inner, ns, name) = (Arc::downgrade(inner), ns.to_string(), name.to_string());
@@ -955,7 +1030,7 @@ async fn boot(inner: std::sync::Weak<Inner>, ns: String, name: String, uid: Valu
 }
 
 /// The guest application: accepts CloudEvents with 202 and lists their ids.
-fn guest_router(log: Arc<Mutex<Vec<String>>>) -> Router {
+fn guest_router(log: GuestLog) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -975,7 +1050,13 @@ fn guest_router(log: Arc<Mutex<Vec<String>>>) -> Router {
                     .get("ce-id")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string)
-                    .or_else(|| serde_json::from_slice::<Value>(&body).ok()?.get("id")?.as_str().map(str::to_string))
+                    .or_else(|| {
+                        serde_json::from_slice::<Value>(&body)
+                            .ok()?
+                            .get("id")?
+                            .as_str()
+                            .map(str::to_string)
+                    })
                     .unwrap_or_default();
                 log.lock().unwrap().push(id);
                 StatusCode::ACCEPTED
