@@ -151,6 +151,7 @@ impl Activator {
             return Err(ActivateError::Draining);
         }
         if let Some(guard) = gate.try_enter() {
+            self.share_activity(gate);
             return Ok(guard);
         }
         let (held, start) = gate.hold(body_bytes)?;
@@ -158,7 +159,30 @@ impl Activator {
         if let Some(kind) = start {
             self.spawn_start(gate.clone(), kind);
         }
-        Ok(held.admitted().await?)
+        let guard = held.admitted().await?;
+        self.share_activity(gate);
+        Ok(guard)
+    }
+
+    /// Hands this replica's activity to the backend so peers see it — at most once per
+    /// `idle_timeout / 10` per VM, never once per event (one atomic on the warm path).
+    fn share_activity(&self, gate: &Arc<Gate>) {
+        if !gate.claim_activity_share(gate.policy().idle_timeout / 10) {
+            return;
+        }
+        let (backend, key) = (self.backend.clone(), gate.key().clone());
+        tokio::spawn(async move {
+            if let Err(error) = backend.record_activity(&key, std::time::SystemTime::now()).await {
+                tracing::debug!(vm = %key, %error, "could not record activity");
+            }
+        });
+    }
+
+    /// The drain deadline passed: answer every request still held with 503.
+    pub fn reject_held(&self) {
+        for gate in self.gates() {
+            gate.reject_held(GateError::ShuttingDown);
+        }
     }
 
     /// Drives a start (or resume) the gate has already recorded as `Starting`.
@@ -289,7 +313,8 @@ impl Activator {
         loop {
             let current: GateState = gate_state.borrow_and_update().clone();
             match current.phase {
-                VmPhase::Ready => {}
+                // Stopping: the idle scaler is deciding; it may call the stop off.
+                VmPhase::Ready | VmPhase::Stopping => {}
                 VmPhase::Probing => {
                     let endpoint = current.endpoint.expect("Probing always has an endpoint");
                     if let Err(error) = self.reprobe(gate, endpoint, &mut status).await {
@@ -305,6 +330,10 @@ impl Activator {
             tokio::select! {
                 changed = status.changed() => {
                     let stopped = changed.is_err() || status.borrow().phase == BackendPhase::Stopped;
+                    if stopped && gate.phase() == VmPhase::Stopping {
+                        // The stop we asked for; `finish_stop` closes the gate.
+                        continue;
+                    }
                     if stopped && matches!(gate.phase(), VmPhase::Ready | VmPhase::Probing) {
                         let message = status.borrow().message.clone().unwrap_or_else(|| "the VM stopped".into());
                         if self.is_draining() {

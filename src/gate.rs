@@ -56,6 +56,9 @@ pub enum GateError {
     /// The VM stopped (on its own, or was stopped by someone else) while requests waited.
     #[error("the VM stopped: {0}")]
     Stopped(Arc<str>),
+    /// The activator is shutting down and the drain deadline passed before the VM was ready.
+    #[error("the activator is shutting down; retry elsewhere")]
+    ShuttingDown,
 }
 
 /// What kind of start a winning caller must drive.
@@ -104,6 +107,8 @@ pub struct Gate {
     last_activity_ms: AtomicU64,
     /// Last cold start in milliseconds + 1; 0 = none yet.
     last_cold_start_ms: AtomicU64,
+    /// When activity was last handed to the backend to share (ms since `clock_base` + 1).
+    last_shared_ms: AtomicU64,
     metrics: VmMetrics,
 }
 
@@ -134,6 +139,7 @@ impl Gate {
             clock_base: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
             last_cold_start_ms: AtomicU64::new(0),
+            last_shared_ms: AtomicU64::new(0),
             metrics,
         })
     }
@@ -196,6 +202,19 @@ impl Gate {
     pub fn touch(&self) {
         let ms = Instant::now().saturating_duration_since(self.clock_base).as_millis() as u64;
         self.last_activity_ms.fetch_max(ms + 1, Ordering::Relaxed);
+    }
+
+    /// Whether this replica should share its activity now: true at most once per `every`
+    /// (a compare-and-swap, so concurrent requests claim it once).
+    pub fn claim_activity_share(&self, every: Duration) -> bool {
+        let now = Instant::now().saturating_duration_since(self.clock_base).as_millis() as u64 + 1;
+        let last = self.last_shared_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < every.as_millis() as u64 {
+            return false;
+        }
+        self.last_shared_ms
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Records how long the last cold start took.
@@ -391,8 +410,8 @@ impl Gate {
             // Under the state's write lock: a warm request either counted itself before
             // this check, or will read `Stopping` after it.
             if self.in_flight.load(Ordering::SeqCst) == 0 {
+                // The endpoint is kept: `abort_stop` reopens the gate on it.
                 s.phase = VmPhase::Stopping;
-                s.endpoint = None;
                 closed = true;
             }
             closed
@@ -402,6 +421,31 @@ impl Gate {
             Some(from)
         } else {
             None
+        }
+    }
+
+    /// The stop was called off (a peer replica saw activity): `Stopping` → `Ready` on the
+    /// same endpoint. Returns the requests held meanwhile, for release.
+    pub fn abort_stop(&self) -> Option<Opened> {
+        let mut p = self.lock();
+        let state = self.state();
+        let endpoint = state.endpoint.filter(|_| state.phase == VmPhase::Stopping)?;
+        p.restart_after_stop = false;
+        p.first_held_at = None;
+        self.publish(VmPhase::Ready, Some(endpoint), None);
+        Some(Opened {
+            waiters: std::mem::take(&mut p.waiters),
+            first_held_at: None,
+            endpoint,
+        })
+    }
+
+    /// Answers every request held for Ready with `error`, leaving the phase as it is
+    /// (the drain deadline passed).
+    pub fn reject_held(&self, error: GateError) {
+        let waiters = std::mem::take(&mut self.lock().waiters);
+        for w in waiters {
+            let _ = w.tx.send(Err(error.clone()));
         }
     }
 
@@ -682,6 +726,7 @@ mod tests {
         assert_eq!(gate.begin_stop(Duration::from_secs(30)), Some(VmPhase::Ready));
         assert!(gate.try_enter().is_none(), "closed gate admits nothing");
         assert_eq!(gate.finish_stop(VmPhase::Stopped), None);
+        assert_eq!(gate.state().endpoint, None);
         assert_eq!(gate.phase(), VmPhase::Stopped);
     }
 
@@ -698,6 +743,44 @@ mod tests {
         assert_eq!(gate.phase(), VmPhase::Starting);
         gate.open(addr()).unwrap().release(&gate).await;
         assert!(held.admitted().await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_aborted_stop_reopens_the_gate_and_releases_what_arrived_meanwhile() {
+        let gate = gate();
+        gate.hold(1).unwrap();
+        gate.open(addr()).unwrap();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(gate.begin_stop(Duration::from_secs(30)).is_some());
+        let (held, start) = gate.hold(1).unwrap();
+        assert_eq!(start, None);
+        let opened = gate.abort_stop().expect("was stopping");
+        assert_eq!(gate.phase(), VmPhase::Ready);
+        opened.release(&gate).await;
+        assert_eq!(held.admitted().await.unwrap().endpoint(), addr());
+        assert!(gate.try_enter().is_some(), "warm again");
+        assert!(gate.abort_stop().is_none(), "only from Stopping");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_is_shared_at_most_once_per_interval() {
+        let gate = gate();
+        let every = Duration::from_secs(3);
+        assert!(gate.claim_activity_share(every));
+        assert!(!gate.claim_activity_share(every));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!gate.claim_activity_share(every));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(gate.claim_activity_share(every));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejecting_held_requests_answers_them_and_keeps_the_phase() {
+        let gate = gate();
+        let (a, _) = gate.hold(1).unwrap();
+        gate.reject_held(GateError::ShuttingDown);
+        assert_eq!(a.admitted().await.unwrap_err(), GateError::ShuttingDown);
+        assert_eq!(gate.phase(), VmPhase::Starting);
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,12 +7,12 @@
 //! Must not import HTTP, `ingress`, `server`, or any backend implementation.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::activator::Activator;
-use crate::backend::BackendError;
+use crate::backend::{BackendError, StopOutcome};
 use crate::gate::Gate;
 use crate::vm::{ScaleDown, VmPhase};
 
@@ -61,6 +61,13 @@ pub async fn check_once(activator: &Arc<Activator>) {
         let Some((action, idle_for)) = plan(gate.phase(), policy.scale_down, policy.idle_timeout) else {
             continue;
         };
+        // Another replica may be feeding this VM: not idle while any replica's recorded
+        // activity is recent. (Stops are also compare-and-set in the backend.)
+        if let Some(shared) = activator.backend().shared_activity(gate.key()) {
+            if SystemTime::now().duration_since(shared).unwrap_or_default() < idle_for {
+                continue;
+            }
+        }
         if gate.begin_stop(idle_for).is_none() {
             continue;
         }
@@ -75,8 +82,19 @@ async fn scale_down(activator: &Arc<Activator>, gate: Arc<Gate>, action: Action)
     let backend = activator.backend();
     tracing::info!(vm = %key, action = action.as_str(), "VM idle; scaling down");
     let mut done = action;
+    // This replica's last activity on the wall clock, for the shared record.
+    let local_activity = SystemTime::now() - Instant::now().saturating_duration_since(gate.last_activity());
     let result = match action {
-        Action::Stop => backend.stop(&key).await,
+        Action::Stop => match backend.stop_if_idle(&key, local_activity).await {
+            Ok(StopOutcome::Stopped) => Ok(()),
+            Ok(StopOutcome::PeerActive) => {
+                if let Some(opened) = gate.abort_stop() {
+                    opened.release(&gate).await;
+                }
+                return;
+            }
+            Err(e) => Err(e),
+        },
         Action::Pause => match backend.pause(&key).await {
             Err(BackendError::Unsupported(_)) => {
                 tracing::warn!(vm = %key, "backend cannot pause; stopping instead");

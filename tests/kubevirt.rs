@@ -78,7 +78,11 @@ fn assert_rbac_covers_every_request(kube: &FakeKube) {
 }
 
 fn start_patch(name: &'static str) -> impl Fn(&Recorded) -> bool {
-    move |r| r.is_vm_patch(NS, name) && r.body.contains("\"Always\"")
+    move |r| {
+        r.is_vm_patch(NS, name)
+            && r.content_type.starts_with("application/merge-patch+json")
+            && r.body.contains("\"runStrategy\":\"Always\"")
+    }
 }
 
 fn stop_patch(name: &'static str) -> impl Fn(&Recorded) -> bool {
@@ -115,17 +119,27 @@ async fn a_burst_starts_a_halted_vm_with_one_patch_and_idle_stops_it_with_one_pa
         json!({"spec": {"runStrategy": "Always"}})
     );
     assert_eq!(
-        c.kube.count(|r| r.is_vm_patch(NS, "orders")),
+        c.kube.count(start_patch("orders")),
         1,
-        "exactly one patch for the burst"
+        "exactly one start patch for the burst"
     );
 
-    // Warm path: no request to the API server per event.
-    let before = c.kube.count(|r| !r.is_watch());
-    for i in 0..20 {
+    // Warm path: no request to the API server per event — only the shared activity
+    // record, at most once per idle_timeout / 10 (200 ms here).
+    let other = |r: &Recorded| !r.is_watch() && !r.is_activity_write(NS, "orders");
+    let (before, writes_before) = (c.kube.count(other), c.kube.count(|r| r.is_activity_write(NS, "orders")));
+    let started = tokio::time::Instant::now();
+    for i in 0..200 {
         assert_eq!(c.activator.send_status("/apps/orders", &format!("warm-{i}")).await, 202);
     }
-    assert_eq!(c.kube.count(|r| !r.is_watch()), before, "warm events made API requests");
+    let elapsed = started.elapsed();
+    assert_eq!(c.kube.count(other), before, "warm events made API requests");
+    let writes = c.kube.count(|r| r.is_activity_write(NS, "orders")) - writes_before;
+    let bound = (elapsed.as_millis() / 200) as usize + 1;
+    assert!(
+        writes <= bound,
+        "{writes} activity writes for 200 events in {elapsed:?} (bound {bound})"
+    );
 
     // Idle: one stop patch, then the VMI goes away and the VM shows stopped.
     c.kube
@@ -136,11 +150,8 @@ async fn a_burst_starts_a_halted_vm_with_one_patch_and_idle_stops_it_with_one_pa
         .await;
     assert!(c.kube.vmi(NS, "orders").is_none());
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        c.kube.count(|r| r.is_vm_patch(NS, "orders")),
-        2,
-        "one start and one stop patch"
-    );
+    assert_eq!(c.kube.count(start_patch("orders")), 1, "one start patch");
+    assert_eq!(c.kube.count(|r| r.is_applied_stop(NS, "orders")), 1, "one stop patch");
     assert_eq!(c.kube.vm(NS, "orders").unwrap()["spec"]["runStrategy"], "Halted");
 
     // The next event starts it again.

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -26,9 +26,9 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{Backend, BackendError, BackendPhase, BackendStatus, Catalog};
+use super::{Backend, BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome};
 use crate::config::KubevirtConfig;
-use crate::vm::{Policy, VmKey, OPT_IN_LABEL};
+use crate::vm::{Policy, VmKey, LAST_ACTIVITY_ANNOTATION, OPT_IN_LABEL};
 
 /// Every Kubernetes API permission the backend uses: `(API group, resource, verbs)`.
 /// `deploy/base/rbac.yaml` grants exactly these (a test checks it, and the end-to-end
@@ -248,7 +248,8 @@ impl KubevirtBackend {
         Api::namespaced(self.client.clone(), &key.namespace)
     }
 
-    /// Rebuilds the catalog from the VM store; publishes it if it changed.
+    /// Rebuilds the catalog from the VM store; publishes it if it changed. Warnings about
+    /// bad annotations are logged once per change of a VM's policy, not on every event.
     fn refresh_catalog(&self) {
         let catalog: BTreeMap<VmKey, Policy> = self
             .vms
@@ -257,15 +258,19 @@ impl KubevirtBackend {
             .filter_map(|vm| {
                 let key = VmKey::new(vm.namespace()?, vm.name_any());
                 let policy = Policy::from_annotations(vm.annotations().iter().map(|(k, v)| (k.as_str(), v.as_str())));
-                for warning in &policy.warnings {
-                    tracing::warn!(vm = %key, %warning, "bad annotation");
-                }
                 Some((key, policy))
             })
             .collect();
         self.catalog.send_if_modified(|current| {
             if **current == catalog {
                 return false;
+            }
+            for (key, policy) in &catalog {
+                if current.get(key) != Some(policy) {
+                    for warning in &policy.warnings {
+                        tracing::warn!(vm = %key, %warning, "bad annotation");
+                    }
+                }
             }
             *current = Arc::new(catalog);
             true
@@ -358,6 +363,16 @@ impl KubevirtBackend {
             }),
         }
     }
+}
+
+/// JSON pointer to the activity annotation (`/` in the key escaped as `~1`).
+const LAST_ACTIVITY_POINTER: &str = "/metadata/annotations/vm-activator.io~1last-activity";
+
+/// The recorded activity: the annotation's exact text (for a JSON patch `test`) and time.
+fn recorded_activity(vm: &VirtualMachine) -> Option<(String, SystemTime)> {
+    let text = vm.annotations().get(LAST_ACTIVITY_ANNOTATION)?;
+    let at = humantime::parse_rfc3339_weak(text).ok()?;
+    Some((text.clone(), at))
 }
 
 fn api_error(key: &VmKey, op: &'static str, e: kube::Error) -> BackendError {
@@ -547,6 +562,82 @@ impl Backend for KubevirtBackend {
 
     fn is_connected(&self) -> bool {
         self.health.vms_synced.load(Ordering::SeqCst) && self.health.vmis_synced.load(Ordering::SeqCst)
+    }
+
+    async fn record_activity(&self, key: &VmKey, at: SystemTime) -> Result<(), BackendError> {
+        let vm = self.vm(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        // Any replica's record younger than a tenth of the idle timeout is as good as
+        // ours: skip the write, so writes per VM stay bounded however many replicas
+        // see traffic. (It also never moves the shared clock backwards.)
+        let every = self
+            .catalog
+            .borrow()
+            .get(key)
+            .map(|policy| policy.idle_timeout / 10)
+            .unwrap_or_default();
+        if recorded_activity(&vm).is_some_and(|(_, recorded)| recorded + every >= at) {
+            return Ok(());
+        }
+        let value = humantime::format_rfc3339_millis(at).to_string();
+        let patch = json!({ "metadata": { "annotations": { LAST_ACTIVITY_ANNOTATION: value } } });
+        self.vm_api(key)
+            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| api_error(key, "record activity", e))
+    }
+
+    fn shared_activity(&self, key: &VmKey) -> Option<SystemTime> {
+        self.vm(key).and_then(|vm| recorded_activity(&vm)).map(|(_, at)| at)
+    }
+
+    async fn stop_if_idle(&self, key: &VmKey, local_activity: SystemTime) -> Result<StopOutcome, BackendError> {
+        let vm = self.vm(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        if vm.spec.run_strategy.as_deref() == Some("Halted") {
+            // A peer's stop won: just wait for it.
+            self.wait_for(key, "stop", BackendPhase::Stopped).await?;
+            return Ok(StopOutcome::Stopped);
+        }
+        let Some((recorded, _)) = recorded_activity(&vm) else {
+            // Nothing to compare against yet: record ours; the next idle check compares.
+            self.record_activity(key, local_activity).await?;
+            return Ok(StopOutcome::PeerActive);
+        };
+        // One atomic patch: fails (422) if any replica recorded activity, or anyone
+        // changed the run strategy, since this replica read the VM.
+        let mut ops = vec![json!({ "op": "test", "path": LAST_ACTIVITY_POINTER, "value": recorded })];
+        match (&vm.spec.run_strategy, vm.spec.running) {
+            (Some(strategy), _) => ops.extend([
+                json!({ "op": "test", "path": "/spec/runStrategy", "value": strategy }),
+                json!({ "op": "replace", "path": "/spec/runStrategy", "value": "Halted" }),
+            ]),
+            (None, Some(running)) => ops.extend([
+                json!({ "op": "test", "path": "/spec/running", "value": running }),
+                json!({ "op": "remove", "path": "/spec/running" }),
+                json!({ "op": "add", "path": "/spec/runStrategy", "value": "Halted" }),
+            ]),
+            (None, None) => ops.push(json!({ "op": "add", "path": "/spec/runStrategy", "value": "Halted" })),
+        }
+        let patch: json_patch::Patch =
+            serde_json::from_value(serde_json::Value::Array(ops)).map_err(|e| BackendError::Failed {
+                op: "stop",
+                message: e.to_string(),
+            })?;
+        match self
+            .vm_api(key)
+            .patch(&key.name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(_) => {
+                self.wait_for(key, "stop", BackendPhase::Stopped).await?;
+                Ok(StopOutcome::Stopped)
+            }
+            Err(kube::Error::Api(status)) if status.code == 422 || status.code == 409 => {
+                tracing::info!(vm = %key, "a peer saw activity (compare-and-stop failed); keeping the VM");
+                Ok(StopOutcome::PeerActive)
+            }
+            Err(e) => Err(api_error(key, "stop", e)),
+        }
     }
 
     async fn shutdown(&self) {

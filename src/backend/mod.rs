@@ -62,6 +62,15 @@ impl BackendStatus {
     }
 }
 
+/// What a conditional stop did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The VM was stopped (or was already stopping).
+    Stopped,
+    /// Another replica recorded activity (or started the VM) meanwhile: it keeps running.
+    PeerActive,
+}
+
 /// What went wrong in a backend call. `metric_label` gives a bounded label value.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
@@ -130,11 +139,28 @@ pub trait Backend: Send + Sync + 'static {
         true
     }
 
-    /// Records that the VM saw traffic at `at` (shared with other replicas where the
-    /// backend has shared state; a single-process backend need not do anything).
+    /// Records that this replica saw traffic for the VM at `at`, where other replicas
+    /// can see it. The caller rate-limits this (at most once per `idle_timeout / 10`).
+    /// A single-process backend need not do anything.
     async fn record_activity(&self, vm: &VmKey, at: SystemTime) -> Result<(), BackendError> {
         let _ = (vm, at);
         Ok(())
+    }
+
+    /// The latest activity any replica recorded for the VM, if the backend shares one.
+    fn shared_activity(&self, vm: &VmKey) -> Option<SystemTime> {
+        let _ = vm;
+        None
+    }
+
+    /// Stops the VM unless another replica recorded activity since it was last read:
+    /// the compare-and-stop that lets replicas agree without a leader. `local_activity`
+    /// is this replica's last activity, recorded first if nothing is recorded yet.
+    /// Returns once the VM is stopped, or at once with `PeerActive`. A single-process
+    /// backend simply stops.
+    async fn stop_if_idle(&self, vm: &VmKey, local_activity: SystemTime) -> Result<StopOutcome, BackendError> {
+        let _ = local_activity;
+        self.stop(vm).await.map(|()| StopOutcome::Stopped)
     }
 
     /// Releases what the backend holds (e.g. stops local VMs) before the process exits.

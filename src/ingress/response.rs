@@ -87,6 +87,7 @@ impl IngressError {
                 GateError::StartFailed(_) => "start_failed",
                 GateError::StartTimeout(_) => "start_timeout",
                 GateError::Stopped(_) => "vm_stopped",
+                GateError::ShuttingDown => "draining",
             },
             IngressError::Proxy(ProxyError::Timeout(_)) => "guest_timeout",
             IngressError::Proxy(_) => "guest_unreachable",
@@ -105,6 +106,7 @@ impl IngressError {
                 GateError::BufferFull { .. } => RejectReason::BufferFull,
                 GateError::StartFailed(_) | GateError::Stopped(_) => RejectReason::StartFailed,
                 GateError::StartTimeout(_) => RejectReason::StartTimeout,
+                GateError::ShuttingDown => RejectReason::Draining,
             }),
             _ => None,
         }

@@ -136,6 +136,9 @@ impl Server {
         let finished = self.activator.wait_drained(deadline).await;
         if !finished {
             tracing::warn!("drain timeout reached with requests still held or in flight");
+            // Never leave a held event unanswered: 503, so the sender retries elsewhere.
+            self.activator.reject_held();
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         for task in &self.background {
             task.abort();

@@ -115,6 +115,19 @@ impl Recorded {
     pub fn is_watch(&self) -> bool {
         self.query.split('&').any(|p| p == "watch=true" || p == "watch=1")
     }
+    /// Whether this is a successful PATCH of the named VM that halts it.
+    pub fn is_applied_stop(&self, namespace: &str, name: &str) -> bool {
+        self.is_vm_patch(namespace, name) && self.status == 200 && self.body.contains("Halted")
+    }
+
+    /// Whether this is a successful write of the activity annotation on the named VM.
+    pub fn is_activity_write(&self, namespace: &str, name: &str) -> bool {
+        self.is_vm_patch(namespace, name)
+            && self.status == 200
+            && self.content_type.starts_with("application/merge-patch+json")
+            && self.body.contains("last-activity")
+    }
+
     /// Whether this is a PATCH of the named VM.
     pub fn is_vm_patch(&self, namespace: &str, name: &str) -> bool {
         self.method == "PATCH"
@@ -160,6 +173,8 @@ struct Inner {
     guests: Mutex<HashMap<(String, String), Guest>>,
     guest_logs: Mutex<HashMap<(String, String), GuestLog>>,
     controller: Mutex<Option<JoinHandle<()>>>,
+    /// VMIs the virt-controller created, per VM.
+    vmi_creations: Mutex<HashMap<(String, String), usize>>,
     /// Bumped to end every open watch cleanly (as a watch timeout does).
     watch_epoch: tokio::sync::watch::Sender<u64>,
 }
@@ -194,6 +209,7 @@ impl FakeKube {
             guest_logs: Mutex::new(HashMap::new()),
             controller: Mutex::new(None),
             watch_epoch: tokio::sync::watch::channel(0).0,
+            vmi_creations: Mutex::new(HashMap::new()),
         });
         let fake = FakeKube { inner };
         fake.serve(listener);
@@ -284,6 +300,15 @@ impl FakeKube {
     /// Event ids the VM's guest accepted, over all its boots.
     pub fn guest_events(&self, namespace: &str, name: &str) -> Vec<String> {
         self.inner.guest_log(namespace, name).lock().unwrap().clone()
+    }
+
+    /// How many VMIs the simulated virt-controller created for the VM (= times it started).
+    pub fn vmi_creations(&self, namespace: &str, name: &str) -> usize {
+        let creations = self.inner.vmi_creations.lock().unwrap();
+        creations
+            .get(&(namespace.to_string(), name.to_string()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Every request so far.
@@ -956,6 +981,12 @@ fn reconcile(inner: &Arc<Inner>, ns: &str, name: &str) {
                 "status": {"phase": "Pending"},
             });
             let created = inner.write(Res::Vmi, ns, name, Some(vmi)).expect("created");
+            *inner
+                .vmi_creations
+                .lock()
+                .unwrap()
+                .entry((ns.to_string(), name.to_string()))
+                .or_default() += 1;
             let uid = created["metadata"]["uid"].clone();
             tokio::spawn(boot(
                 Arc::downgrade(inner),
