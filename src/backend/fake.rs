@@ -219,13 +219,14 @@ impl Backend for FakeBackend {
         if let Some(message) = options.start_error {
             return Err(BackendError::Failed { op: "start", message });
         }
-        // Reserve a port now; the guest binds it only once "booted", so until then a
-        // connection is refused, as with a real guest whose application is not up yet.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| BackendError::Unavailable(e.to_string()))?
-            .port();
-        let endpoint = SocketAddr::from(([127, 0, 0, 1], port));
+        // Each boot gets its own loopback address (127.2.x.y; Linux routes all of
+        // 127.0.0.0/8 to lo), bound now so no other server can ever answer in its place.
+        // The guest accepts only once "booted": until then connections wait in the
+        // backlog unanswered, as with QEMU user networking before the guest app is up.
+        let listener = reserve_guest_listener().map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        let endpoint = listener
+            .local_addr()
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
         let mut vms = self.vms.lock().expect("vms lock");
         let vm = vms.get_mut(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
         if vm.task.is_some() {
@@ -251,7 +252,7 @@ impl Backend for FakeBackend {
                 message: None,
             });
             tokio::time::sleep_until(started + options.boot_delay).await;
-            let listener = match TcpListener::bind(endpoint).await {
+            let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,
                 Err(e) => {
                     status.send_replace(BackendStatus {
@@ -278,6 +279,26 @@ impl Backend for FakeBackend {
         });
         Ok(())
     }
+}
+
+/// Guest addresses handed out so far in this process.
+static NEXT_GUEST: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Binds the next free guest address (skipping any another process holds).
+fn reserve_guest_listener() -> std::io::Result<std::net::TcpListener> {
+    let mut last_error = None;
+    for _ in 0..1024 {
+        let n = NEXT_GUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ip = std::net::Ipv4Addr::new(127, 2, (n / 254 % 256) as u8, (n % 254 + 1) as u8);
+        match std::net::TcpListener::bind((ip, 8080)) {
+            Ok(listener) => {
+                listener.set_nonblocking(true)?;
+                return Ok(listener);
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.expect("tried at least once"))
 }
 
 /// Serves the fake guest application until the task is aborted.
