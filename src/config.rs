@@ -38,6 +38,24 @@ pub struct Cli {
     /// Largest accepted request body in bytes (larger → 413).
     #[arg(long, env = "VM_ACTIVATOR_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Ingress authentication: `none`, `bearer` or `oidc` (Knative sink auth).
+    #[arg(long, env = "VM_ACTIVATOR_AUTH")]
+    pub auth: Option<AuthMode>,
+    /// Bearer mode: file of accepted tokens (one per line, `#` comments).
+    #[arg(long, env = "VM_ACTIVATOR_BEARER_TOKENS_FILE")]
+    pub bearer_tokens_file: Option<PathBuf>,
+    /// OIDC mode: the token issuer (`iss`), e.g. https://kubernetes.default.svc.cluster.local.
+    #[arg(long, env = "VM_ACTIVATOR_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+    /// OIDC mode: the audience (`aud`) tokens must be for.
+    #[arg(long, env = "VM_ACTIVATOR_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
+    /// OIDC mode: JWKS URL (default: discovered from the issuer).
+    #[arg(long, env = "VM_ACTIVATOR_OIDC_JWKS_URL")]
+    pub oidc_jwks_url: Option<String>,
+    /// Subjects allowed to deliver (comma-separated; `*` suffix wildcard).
+    #[arg(long, env = "VM_ACTIVATOR_ALLOWED_SUBJECTS", value_delimiter = ',')]
+    pub allowed_subjects: Option<Vec<String>>,
     /// Which backend runs the VMs: `qemu` (local processes) or `kubevirt`.
     #[arg(long, env = "VM_ACTIVATOR_BACKEND")]
     pub backend: Option<BackendKind>,
@@ -185,6 +203,84 @@ pub struct IngressConfig {
     pub header_read_timeout: Duration,
     /// `Retry-After` seconds sent with every 503. Default 1.
     pub retry_after_seconds: u32,
+    /// Largest request head (request line + headers) in bytes (larger → 431). Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// Most connections open at once (further ones wait to be accepted). Default 20000.
+    pub max_connections: usize,
+    /// Who may deliver events.
+    pub auth: AuthConfig,
+}
+
+/// Ingress authentication mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Anyone who can connect may deliver (and so start VMs).
+    None,
+    /// Static tokens from a file.
+    Bearer,
+    /// Knative Eventing OIDC sink authentication.
+    Oidc,
+}
+
+/// Ingress authentication and authorization.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `none`, `bearer` or `oidc`. Unset means `none` only for the local QEMU backend
+    /// listening on loopback; anywhere else it must be chosen explicitly.
+    pub mode: Option<AuthMode>,
+    /// Bearer mode: file of tokens (one per line, `#` comments), re-read when it changes.
+    pub bearer_tokens_file: Option<PathBuf>,
+    /// OIDC mode settings.
+    pub oidc: OidcConfig,
+    /// OIDC subjects (`sub`) allowed to deliver to any VM (`*` suffix wildcard); empty =
+    /// any valid token. VMs can narrow it with `vm-activator.io/allowed-subjects`.
+    pub allowed_subjects: Vec<String>,
+}
+
+impl AuthConfig {
+    /// The effective mode (validation has ruled out an unset mode where it is not allowed).
+    pub fn mode(&self) -> AuthMode {
+        self.mode.unwrap_or(AuthMode::None)
+    }
+}
+
+/// OIDC (Knative sink authentication) settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OidcConfig {
+    /// Required `iss`; keys are discovered from `<issuer>/.well-known/openid-configuration`.
+    pub issuer: Option<String>,
+    /// Required `aud`.
+    pub audience: Option<String>,
+    /// JWKS URL, instead of discovery.
+    pub jwks_url: Option<String>,
+    /// Clock leeway for `exp`/`nbf`. Default 30s.
+    #[serde(with = "human_duration")]
+    pub leeway: Duration,
+    /// An unknown `kid` refetches the keys at most this often. Default 10s.
+    #[serde(with = "human_duration")]
+    pub jwks_min_refresh: Duration,
+    /// CA for the issuer's TLS (default: the in-cluster CA when the issuer is the cluster's).
+    pub ca_file: Option<PathBuf>,
+    /// Bearer token for fetching keys (default: the pod's service-account token when the
+    /// issuer is the cluster's).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for OidcConfig {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            audience: None,
+            jwks_url: None,
+            leeway: Duration::from_secs(30),
+            jwks_min_refresh: Duration::from_secs(10),
+            ca_file: None,
+            token_file: None,
+        }
+    }
 }
 
 impl Default for IngressConfig {
@@ -194,6 +290,9 @@ impl Default for IngressConfig {
             max_concurrent_requests: 10_000,
             header_read_timeout: Duration::from_secs(10),
             retry_after_seconds: 1,
+            max_header_bytes: 64 * 1024,
+            max_connections: 20_000,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -330,6 +429,10 @@ pub struct VmConfig {
     /// Guest answer timeout per request (→ 504). Default 30s.
     #[serde(default, with = "human_duration::option")]
     pub request_timeout: Option<Duration>,
+    /// OIDC subjects allowed to deliver to this VM (`*` suffix wildcard); empty = any
+    /// subject the global list allows.
+    #[serde(default)]
+    pub allowed_subjects: Vec<String>,
     /// The machine to boot.
     pub machine: MachineConfig,
 }
@@ -354,6 +457,7 @@ impl VmConfig {
             concurrency: self.concurrency.unwrap_or(d.concurrency),
             readiness: self.readiness.clone().unwrap_or(d.readiness),
             request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
+            allowed_subjects: self.allowed_subjects.clone(),
             warnings: Vec::new(),
         }
     }
@@ -410,6 +514,29 @@ impl Config {
         if let Some(backend) = cli.backend {
             config.backend = backend;
         }
+        let auth = &mut config.ingress.auth;
+        if let Some(mode) = cli.auth {
+            auth.mode = Some(mode);
+        }
+        if let Some(file) = &cli.bearer_tokens_file {
+            auth.bearer_tokens_file = Some(file.clone());
+        }
+        if let Some(issuer) = &cli.oidc_issuer {
+            auth.oidc.issuer = Some(issuer.clone());
+        }
+        if let Some(audience) = &cli.oidc_audience {
+            auth.oidc.audience = Some(audience.clone());
+        }
+        if let Some(url) = &cli.oidc_jwks_url {
+            auth.oidc.jwks_url = Some(url.clone());
+        }
+        if let Some(subjects) = &cli.allowed_subjects {
+            auth.allowed_subjects = subjects
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
         if let Some(kubeconfig) = &cli.kubeconfig {
             config.kubevirt.kubeconfig = Some(kubeconfig.clone());
         }
@@ -450,6 +577,41 @@ impl Config {
         }
         if self.ingress.max_concurrent_requests == 0 {
             return Err(invalid("ingress.max_concurrent_requests", "must be at least 1"));
+        }
+        if self.ingress.max_header_bytes < 1024 {
+            return Err(invalid("ingress.max_header_bytes", "must be at least 1024"));
+        }
+        if self.ingress.max_connections == 0 {
+            return Err(invalid("ingress.max_connections", "must be at least 1"));
+        }
+        let auth = &self.ingress.auth;
+        match auth.mode {
+            None if !(self.backend == BackendKind::Qemu && self.listen.ip().is_loopback()) => {
+                return Err(invalid(
+                    "ingress.auth.mode",
+                    "must be set (oidc, bearer, or none explicitly): anyone who can reach the ingress can start VMs; \
+                     none is the default only for the local qemu backend listening on loopback",
+                ))
+            }
+            Some(AuthMode::Bearer) if auth.bearer_tokens_file.is_none() => {
+                return Err(invalid(
+                    "ingress.auth.bearer_tokens_file",
+                    "is required with mode bearer",
+                ))
+            }
+            Some(AuthMode::Oidc) if auth.oidc.issuer.is_none() => {
+                return Err(invalid("ingress.auth.oidc.issuer", "is required with mode oidc"))
+            }
+            Some(AuthMode::Oidc) if auth.oidc.audience.is_none() => {
+                return Err(invalid("ingress.auth.oidc.audience", "is required with mode oidc"))
+            }
+            _ => {}
+        }
+        if !auth.allowed_subjects.is_empty() && auth.mode() != AuthMode::Oidc {
+            return Err(invalid(
+                "ingress.auth.allowed_subjects",
+                "subjects come from OIDC tokens: needs mode oidc",
+            ));
         }
         if self.readiness.interval.is_zero() {
             return Err(invalid("readiness.interval", "must be greater than 0"));
@@ -602,6 +764,7 @@ mod tests {
     use super::*;
 
     const VM: &str = "
+listen: 127.0.0.1:8080
 vms:
   - namespace: default
     name: demo
@@ -624,7 +787,7 @@ vms:
 
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
-        let err = Config::from_yaml("listen: 127.0.0.1:1\nlisten_port: 3\n").unwrap_err();
+        let err = Config::from_yaml("admin_listen: 127.0.0.1:1\nlisten_port: 3\n").unwrap_err();
         assert!(err.contains("listen_port"), "{err}");
         let err = Config::from_yaml(&VM.replace("max_buffered", "max_bufferd")).unwrap_err();
         assert!(err.contains("max_bufferd"), "{err}");
@@ -650,7 +813,13 @@ vms:
     fn the_shipped_config_files_parse_and_validate() {
         for file in ["config/local.yaml", "config/reference.yaml"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
-            let config = Config::from_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let mut config = Config::from_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            if file.ends_with("reference.yaml") {
+                // The defaults listen on every interface, where an auth mode must be chosen.
+                let err = config.validate().unwrap_err().to_string();
+                assert!(err.contains("ingress.auth.mode"), "{err}");
+                config.ingress.auth.mode = Some(AuthMode::None);
+            }
             config.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
         }
         let reference =
@@ -667,6 +836,33 @@ vms:
     }
 
     #[test]
+    fn auth_mode_rules() {
+        let mut config = Config::from_yaml(VM).unwrap();
+        config.listen = "127.0.0.1:8080".parse().unwrap();
+        config.validate().expect("none is the default for qemu on loopback");
+        config.listen = "0.0.0.0:8080".parse().unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("ingress.auth.mode"));
+        config.ingress.auth.mode = Some(AuthMode::Oidc);
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("ingress.auth.oidc.issuer"));
+        config.ingress.auth.oidc.issuer = Some("https://issuer".into());
+        config.ingress.auth.oidc.audience = Some("vm-activator".into());
+        config.validate().unwrap();
+        config.ingress.auth.mode = Some(AuthMode::Bearer);
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("bearer_tokens_file"));
+        config.ingress.auth.mode = Some(AuthMode::None);
+        config.ingress.auth.allowed_subjects = vec!["x".into()];
+        assert!(config.validate().unwrap_err().to_string().contains("allowed_subjects"));
+    }
+
+    #[test]
     fn tcp_readiness_is_refused_for_qemu_vms() {
         let config =
             Config::from_yaml(&VM.replace("max_buffered: 1000", "max_buffered: 1000\n    readiness: tcp")).unwrap();
@@ -678,7 +874,7 @@ vms:
     fn cli_overrides_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");
-        std::fs::write(&path, format!("listen: 127.0.0.1:1111\n{VM}")).unwrap();
+        std::fs::write(&path, VM.replace("127.0.0.1:8080", "127.0.0.1:1111")).unwrap();
         let cli = Cli {
             config: Some(path.clone()),
             listen: Some("127.0.0.1:2222".parse().unwrap()),

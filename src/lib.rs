@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod activator;
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod gate;

@@ -213,6 +213,9 @@ pub struct Policy {
     pub readiness: Readiness,
     /// How long the guest may take to answer one request (→ 504).
     pub request_timeout: Duration,
+    /// OIDC subjects allowed to deliver to this VM (`*` suffix wildcard); empty = any
+    /// subject the global list allows.
+    pub allowed_subjects: Vec<String>,
     /// Problems found while reading this policy (bad annotation values, each replaced
     /// by its default). Shown in `/v1/vms`.
     pub warnings: Vec<String>,
@@ -231,6 +234,7 @@ impl Default for Policy {
             concurrency: 0,
             readiness: Readiness::HttpRoot,
             request_timeout: Duration::from_secs(30),
+            allowed_subjects: Vec::new(),
             warnings: Vec::new(),
         }
     }
@@ -294,8 +298,17 @@ impl Policy {
                     .map(|n| policy.concurrency = n)
                     .map_err(|_| "expected a whole number (0 = unlimited)".to_string()),
                 "readiness" => value.parse().map(|r| policy.readiness = r),
-                // Written by the activator or read elsewhere; not policy.
-                "enabled" | "last-activity" | "allowed-subjects" => Ok(()),
+                "allowed-subjects" => {
+                    policy.allowed_subjects = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    Ok(())
+                }
+                // A label, or written by the activator; not policy.
+                "enabled" | "last-activity" => Ok(()),
                 _ => Err("unknown setting".into()),
             };
             if let Err(problem) = result {

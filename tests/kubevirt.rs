@@ -34,7 +34,15 @@ async fn cluster(options: Options, setup: impl FnOnce(&FakeKube)) -> Cluster {
     setup(&kube);
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = kube.write_kubeconfig(dir.path());
-    let activator = Activator::spawn(&["--backend", "kubevirt", "--kubeconfig", kubeconfig.to_str().unwrap()]).await;
+    let activator = Activator::spawn(&[
+        "--backend",
+        "kubevirt",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--auth",
+        "none",
+    ])
+    .await;
     activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
     Cluster {
         kube,
@@ -360,7 +368,15 @@ async fn an_api_server_down_at_start_up_is_waited_for() {
     kube.set_down(true).await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = kube.write_kubeconfig(dir.path());
-    let activator = Activator::spawn(&["--backend", "kubevirt", "--kubeconfig", kubeconfig.to_str().unwrap()]).await;
+    let activator = Activator::spawn(&[
+        "--backend",
+        "kubevirt",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--auth",
+        "none",
+    ])
+    .await;
     assert_eq!(activator.get_status("/readyz").await, 503);
     // Nothing listed yet: the activator cannot tell "unknown" from "not synced", so 503.
     let early = activator.send("/apps/early", "too-early").await;
@@ -394,7 +410,7 @@ async fn pause_scale_down_pauses_the_vmi_and_the_next_event_resumes_it() {
         ),
     )
     .unwrap();
-    let activator = Activator::spawn(&["--config", config.to_str().unwrap()]).await;
+    let activator = Activator::spawn(&["--config", config.to_str().unwrap(), "--auth", "none"]).await;
     activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
     assert_eq!(activator.send_status("/apps/napper", "one").await, 202);
 
@@ -439,7 +455,7 @@ async fn listed_namespaces_limit_what_the_activator_manages() {
         ),
     )
     .unwrap();
-    let activator = Activator::spawn(&["--config", config.to_str().unwrap()]).await;
+    let activator = Activator::spawn(&["--config", config.to_str().unwrap(), "--auth", "none"]).await;
     activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
     activator
         .wait_vm_state(NS, "inside", "stopped", Duration::from_secs(5))

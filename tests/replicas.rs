@@ -35,7 +35,14 @@ async fn replicas(options: Options, idle_timeout: &str, extra: &[&str]) -> Repli
     );
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = kube.write_kubeconfig(dir.path());
-    let mut args = vec!["--backend", "kubevirt", "--kubeconfig", kubeconfig.to_str().unwrap()];
+    let mut args = vec![
+        "--backend",
+        "kubevirt",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--auth",
+        "none",
+    ];
     args.extend_from_slice(extra);
     let replicas = join_all((0..3).map(|_| Activator::spawn(&args))).await;
     for r in &replicas {

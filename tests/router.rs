@@ -9,6 +9,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 use vm_activator::activator::Activator;
+use vm_activator::auth::Authenticator;
 use vm_activator::backend::fake::{FakeBackend, FakeOptions};
 use vm_activator::config::{IngressConfig, ProxyConfig, ReadinessConfig};
 use vm_activator::ingress::{router, IngressState};
@@ -211,6 +212,7 @@ async fn every_bad_input_gets_its_status_and_a_json_error_naming_the_cause() {
         activator,
         Proxy::new(&ProxyConfig::default()),
         ingress,
+        Authenticator::None,
     ));
 
     for case in cases() {
@@ -259,6 +261,7 @@ async fn a_valid_event_through_oneshot_is_delivered() {
         activator,
         Proxy::new(&ProxyConfig::default()),
         IngressConfig::default(),
+        Authenticator::None,
     ));
     let request = Request::post("/default/demo")
         .header(STRUCTURED.0, STRUCTURED.1)

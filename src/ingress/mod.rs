@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 
 use crate::activator::Activator;
+use crate::auth::{authorize, Authenticator};
 use crate::config::IngressConfig;
 use crate::gate::Gate;
 use crate::proxy::{GuardedBody, Proxy, ProxyError};
@@ -31,15 +32,17 @@ pub struct IngressState {
     activator: Arc<Activator>,
     proxy: Proxy,
     config: Arc<IngressConfig>,
+    auth: Authenticator,
 }
 
 impl IngressState {
-    /// State over an activator and a proxy, with the ingress limits.
-    pub fn new(activator: Arc<Activator>, proxy: Proxy, config: IngressConfig) -> Self {
+    /// State over an activator and a proxy, with the ingress limits and authenticator.
+    pub fn new(activator: Arc<Activator>, proxy: Proxy, config: IngressConfig, auth: Authenticator) -> Self {
         Self {
             activator,
             proxy,
             config: Arc::new(config),
+            auth,
         }
     }
 
@@ -135,6 +138,16 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
             return state.refuse(error);
         }
     };
+    // Authenticate before looking the VM up: an unauthenticated caller learns nothing
+    // about which VMs exist, and starts nothing.
+    let caller = match state.auth.authenticate(&parts.headers).await {
+        Ok(caller) => caller,
+        Err(error) => {
+            let error = IngressError::from(error);
+            state.activator.metrics().unknown_vm_request(error.status().as_u16());
+            return state.refuse(error);
+        }
+    };
     let Some(gate) = state.activator.gate(&target.namespace, &target.name) else {
         let vm = format!("{}/{}", target.namespace, target.name);
         let error = if state.activator.backend().is_connected() {
@@ -145,7 +158,17 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
         state.activator.metrics().unknown_vm_request(error.status().as_u16());
         return state.refuse(error);
     };
-    let response = match handle(&state, &gate, &target, parts, body).await {
+    let authorized = authorize(
+        &caller,
+        &state.config.auth.allowed_subjects,
+        &gate.policy().allowed_subjects,
+        &gate.key().to_string(),
+    );
+    let result = match authorized {
+        Ok(()) => handle(&state, &gate, &target, parts, body).await,
+        Err(error) => Err(error.into()),
+    };
+    let response = match result {
         Ok(response) => response,
         Err(error) => {
             if let Some(reason) = error.reject_reason() {

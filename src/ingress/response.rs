@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::cloudevent::EventError;
 use crate::activator::ActivateError;
+use crate::auth::AuthError;
 use crate::gate::GateError;
 use crate::metrics::RejectReason;
 use crate::proxy::ProxyError;
@@ -52,6 +53,9 @@ pub enum IngressError {
     /// The guest did not answer.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// The caller is not authenticated or not allowed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl IngressError {
@@ -67,6 +71,9 @@ impl IngressError {
             IngressError::Activate(_) | IngressError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngressError::Proxy(ProxyError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             IngressError::Proxy(_) => StatusCode::BAD_GATEWAY,
+            IngressError::Auth(AuthError::Missing | AuthError::Invalid(_)) => StatusCode::UNAUTHORIZED,
+            IngressError::Auth(AuthError::Forbidden { .. }) => StatusCode::FORBIDDEN,
+            IngressError::Auth(AuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -91,6 +98,10 @@ impl IngressError {
             },
             IngressError::Proxy(ProxyError::Timeout(_)) => "guest_timeout",
             IngressError::Proxy(_) => "guest_unreachable",
+            IngressError::Auth(AuthError::Missing) => "unauthenticated",
+            IngressError::Auth(AuthError::Invalid(_)) => "invalid_token",
+            IngressError::Auth(AuthError::Forbidden { .. }) => "forbidden",
+            IngressError::Auth(AuthError::Unavailable(_)) => "auth_unavailable",
         }
     }
 
@@ -102,6 +113,9 @@ impl IngressError {
                 Some(RejectReason::InvalidEvent)
             }
             IngressError::Activate(ActivateError::Draining) => Some(RejectReason::Draining),
+            IngressError::Auth(AuthError::Missing | AuthError::Invalid(_) | AuthError::Forbidden { .. }) => {
+                Some(RejectReason::Unauthorized)
+            }
             IngressError::Activate(ActivateError::Gate(e)) => Some(match e {
                 GateError::BufferFull { .. } => RejectReason::BufferFull,
                 GateError::StartFailed(_) | GateError::Stopped(_) => RejectReason::StartFailed,
@@ -132,6 +146,15 @@ impl IngressError {
         if status == StatusCode::METHOD_NOT_ALLOWED {
             headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
         }
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750 §3: say which scheme, and whether a token was presented but bad.
+            let challenge = if self.code() == "invalid_token" {
+                "Bearer error=\"invalid_token\""
+            } else {
+                "Bearer"
+            };
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
         response
     }
 }
@@ -156,6 +179,17 @@ mod tests {
             (IngressError::BackendUnavailable("a/b".into()), 503),
             (ProxyError::Timeout(Duration::from_secs(1)).into(), 504),
             (ProxyError::Unreachable("reset".into()).into(), 502),
+            (AuthError::Missing.into(), 401),
+            (AuthError::Invalid("expired".into()).into(), 401),
+            (
+                AuthError::Forbidden {
+                    subject: "x".into(),
+                    target: "a/b".into(),
+                }
+                .into(),
+                403,
+            ),
+            (AuthError::Unavailable("jwks down".into()).into(), 503),
         ];
         for (error, code) in cases {
             let name = error.to_string();
@@ -163,6 +197,11 @@ mod tests {
             assert_eq!(response.status().as_u16(), code, "{name}");
             let retry = response.headers().get(header::RETRY_AFTER);
             assert_eq!(retry.is_some(), code == 503, "{name}");
+            assert_eq!(
+                response.headers().contains_key(header::WWW_AUTHENTICATE),
+                code == 401,
+                "{name}"
+            );
         }
     }
 }

@@ -25,6 +25,7 @@ use tower::ServiceBuilder;
 use tower_http::trace::TraceLayer;
 
 use crate::activator::Activator;
+use crate::auth::Authenticator;
 use crate::backend::kubevirt::KubevirtBackend;
 use crate::backend::qemu::QemuBackend;
 use crate::backend::Backend;
@@ -48,12 +49,18 @@ pub enum ServerError {
     /// The backend could not be set up.
     #[error("backend: {0}")]
     Backend(String),
+    /// The authenticator could not be set up (e.g. unreadable token file).
+    #[error("ingress auth: {0}")]
+    Auth(String),
 }
 
-/// Largest request head (request line + headers) the listeners accept.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Most connections open at once per listener; further ones wait to be accepted.
-const MAX_CONNECTIONS: usize = 20_000;
+/// Limits of one listener.
+#[derive(Clone, Copy)]
+struct ListenerLimits {
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
+    max_connections: usize,
+}
 
 /// A running activator: its listeners' addresses and the handle to stop it.
 pub struct Server {
@@ -85,7 +92,15 @@ pub async fn build_backend(config: &Config) -> Result<Arc<dyn Backend>, ServerEr
 pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, ServerError> {
     let metrics = Metrics::new();
     let activator = Activator::new(backend, Prober::new(config.readiness.clone()), metrics);
-    let state = IngressState::new(activator.clone(), Proxy::new(&config.proxy), config.ingress.clone());
+    let auth = Authenticator::from_config(&config.ingress.auth)
+        .await
+        .map_err(ServerError::Auth)?;
+    let state = IngressState::new(
+        activator.clone(),
+        Proxy::new(&config.proxy),
+        config.ingress.clone(),
+        auth,
+    );
     let ingress_router = ingress::router(state).layer(
         ServiceBuilder::new()
             .layer(TraceLayer::new_for_http())
@@ -104,10 +119,14 @@ pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, 
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
     let (stop_accepting, stop_rx) = watch::channel(false);
-    let header_timeout = config.ingress.header_read_timeout;
+    let limits = ListenerLimits {
+        header_read_timeout: config.ingress.header_read_timeout,
+        max_header_bytes: config.ingress.max_header_bytes,
+        max_connections: config.ingress.max_connections,
+    };
     let listeners = vec![
-        tokio::spawn(serve(ingress_listener, ingress_router, header_timeout, stop_rx.clone())),
-        tokio::spawn(serve(admin_listener, admin_router, header_timeout, stop_rx)),
+        tokio::spawn(serve(ingress_listener, ingress_router, limits, stop_rx.clone())),
+        tokio::spawn(serve(admin_listener, admin_router, limits, stop_rx)),
     ];
     let background = vec![
         tokio::spawn(activator.clone().run_catalog_sync()),
@@ -156,15 +175,15 @@ impl Server {
 
 /// Serves `router` on `listener` until `stop` turns true, then lets open connections
 /// finish their current exchange.
-async fn serve(listener: TcpListener, router: Router, header_timeout: Duration, mut stop: watch::Receiver<bool>) {
+async fn serve(listener: TcpListener, router: Router, limits: ListenerLimits, mut stop: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("never closed"),
