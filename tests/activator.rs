@@ -531,3 +531,57 @@ async fn drain_finishes_held_events_refuses_new_ones_and_fails_readyz() {
     assert!(drain.await.unwrap(), "drain completed within its timeout");
     assert_eq!(h.backend.event_ids(&demo()), vec!["held"]);
 }
+
+#[tokio::test]
+async fn oversize_and_slow_request_heads_are_cut_off_and_the_process_stays_healthy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = vm_activator::config::Config::for_tests();
+    config.ingress.header_read_timeout = Duration::from_millis(300);
+    config.ingress.max_header_bytes = 16 * 1024;
+    let h = Harness::start_with(vec![(demo(), policy())], FakeOptions::default(), config).await;
+    let addr = h.server.ingress_addr;
+
+    // A head larger than max_header_bytes: 431, before any body is read.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /default/demo HTTP/1.1\r\nhost: x\r\nce-specversion: 1.0\r\nx-padding: {}\r\ncontent-length: 0\r\n\r\n",
+        "x".repeat(64 * 1024)
+    );
+    let _ = stream.write_all(head.as_bytes()).await; // the server may stop reading early
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered promptly")
+        .unwrap_or(0);
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+
+    // Slowloris: a head that never ends is dropped after header_read_timeout.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"POST /default/demo HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut answer))
+        .await
+        .expect("the connection is closed, not left open")
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+
+    assert_eq!(h.backend.starts(&demo()), 0);
+    assert_eq!(
+        h.client
+            .get(format!("{}/healthz", h.admin))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(h.send("/default/demo", "after").await.status(), 202, "still serving");
+}
