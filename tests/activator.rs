@@ -183,17 +183,7 @@ async fn a_full_buffer_answers_503_with_retry_after_and_never_starts_twice() {
 }
 
 async fn send_with(client: &reqwest::Client, url: &str, id: &str) -> u16 {
-    client
-        .post(url)
-        .header("ce-specversion", "1.0")
-        .header("ce-id", id)
-        .header("ce-source", "/t")
-        .header("ce-type", "t")
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    support::post_event(client, url, id).await
 }
 
 #[tokio::test]

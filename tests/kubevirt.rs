@@ -85,6 +85,21 @@ fn assert_rbac_covers_every_request(kube: &FakeKube) {
     }
 }
 
+/// The binary with a config file selecting the kubevirt backend (pointed at `kube`) plus
+/// one more `kubevirt:` key; the directory must outlive the process.
+async fn spawn_with_kubevirt_config(kube: &FakeKube, kubevirt_key: &str) -> (tempfile::TempDir, Activator) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.write_kubeconfig(dir.path());
+    let config = dir.path().join("config.yaml");
+    let text = format!(
+        "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  {kubevirt_key}\n",
+        kubeconfig.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let activator = Activator::spawn(&["--config", config.to_str().unwrap(), "--auth", "none"]).await;
+    (dir, activator)
+}
+
 fn start_patch(name: &'static str) -> impl Fn(&Recorded) -> bool {
     move |r| {
         r.is_vm_patch(NS, name)
@@ -331,16 +346,7 @@ async fn a_vm_stopped_or_deleted_by_someone_else_answers_held_events_503() {
 }
 
 async fn post(url: &str) -> u16 {
-    reqwest::Client::new()
-        .post(url)
-        .header("ce-specversion", "1.0")
-        .header("ce-id", "held")
-        .header("ce-source", "/t")
-        .header("ce-type", "t")
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
+    support::post_event(&reqwest::Client::new(), url, "held").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,18 +405,7 @@ async fn pause_scale_down_pauses_the_vmi_and_the_next_event_resumes_it() {
     let mut a = annotations("2s");
     a["vm-activator.io/scale-down"] = json!("pause");
     kube.create_opted_in_vm(NS, "napper", a);
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kube.write_kubeconfig(dir.path());
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  pause: true\n",
-            kubeconfig.display()
-        ),
-    )
-    .unwrap();
-    let activator = Activator::spawn(&["--config", config.to_str().unwrap(), "--auth", "none"]).await;
+    let (_dir, activator) = spawn_with_kubevirt_config(&kube, "pause: true").await;
     activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
     assert_eq!(activator.send_status("/apps/napper", "one").await, 202);
 
@@ -444,18 +439,7 @@ async fn listed_namespaces_limit_what_the_activator_manages() {
     let kube = FakeKube::start(Options::default()).await;
     kube.create_opted_in_vm(NS, "inside", annotations("1m"));
     kube.create_opted_in_vm("elsewhere", "outside", annotations("1m"));
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kube.write_kubeconfig(dir.path());
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  namespaces: [apps]\n",
-            kubeconfig.display()
-        ),
-    )
-    .unwrap();
-    let activator = Activator::spawn(&["--config", config.to_str().unwrap(), "--auth", "none"]).await;
+    let (_dir, activator) = spawn_with_kubevirt_config(&kube, "namespaces: [apps]").await;
     activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
     activator
         .wait_vm_state(NS, "inside", "stopped", Duration::from_secs(5))

@@ -209,18 +209,7 @@ async fn held_events_past_the_drain_deadline_get_503_not_silence() {
     };
     let mut c = replicas(options, "1m", &["--drain-timeout", "1s"]).await;
     let url = format!("{}/apps/shared", c.replicas[0].ingress);
-    let held = tokio::spawn(async move {
-        reqwest::Client::new()
-            .post(url)
-            .header("ce-specversion", "1.0")
-            .header("ce-id", "stuck")
-            .header("ce-source", "/t")
-            .header("ce-type", "t")
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-    });
+    let held = tokio::spawn(async move { support::post_event(&reqwest::Client::new(), &url, "stuck").await });
     c.replicas[0]
         .wait_vm_state(NS, VM, "probing", Duration::from_secs(5))
         .await;

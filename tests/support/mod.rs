@@ -135,6 +135,21 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// POSTs a minimal binary-mode CloudEvent with `id` to `url`; returns the status, or 0
+/// if no answer came (connection refused or reset).
+pub async fn post_event(client: &reqwest::Client, url: &str, id: &str) -> u16 {
+    client
+        .post(url)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", id)
+        .header("ce-source", "/tests")
+        .header("ce-type", "test.event")
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
 /// Sends `request` bytes as-is (no client-side path normalisation) and returns the
 /// status code of the answer.
 pub async fn raw_status(addr: std::net::SocketAddr, request: &str) -> u16 {
