@@ -220,11 +220,11 @@ impl Backend for FakeBackend {
             return Err(BackendError::Failed { op: "start", message });
         }
         // Each boot gets its own loopback address (127.2.x.y; Linux routes all of
-        // 127.0.0.0/8 to lo), bound now so no other server can ever answer in its place.
-        // The guest accepts only once "booted": until then connections wait in the
-        // backlog unanswered, as with QEMU user networking before the guest app is up.
-        let listener = reserve_guest_listener().map_err(|e| BackendError::Unavailable(e.to_string()))?;
-        let endpoint = listener
+        // 127.0.0.0/8 to lo), bound now — so no other server can ever answer in its
+        // place — but not listening until "booted": until then connections are refused,
+        // as by a guest whose application is not up yet.
+        let socket = reserve_guest_socket().map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        let endpoint = socket
             .local_addr()
             .map_err(|e| BackendError::Unavailable(e.to_string()))?;
         let mut vms = self.vms.lock().expect("vms lock");
@@ -252,7 +252,7 @@ impl Backend for FakeBackend {
                 message: None,
             });
             tokio::time::sleep_until(started + options.boot_delay).await;
-            let listener = match TcpListener::from_std(listener) {
+            let listener = match socket.listen(1024) {
                 Ok(l) => l,
                 Err(e) => {
                     status.send_replace(BackendStatus {
@@ -284,17 +284,17 @@ impl Backend for FakeBackend {
 /// Guest addresses handed out so far in this process.
 static NEXT_GUEST: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// Binds the next free guest address (skipping any another process holds).
-fn reserve_guest_listener() -> std::io::Result<std::net::TcpListener> {
+/// Binds (without listening) the next free guest address, skipping any that another
+/// process holds.
+fn reserve_guest_socket() -> std::io::Result<tokio::net::TcpSocket> {
     let mut last_error = None;
     for _ in 0..1024 {
         let n = NEXT_GUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ip = std::net::Ipv4Addr::new(127, 2, (n / 254 % 256) as u8, (n % 254 + 1) as u8);
-        match std::net::TcpListener::bind((ip, 8080)) {
-            Ok(listener) => {
-                listener.set_nonblocking(true)?;
-                return Ok(listener);
-            }
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        match socket.bind(SocketAddr::from((ip, 8080))) {
+            Ok(()) => return Ok(socket),
             Err(e) => last_error = Some(e),
         }
     }

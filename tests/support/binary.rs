@@ -54,7 +54,8 @@ impl Activator {
                 .build()
                 .unwrap(),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: on a loaded 2-core machine a dozen processes may be starting at once.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while activator.get_status("/healthz").await != 200 {
             assert!(Instant::now() < deadline, "activator did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;

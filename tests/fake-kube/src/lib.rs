@@ -187,14 +187,16 @@ pub struct FakeKube {
 /// Addresses handed to VMIs: 127.1.x.y (y in 1..=254), unique within the process.
 static NEXT_IP: AtomicU32 = AtomicU32::new(0);
 
-/// Binds the next free VMI address on `port` (skipping any another process holds).
-fn reserve_guest_listener(port: u16) -> Option<std::net::TcpListener> {
+/// Binds (without listening) the next free VMI address on `port`, skipping any that
+/// another process holds.
+fn reserve_guest_socket(port: u16) -> Option<tokio::net::TcpSocket> {
     for _ in 0..1024 {
         let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
         let ip = Ipv4Addr::new(127, 1, (n / 254 % 256) as u8, (n % 254 + 1) as u8);
-        if let Ok(listener) = std::net::TcpListener::bind((ip, port)) {
-            listener.set_nonblocking(true).ok()?;
-            return Some(listener);
+        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+        socket.set_reuseaddr(true).ok()?;
+        if socket.bind(SocketAddr::new(IpAddr::V4(ip), port)).is_ok() {
+            return Some(socket);
         }
     }
     None
@@ -1049,12 +1051,12 @@ async fn boot(inner: std::sync::Weak<Inner>, ns: String, name: String, uid: Valu
         return;
     }
     tokio::time::sleep(options.running_delay).await;
-    // The VMI's address is bound from now on (so no other server can answer for it); the
-    // guest application accepts only after `guest_delay`, as a booting guest OS would.
-    let Some(listener) = reserve_guest_listener(port) else {
+    // The VMI's address is bound from now on (so no other server can answer for it), but
+    // refuses connections until the guest application listens after `guest_delay`.
+    let Some(socket) = reserve_guest_socket(port) else {
         return;
     };
-    let ip = listener.local_addr().expect("bound").ip();
+    let ip = socket.local_addr().expect("bound").ip();
     if !step("Running", Some(ip)) {
         return;
     }
@@ -1065,7 +1067,7 @@ async fn boot(inner: std::sync::Weak<Inner>, ns: String, name: String, uid: Valu
     let guest_delay = options.guest_delay;
     let task = tokio::spawn(async move {
         tokio::time::sleep(guest_delay).await;
-        let Ok(listener) = TcpListener::from_std(listener) else {
+        let Ok(listener) = socket.listen(1024) else {
             return;
         };
         serve_router(listener, guest_router(log)).await;
