@@ -32,17 +32,7 @@ struct Cluster {
 async fn cluster(options: Options, setup: impl FnOnce(&FakeKube)) -> Cluster {
     let kube = FakeKube::start(options).await;
     setup(&kube);
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kube.write_kubeconfig(dir.path());
-    let activator = Activator::spawn(&[
-        "--backend",
-        "kubevirt",
-        "--kubeconfig",
-        kubeconfig.to_str().unwrap(),
-        "--auth",
-        "none",
-    ])
-    .await;
+    let (dir, activator) = spawn_with_kubeconfig(&kube).await;
     activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
     Cluster {
         kube,
@@ -83,6 +73,23 @@ fn assert_rbac_covers_every_request(kube: &FakeKube) {
             .any(|(g, res, verbs)| *g == group && *res == resource && verbs.contains(&verb));
         assert!(allowed, "{verb} {group}/{resource} is not in the shipped RBAC: {r:?}");
     }
+}
+
+/// The binary with `--backend kubevirt` and a kubeconfig for `kube`; the directory
+/// holding the kubeconfig must outlive the process.
+async fn spawn_with_kubeconfig(kube: &FakeKube) -> (tempfile::TempDir, Activator) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.write_kubeconfig(dir.path());
+    let args = [
+        "--backend",
+        "kubevirt",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--auth",
+        "none",
+    ];
+    let activator = Activator::spawn(&args).await;
+    (dir, activator)
 }
 
 /// The binary with a config file selecting the kubevirt backend (pointed at `kube`) plus
@@ -372,17 +379,7 @@ async fn an_api_server_down_at_start_up_is_waited_for() {
     let kube = FakeKube::start(Options::default()).await;
     kube.create_opted_in_vm(NS, "early", annotations("1m"));
     kube.set_down(true).await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kube.write_kubeconfig(dir.path());
-    let activator = Activator::spawn(&[
-        "--backend",
-        "kubevirt",
-        "--kubeconfig",
-        kubeconfig.to_str().unwrap(),
-        "--auth",
-        "none",
-    ])
-    .await;
+    let (_dir, activator) = spawn_with_kubeconfig(&kube).await;
     assert_eq!(activator.get_status("/readyz").await, 503);
     // Nothing listed yet: the activator cannot tell "unknown" from "not synced", so 503.
     let early = activator.send("/apps/early", "too-early").await;
