@@ -306,15 +306,7 @@ async fn oidc_tokens_are_verified_and_subjects_authorized() {
         "no refused request may start a VM"
     );
     assert_eq!(h.backend.starts(&VmKey::new("default", "private")), 0);
-    assert_eq!(
-        h.client
-            .get(format!("{}/healthz", h.admin))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert!(h.healthy().await, "the process stays healthy");
     assert_eq!(
         h.metric("vm_activator_rejected_total{namespace=\"default\",reason=\"unauthorized\",vm=\"demo\"}")
             .await,

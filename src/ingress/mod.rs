@@ -162,7 +162,7 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
         &caller,
         &state.config.auth.allowed_subjects,
         &gate.policy().allowed_subjects,
-        &gate.key().to_string(),
+        gate.key(),
     );
     let result = match authorized {
         Ok(()) => handle(&state, &gate, &target, parts, body).await,

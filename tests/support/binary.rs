@@ -106,14 +106,7 @@ impl Activator {
 
     /// `/v1/vms` as JSON.
     pub async fn vms(&self) -> serde_json::Value {
-        self.client
-            .get(format!("{}/v1/vms", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        serde_json::from_str(&super::admin_text(&self.client, &self.admin, "/v1/vms").await).unwrap()
     }
 
     /// The `/v1/vms` entry of one VM, if listed.
@@ -144,16 +137,7 @@ impl Activator {
 
     /// The value of one exact series in `/metrics`, or 0 if absent.
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .client
-            .get(format!("{}/metrics", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        super::metric_value(&text, series)
+        super::metric_value(&super::admin_text(&self.client, &self.admin, "/metrics").await, series)
     }
 
     /// Sends SIGTERM and waits (up to `limit`) for the exit status.

@@ -78,14 +78,7 @@ impl Harness {
 
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        admin_text(&self.client, &self.admin, "/metrics").await
     }
 
     /// The value of one exact series in `/metrics`, or 0 if absent.
@@ -95,14 +88,13 @@ impl Harness {
 
     /// `/v1/vms` as JSON.
     pub async fn vms(&self) -> serde_json::Value {
-        self.client
-            .get(format!("{}/v1/vms", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        serde_json::from_str(&admin_text(&self.client, &self.admin, "/v1/vms").await).unwrap()
+    }
+
+    /// Whether the admin listener still answers `/healthz` with 200.
+    pub async fn healthy(&self) -> bool {
+        let response = self.client.get(format!("{}/healthz", self.admin)).send().await;
+        response.is_ok_and(|r| r.status() == 200)
     }
 
     /// The `state` of `default/demo` in `/v1/vms`.
@@ -125,6 +117,18 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// The body of `GET {admin}{path}` as text (panics if the admin listener does not answer).
+pub async fn admin_text(client: &reqwest::Client, admin: &str, path: &str) -> String {
+    client
+        .get(format!("{admin}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// The value of one exact series (`name{labels}`) in Prometheus text, or 0 if absent.
