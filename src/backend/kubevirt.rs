@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, CustomResource, Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -237,7 +237,14 @@ impl KubevirtBackend {
                 .map(|ns| Api::namespaced(self.client.clone(), ns))
                 .collect()
         };
-        futures_util::stream::select_all(apis.into_iter().map(move |api| watcher(api, wc.clone()).boxed())).boxed()
+        // managedFields are often the largest part of an object and never read here: drop
+        // them before the store keeps the object (memory at thousands of VMs).
+        futures_util::stream::select_all(apis.into_iter().map(move |api| {
+            watcher(api, wc.clone())
+                .modify(|object| object.managed_fields_mut().clear())
+                .boxed()
+        }))
+        .boxed()
     }
 
     fn vm(&self, key: &VmKey) -> Option<Arc<VirtualMachine>> {

@@ -177,6 +177,8 @@ struct Inner {
     vmi_creations: Mutex<HashMap<(String, String), usize>>,
     /// Bumped to end every open watch cleanly (as a watch timeout does).
     watch_epoch: tokio::sync::watch::Sender<u64>,
+    /// While true, booted guests wait before they start listening (see `hold_guests`).
+    guests_held: tokio::sync::watch::Sender<bool>,
 }
 
 /// The fake API server. Dropping it stops everything.
@@ -219,6 +221,7 @@ impl FakeKube {
             guest_logs: Mutex::new(HashMap::new()),
             controller: Mutex::new(None),
             watch_epoch: tokio::sync::watch::channel(0).0,
+            guests_held: tokio::sync::watch::channel(false).0,
             vmi_creations: Mutex::new(HashMap::new()),
         });
         let fake = FakeKube { inner };
@@ -253,6 +256,12 @@ impl FakeKube {
     /// Changes the simulated cluster's timings from now on.
     pub fn set_options(&self, f: impl FnOnce(&mut Options)) {
         f(&mut self.inner.options.lock().unwrap());
+    }
+
+    /// While `held`, guests that finish booting wait before they listen, however long that
+    /// takes (benchmarks hold a cold start open to queue a burst of events behind it).
+    pub fn hold_guests(&self, held: bool) {
+        self.inner.guests_held.send_replace(held);
     }
 
     /// Creates a VirtualMachine. `spec` is merged over `{"runStrategy": "Halted"}`
@@ -416,6 +425,7 @@ impl Inner {
         let rv = store.rv;
         let (kind, object) = match object {
             Some(mut object) => {
+                object["metadata"]["managedFields"] = managed_fields(&object);
                 let meta = &mut object["metadata"];
                 meta["resourceVersion"] = json!(rv.to_string());
                 match &old {
@@ -870,6 +880,7 @@ async fn serve_router(listener: TcpListener, router: Router) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        let _ = stream.set_nodelay(true);
         let router = router.clone();
         connections.spawn(async move {
             let service = hyper_service(router);
@@ -1027,6 +1038,39 @@ fn reconcile(inner: &Arc<Inner>, ns: &str, name: &str) {
     }
 }
 
+/// `metadata.managedFields` as kube-apiserver keeps it: every object carries a
+/// FieldsV1 tree of the fields its manager set (often larger than the rest of the
+/// object's metadata), so a client that caches whole objects pays for it.
+fn managed_fields(object: &Value) -> Value {
+    fn tree(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(key, child)| (format!("f:{key}"), tree(child)))
+                    .collect(),
+            ),
+            _ => json!({}),
+        }
+    }
+    let meta = &object["metadata"];
+    let fields = json!({
+        "f:metadata": {
+            "f:labels": tree(&meta["labels"]),
+            "f:annotations": tree(&meta["annotations"]),
+        },
+        "f:spec": tree(&object["spec"]),
+        "f:status": tree(&object["status"]),
+    });
+    json!([{
+        "manager": "kubectl-client-side-apply",
+        "operation": "Update",
+        "apiVersion": object["apiVersion"],
+        "time": "2026-01-01T00:00:00Z",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields,
+    }])
+}
+
 /// Pending → Scheduled → Running (with an IP), then the guest starts listening.
 async fn boot(inner: std::sync::Weak<Inner>, ns: String, name: String, uid: Value, port: u16, options: Options) {
     let step = |phase: &str, ip: Option<IpAddr>| {
@@ -1065,8 +1109,10 @@ async fn boot(inner: std::sync::Weak<Inner>, ns: String, name: String, uid: Valu
     };
     let log = strong.guest_log(&ns, &name);
     let guest_delay = options.guest_delay;
+    let mut held = strong.guests_held.subscribe();
     let task = tokio::spawn(async move {
         tokio::time::sleep(guest_delay).await;
+        let _ = held.wait_for(|held| !*held).await;
         let Ok(listener) = socket.listen(1024) else {
             return;
         };

@@ -1,0 +1,198 @@
+//! Burst: 10,000 events, each on its own HTTP/1.1 connection as separate senders would
+//! deliver them, all held by the real binary during one cold start (the fake cluster
+//! keeps the guest from listening until every event is held), then released. Checks
+//! every event reached the guest exactly once and measures the activator's RSS growth
+//! per held event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_kube::FakeKube;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::procs::ActivatorProcess;
+use crate::report::{mib, target};
+use crate::Mode;
+
+/// POSTs one binary-mode event with its own connection (`Connection: close`); returns
+/// the status code, 0 if the exchange failed.
+pub async fn post_once(url: &str, id: &str, body: &[u8]) -> u16 {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return 0;
+    };
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let Ok(mut stream) = tokio::net::TcpStream::connect(host).await else {
+        return 0;
+    };
+    let _ = stream.set_nodelay(true);
+    if stream.write_all(&request(host, path, id, body)).await.is_err() {
+        return 0;
+    }
+    read_status(&mut stream).await
+}
+
+/// One binary-mode CloudEvent POST with `Connection: close`, as bytes on the wire.
+fn request(host: &str, path: &str, id: &str, body: &[u8]) -> Vec<u8> {
+    let mut bytes = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         ce-specversion: 1.0\r\nce-id: {id}\r\nce-source: /bench\r\nce-type: bench.event\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+async fn read_status(stream: &mut tokio::net::TcpStream) -> u16 {
+    let mut response = Vec::new();
+    if stream.read_to_end(&mut response).await.is_err() && response.is_empty() {
+        return 0;
+    }
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+pub async fn run(mode: Mode) {
+    let n: usize = if mode.quick { 2_000 } else { 10_000 };
+    let kube = FakeKube::start(fake_kube::Options::default()).await;
+    kube.create_opted_in_vm(
+        "bench",
+        "burst",
+        json!({
+            "vm-activator.io/readiness": "http:/healthz",
+            "vm-activator.io/idle-timeout": "1h",
+            "vm-activator.io/start-timeout": "10m",
+            "vm-activator.io/max-buffered": n.to_string(),
+            "vm-activator.io/concurrency": "64",
+        }),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = kube.write_kubeconfig(dir.path());
+    let activator = ActivatorProcess::kubevirt(
+        &kubeconfig,
+        dir.path(),
+        "ingress:\n  max_concurrent_requests: 20000\n  max_connections: 20000\n",
+    )
+    .await;
+    activator.wait_vms(1, Duration::from_secs(30)).await;
+    // Settle: let start-up allocations finish before the baseline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = activator.memory();
+    crate::procs::reset_peak(activator.pid());
+    kube.hold_guests(true);
+
+    let url = Arc::new(format!("http://{}/bench/burst", activator.ingress));
+    let body_bytes: usize = (0..n).map(|i| format!("{{\"n\":{i}}}").len()).sum();
+    // Connect at most this many at a time: a burst of SYNs beyond the listen backlog
+    // would only measure the kernel's SYN retransmit timer.
+    let connecting = Arc::new(tokio::sync::Semaphore::new(256));
+    let started = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (url, connecting) = (url.clone(), connecting.clone());
+        senders.spawn(async move {
+            let Some(rest) = url.strip_prefix("http://") else {
+                return 0;
+            };
+            let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let permit = connecting.acquire_owned().await.expect("semaphore");
+            let Ok(mut stream) = tokio::net::TcpStream::connect(host).await else {
+                return 0;
+            };
+            let body = format!("{{\"n\":{i}}}");
+            if stream
+                .write_all(&request(host, path, &format!("burst-{i}"), body.as_bytes()))
+                .await
+                .is_err()
+            {
+                return 0;
+            }
+            drop(permit);
+            read_status(&mut stream).await
+        });
+    }
+    let labels = [("namespace", "bench"), ("vm", "burst")];
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut held = 0.0;
+    while held < n as f64 {
+        assert!(Instant::now() < deadline, "only {held} of {n} events were held");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held = activator.metric("vm_activator_buffered_requests", &labels).await.unwrap_or(0.0);
+    }
+    let all_held = started.elapsed();
+    let at_peak = activator.memory();
+    let released = Instant::now();
+    kube.hold_guests(false);
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    while let Some(status) = senders.join_next().await {
+        *statuses.entry(status.unwrap_or(0)).or_default() += 1;
+    }
+    let drained = released.elapsed();
+    let after = activator.memory();
+
+    let log = kube.guest_events("bench", "burst");
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
+    for id in &log {
+        *seen.entry(id.as_str()).or_default() += 1;
+    }
+    let delivered_once = (0..n)
+        .filter(|i| seen.get(format!("burst-{i}").as_str()) == Some(&1))
+        .count();
+    let duplicates = seen.values().filter(|&&c| c > 1).count();
+    let accepted = statuses.get(&202).copied().unwrap_or(0);
+
+    let peak_kib = at_peak.rss_kib.max(after.peak_kib);
+    let growth_bytes = peak_kib.saturating_sub(before.rss_kib) as f64 * 1024.0;
+    let per_event = growth_bytes / n as f64;
+    let body_avg = body_bytes as f64 / n as f64;
+    let beyond_body = per_event - body_avg;
+
+    println!("\n## Burst: {n} events held during one cold start (real binary, KubeVirt backend, fake cluster)\n");
+    println!("Each event on its own HTTP/1.1 connection; the guest listens only once all are held; concurrency 64 to the guest.\n");
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!("| events sent / held at once | {n} / {held:.0} |");
+    println!("| answers | {} |", format_statuses(&statuses));
+    println!(
+        "| guest log: delivered exactly once / duplicates / missing | {delivered_once} / {duplicates} / {} |",
+        n - delivered_once - duplicates.min(n - delivered_once)
+    );
+    println!("| time to hold all / to deliver all after the guest listened | {:.2} s / {:.2} s |", all_held.as_secs_f64(), drained.as_secs_f64());
+    println!(
+        "| activator RSS before / all held / peak | {} / {} / {} MiB |",
+        mib(before.rss_kib),
+        mib(at_peak.rss_kib),
+        mib(peak_kib)
+    );
+    println!("| RSS growth per held event (body {body_avg:.0} B) | {per_event:.0} B, {beyond_body:.0} B beyond the body |");
+    target(
+        format!("burst of {n}: all delivered exactly once"),
+        format!("{delivered_once} exactly once, {accepted} × 202, {duplicates} duplicates"),
+        delivered_once == n && accepted == n && duplicates == 0,
+    );
+    target(
+        "≤ 2 KiB memory growth per held event beyond its body",
+        format!("{beyond_body:.0} B"),
+        beyond_body <= 2048.0,
+    );
+}
+
+fn format_statuses(statuses: &std::collections::BTreeMap<u16, usize>) -> String {
+    statuses
+        .iter()
+        .map(|(status, count)| {
+            if *status == 0 {
+                format!("{count} × failed")
+            } else {
+                format!("{count} × {status}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,176 @@
+//! Cold starts: N cold starts of distinct VMs through the fake backend in this process
+//! (overhead = client-observed cold start − the instant the guest server started
+//! listening; start signal = request sent → backend start call issued), and cold
+//! starts through the KubeVirt backend against the fake API server.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+use vm_activator::backend::fake::{FakeBackend, FakeOptions};
+use vm_activator::config::Config;
+use vm_activator::server;
+use vm_activator::vm::{Policy, VmKey};
+
+use crate::report::{ms, percentile, target};
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
+
+fn event(uri: &str, id: u64) -> hyper::Request<Full<Bytes>> {
+    hyper::Request::post(uri)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", id.to_string())
+        .header("ce-source", "/bench")
+        .header("ce-type", "bench.event")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"reading\":42}")))
+        .expect("valid request")
+}
+
+pub async fn fake_backend(quick: bool) {
+    let n = if quick { 5 } else { 100 };
+    let boot = Duration::from_millis(200);
+    let keys: Vec<VmKey> = (0..n).map(|i| VmKey::new("bench", format!("cold-{i}"))).collect();
+    let policy = Policy {
+        readiness: "http:/healthz".parse().expect("valid"),
+        ..Policy::default()
+    };
+    let backend = FakeBackend::new(
+        keys.iter().map(|k| (k.clone(), policy.clone())),
+        FakeOptions {
+            boot_delay: boot,
+            ..FakeOptions::default()
+        },
+    );
+    let server = server::start(Config::for_tests(), backend.clone())
+        .await
+        .expect("server");
+    let client = client();
+    let mut overheads = Vec::new();
+    let mut signals = Vec::new();
+    let mut totals = Vec::new();
+    for key in &keys {
+        let uri = format!("http://{}/{}/{}", server.ingress_addr, key.namespace, key.name);
+        let sent = Instant::now();
+        let response = client.request(event(&uri, 1)).await.expect("cold start");
+        let _ = response.into_body().collect().await;
+        let answered = Instant::now();
+        let log = backend.guest_log(key);
+        let log = log.lock().expect("log");
+        let listening = log.listening_since[0];
+        let start_called = log.start_calls[0];
+        if std::env::var("BENCH_DEBUG").is_ok() {
+            let gate = server.activator.gate(&key.namespace, &key.name).expect("gate");
+            eprintln!(
+                "listening→answered {:?}, cold_start {:?}",
+                answered.saturating_duration_since(listening),
+                gate.last_cold_start()
+            );
+        }
+        overheads.push(answered.saturating_duration_since(listening));
+        signals.push(start_called.saturating_duration_since(sent));
+        totals.push(answered - sent);
+    }
+    overheads.sort();
+    signals.sort();
+    totals.sort();
+    let row = |name: &str, v: &[Duration]| {
+        println!(
+            "| {name} | {} | {} | {} |",
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.99)),
+            ms(*v.last().expect("non-empty"))
+        );
+    };
+    println!("\n## Cold start ({n} cold starts, fake guest listening {boot:?} after the start call)\n");
+    println!("| measure | p50 ms | p99 ms | max ms |");
+    println!("|---|---:|---:|---:|");
+    row("client-observed cold start", &totals);
+    row("overhead: answer − guest listening", &overheads);
+    row("start signal: request sent → start call", &signals);
+    target(
+        "cold-start overhead ≤ 10 ms p99",
+        format!("p99 {} ms ({n} cold starts)", ms(percentile(&overheads, 0.99))),
+        percentile(&overheads, 0.99) <= Duration::from_millis(10),
+    );
+    target(
+        "start signal ≤ 1 ms",
+        format!(
+            "p50 {} ms, p99 {} ms",
+            ms(percentile(&signals, 0.5)),
+            ms(percentile(&signals, 0.99))
+        ),
+        percentile(&signals, 0.99) <= Duration::from_millis(1),
+    );
+    server.drain().await;
+}
+
+/// Cold starts through the KubeVirt backend against the fake kube-apiserver: what the
+/// activator adds on top of the simulated cluster's own timeline, and how many API
+/// requests one cold start costs.
+pub async fn kubevirt(quick: bool) {
+    use fake_kube::{FakeKube, Options};
+    use vm_activator::backend::kubevirt::KubevirtBackend;
+    use vm_activator::config::KubevirtConfig;
+
+    let n = if quick { 3 } else { 20 };
+    let options = Options::default();
+    let cluster_time = options.schedule_delay + options.running_delay + options.guest_delay;
+    let kube = FakeKube::start(options).await;
+    for i in 0..n {
+        kube.create_opted_in_vm(
+            "bench",
+            &format!("vm-{i}"),
+            serde_json::json!({"vm-activator.io/readiness": "http:/healthz"}),
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = KubevirtConfig {
+        kubeconfig: Some(kube.write_kubeconfig(dir.path())),
+        ..KubevirtConfig::default()
+    };
+    let backend = KubevirtBackend::connect(config).await.expect("backend");
+    let server = server::start(Config::for_tests(), backend).await.expect("server");
+    while server.activator.gates().len() < n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = client();
+    let mut totals = Vec::new();
+    let api_before = kube.count(|r| !r.is_watch());
+    for i in 0..n {
+        let uri = format!("http://{}/bench/vm-{i}", server.ingress_addr);
+        let sent = Instant::now();
+        let response = client.request(event(&uri, 1)).await.expect("cold start");
+        assert!(response.status().is_success(), "{}", response.status());
+        let _ = response.into_body().collect().await;
+        totals.push(sent.elapsed());
+    }
+    let api_requests = kube.count(|r| !r.is_watch()) - api_before;
+    totals.sort();
+    println!("\n## KubeVirt cold start ({n} VMs, fake API server; simulated cluster: VMI created → guest listening in {cluster_time:?})\n");
+    println!("| measure | p50 ms | max ms |");
+    println!("|---|---:|---:|");
+    println!(
+        "| client-observed cold start | {} | {} |",
+        ms(percentile(&totals, 0.5)),
+        ms(*totals.last().expect("non-empty"))
+    );
+    println!(
+        "\nAPI requests per cold start (besides the watches): {:.1}",
+        api_requests as f64 / n as f64
+    );
+    server.drain().await;
+}
+
