@@ -55,6 +55,12 @@ impl Activator {
             metrics,
             draining: AtomicBool::new(false),
         });
+        let weak = Arc::downgrade(&activator);
+        activator.metrics.set_phase_source(Box::new(move || {
+            weak.upgrade()
+                .map(|a| a.gates().iter().map(|g| (g.key().clone(), g.phase())).collect())
+                .unwrap_or_default()
+        }));
         let catalog = activator.backend.catalog().borrow().clone();
         activator.sync_catalog(&catalog);
         activator
@@ -96,7 +102,7 @@ impl Activator {
                 let replace = match namespace.get(&key.name) {
                     None => true,
                     Some(gate) => {
-                        gate.policy().as_ref() != policy
+                        gate.policy() != policy
                             && matches!(gate.phase(), VmPhase::Stopped | VmPhase::Failed)
                             && gate.held() == (0, 0)
                             && gate.in_flight() == 0
@@ -228,7 +234,7 @@ impl Activator {
     /// watch it while it runs.
     async fn run_vm(self: Arc<Self>, gate: Arc<Gate>, kind: StartKind) {
         let key = gate.key().clone();
-        gate.metrics().scale_ups.inc();
+        gate.metrics().series().scale_ups.inc();
         let Some(mut status) = self.backend.status(&key) else {
             gate.fail(GateError::StartFailed("the backend does not know this VM".into()));
             return;
@@ -247,7 +253,7 @@ impl Activator {
                     if let Some(first) = opened.first_held_at {
                         let took = first.elapsed();
                         let seconds = took.as_secs_f64();
-                        gate.metrics().cold_start.observe(seconds);
+                        gate.metrics().series().cold_start.observe(seconds);
                         gate.record_cold_start(took);
                         tracing::info!(vm = %key, %endpoint, held = opened.len(), cold_start_ms = (seconds * 1000.0) as u64, "VM ready");
                     }

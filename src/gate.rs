@@ -114,17 +114,16 @@ pub struct Gate {
 
 impl Gate {
     /// A gate for a stopped VM.
-    pub fn new(key: VmKey, policy: Policy, metrics: VmMetrics) -> Arc<Gate> {
+    pub fn new(key: VmKey, policy: Arc<Policy>, metrics: VmMetrics) -> Arc<Gate> {
         let limiter = (policy.concurrency > 0).then(|| Arc::new(Semaphore::new(policy.concurrency)));
         let (state, _) = watch::channel(GateState {
             phase: VmPhase::Stopped,
             endpoint: None,
             last_error: None,
         });
-        metrics.set_phase(VmPhase::Stopped);
         Arc::new(Gate {
             key,
-            policy: Arc::new(policy),
+            policy,
             state,
             parking: Mutex::new(Parking {
                 waiters: VecDeque::new(),
@@ -245,7 +244,6 @@ impl Gate {
                 s.last_error = error;
             }
         });
-        self.metrics.set_phase(phase);
     }
 
     /// The warm path: when Ready with nothing held and a concurrency slot free, the
@@ -274,7 +272,7 @@ impl Gate {
     }
 
     fn entered(self: &Arc<Self>, endpoint: Endpoint, permit: Option<OwnedSemaphorePermit>) -> InFlightGuard {
-        self.metrics.in_flight.inc();
+        self.metrics.series().in_flight.inc();
         self.touch();
         InFlightGuard {
             gate: self.clone(),
@@ -301,7 +299,7 @@ impl Gate {
         p.count += 1;
         p.bytes += body_bytes;
         self.held.store(p.count, Ordering::SeqCst);
-        self.metrics.buffered.set(p.count as i64);
+        self.metrics.series().buffered.set(p.count as i64);
         let ticket = HeldTicket {
             gate: self.clone(),
             bytes: body_bytes,
@@ -417,7 +415,6 @@ impl Gate {
             closed
         });
         if closed {
-            self.metrics.set_phase(VmPhase::Stopping);
             Some(from)
         } else {
             None
@@ -522,7 +519,7 @@ impl Drop for HeldTicket {
         p.count -= 1;
         p.bytes -= self.bytes;
         self.gate.held.store(p.count, Ordering::SeqCst);
-        self.gate.metrics.buffered.set(p.count as i64);
+        self.gate.metrics.series().buffered.set(p.count as i64);
     }
 }
 
@@ -620,7 +617,7 @@ impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.gate.touch();
         self.gate.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.gate.metrics.in_flight.dec();
+        self.gate.metrics.series().in_flight.dec();
     }
 }
 
@@ -632,7 +629,7 @@ mod tests {
     fn gate_with(policy: Policy) -> Arc<Gate> {
         let metrics = Metrics::new();
         let key = VmKey::new("ns", "vm");
-        Gate::new(key.clone(), policy, metrics.vm(&key))
+        Gate::new(key.clone(), Arc::new(policy), metrics.vm(&key))
     }
 
     fn gate() -> Arc<Gate> {

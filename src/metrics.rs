@@ -5,8 +5,10 @@
 //! Owns: metric names, labels, buckets, the text exposition.
 //! Must not import any other module but `vm`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -82,7 +84,6 @@ struct Families {
     rejected: IntCounterVec,
     scale_ups: IntCounterVec,
     scale_downs: IntCounterVec,
-    vm_state: IntGaugeVec,
 }
 
 /// The process's metrics. Cheap to clone.
@@ -90,6 +91,7 @@ struct Families {
 pub struct Metrics {
     registry: Registry,
     families: Arc<Families>,
+    phases: Arc<VmStateCollector>,
 }
 
 impl Default for Metrics {
@@ -174,44 +176,32 @@ impl Metrics {
                 "Idle VMs stopped or paused, by action.",
                 &["namespace", "vm", "action"],
             ),
-            vm_state: gauge(
-                "vm_state",
-                "1 for the VM's current state, 0 for the others.",
-                &["namespace", "vm", "state"],
-            ),
         };
+        let phases = Arc::new(VmStateCollector::new());
+        registry
+            .register(Box::new(VmStates(phases.clone())))
+            .expect("unique metric");
         Metrics {
             registry,
             families: Arc::new(families),
+            phases,
         }
     }
 
-    /// Resolves this VM's handles (creating its series).
+    /// Where `vm_state` reads every VM's phase at scrape time (the activator's gates).
+    pub fn set_phase_source(&self, source: PhaseSource) {
+        *self.phases.source.write().unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
+    /// This VM's handles. Creates no series: they appear on the VM's first request (see
+    /// `VmMetrics`), so thousands of idle VMs cost nothing here.
     pub fn vm(&self, key: &VmKey) -> VmMetrics {
-        let f = &self.families;
-        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
-        let vm = [ns, name];
-        let phase = |p: &str| f.cold_start_phase.with_label_values(&[ns, name, p]);
-        // Zero-valued series for every known reason and action, so `rate()` and alerts
-        // see them before the first rejection or scale-down.
-        for reason in RejectReason::ALL {
-            f.rejected.with_label_values(&[ns, name, reason.as_str()]);
-        }
-        for action in ["stop", "pause"] {
-            f.scale_downs.with_label_values(&[ns, name, action]);
-        }
         VmMetrics {
-            labels: Arc::new([ns.to_string(), name.to_string()]),
-            families: self.families.clone(),
-            buffered: f.buffered.with_label_values(&vm),
-            in_flight: f.in_flight.with_label_values(&vm),
-            request_duration: f.request_duration.with_label_values(&vm),
-            cold_start: f.cold_start.with_label_values(&vm),
-            phase_start_call: phase("start_call"),
-            phase_boot: phase("boot"),
-            phase_probe: phase("probe"),
-            scale_ups: f.scale_ups.with_label_values(&vm),
-            states: VmPhase::ALL.map(|p| f.vm_state.with_label_values(&[ns, name, p.as_str()])),
+            inner: Arc::new(VmMetricsInner {
+                labels: [key.namespace.clone(), key.name.clone()],
+                families: self.families.clone(),
+                series: OnceLock::new(),
+            }),
         }
     }
 
@@ -237,9 +227,6 @@ impl Metrics {
         let _ = f.scale_ups.remove_label_values(&[ns, name]);
         for p in ["start_call", "boot", "probe"] {
             let _ = f.cold_start_phase.remove_label_values(&[ns, name, p]);
-        }
-        for p in VmPhase::ALL {
-            let _ = f.vm_state.remove_label_values(&[ns, name, p.as_str()]);
         }
         // Counters by code, reason and action: every label value is from a finite set.
         for code in STATUS_LABELS {
@@ -298,11 +285,27 @@ fn status_label(code: u16) -> &'static str {
     }
 }
 
-/// One VM's metric handles.
+/// One VM's metric handles. Cheap to clone.
+///
+/// `vm_state` is read from the gates at scrape time (see `set_phase_source`). Every
+/// series of the VM — including zero-valued
+/// `rejected_total` and `scale_downs_total` for each reason and action, so `rate()` and
+/// alerts see them before the first event — is created together on first use, which for a
+/// VM is its first request.
 #[derive(Clone)]
 pub struct VmMetrics {
-    labels: Arc<[String; 2]>,
+    inner: Arc<VmMetricsInner>,
+}
+
+struct VmMetricsInner {
+    labels: [String; 2],
     families: Arc<Families>,
+    /// Boxed: an unused VM pays one pointer, not the handles.
+    series: OnceLock<Box<VmSeries>>,
+}
+
+/// The series of a VM in use.
+pub struct VmSeries {
     /// `buffered_requests`.
     pub buffered: IntGauge,
     /// `in_flight_requests`.
@@ -311,54 +314,139 @@ pub struct VmMetrics {
     pub request_duration: Histogram,
     /// `cold_start_seconds`.
     pub cold_start: Histogram,
-    phase_start_call: Histogram,
-    phase_boot: Histogram,
-    phase_probe: Histogram,
     /// `scale_ups_total`.
     pub scale_ups: IntCounter,
-    states: [IntGauge; 7],
+    phases: [Histogram; 3],
+    rejected: [IntCounter; RejectReason::ALL.len()],
+    scale_downs: [IntCounter; SCALE_DOWN_ACTIONS.len()],
+    /// `requests_total` by code, resolved on first use of each code: no label hashing
+    /// per request.
+    requests: [OnceLock<IntCounter>; STATUS_LABELS.len()],
 }
 
+const SCALE_DOWN_ACTIONS: [&str; 2] = ["stop", "pause"];
+
 impl VmMetrics {
-    /// Sets `vm_state{state}`: 1 for `phase`, 0 for the rest.
-    pub fn set_phase(&self, phase: VmPhase) {
-        for (p, gauge) in VmPhase::ALL.iter().zip(&self.states) {
-            gauge.set(i64::from(*p == phase));
-        }
+    /// The VM's series, created on first use.
+    pub fn series(&self) -> &VmSeries {
+        let inner = &*self.inner;
+        inner.series.get_or_init(|| {
+            let f = &inner.families;
+            let [ns, name] = &inner.labels;
+            let vm = [ns.as_str(), name.as_str()];
+            Box::new(VmSeries {
+                buffered: f.buffered.with_label_values(&vm),
+                in_flight: f.in_flight.with_label_values(&vm),
+                request_duration: f.request_duration.with_label_values(&vm),
+                cold_start: f.cold_start.with_label_values(&vm),
+                scale_ups: f.scale_ups.with_label_values(&vm),
+                phases: ["start_call", "boot", "probe"].map(|p| f.cold_start_phase.with_label_values(&[ns, name, p])),
+                rejected: RejectReason::ALL.map(|r| f.rejected.with_label_values(&[ns, name, r.as_str()])),
+                scale_downs: SCALE_DOWN_ACTIONS.map(|a| f.scale_downs.with_label_values(&[ns, name, a])),
+                requests: std::array::from_fn(|_| OnceLock::new()),
+            })
+        })
     }
 
     /// Observes one cold-start phase.
     pub fn cold_start_phase(&self, phase: ColdStartPhase, seconds: f64) {
-        match phase {
-            ColdStartPhase::StartCall => &self.phase_start_call,
-            ColdStartPhase::Boot => &self.phase_boot,
-            ColdStartPhase::Probe => &self.phase_probe,
-        }
-        .observe(seconds);
+        let index = match phase {
+            ColdStartPhase::StartCall => 0,
+            ColdStartPhase::Boot => 1,
+            ColdStartPhase::Probe => 2,
+        };
+        self.series().phases[index].observe(seconds);
     }
 
     /// Counts an answered request by status code.
     pub fn request(&self, code: u16) {
-        self.families
-            .requests_total
-            .with_label_values(&[&self.labels[0], &self.labels[1], status_label(code)])
+        let label = status_label(code);
+        let index = STATUS_LABELS.iter().position(|l| *l == label).unwrap_or(0);
+        self.series().requests[index]
+            .get_or_init(|| {
+                let [ns, name] = &self.inner.labels;
+                self.inner.families.requests_total.with_label_values(&[ns, name, label])
+            })
             .inc();
     }
 
     /// Counts a rejection.
     pub fn rejected(&self, reason: RejectReason) {
-        self.families
-            .rejected
-            .with_label_values(&[&self.labels[0], &self.labels[1], reason.as_str()])
-            .inc();
+        let index = RejectReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.series().rejected[index].inc();
     }
 
     /// Counts a scale-down (`stop` or `pause`).
     pub fn scaled_down(&self, action: &str) {
-        self.families
-            .scale_downs
-            .with_label_values(&[&self.labels[0], &self.labels[1], action])
-            .inc();
+        match SCALE_DOWN_ACTIONS.iter().position(|a| *a == action) {
+            Some(index) => self.series().scale_downs[index].inc(),
+            None => tracing::warn!(action, "unknown scale-down action"),
+        }
+    }
+}
+
+/// Lists every VM with its current phase (called at scrape time).
+pub type PhaseSource = Box<dyn Fn() -> Vec<(VmKey, VmPhase)> + Send + Sync>;
+
+/// `vm_state{namespace,vm,state}`: one series per VM, its current state, value 1 —
+/// computed when scraped, so it never disagrees with the gates and costs no memory per
+/// VM between scrapes.
+struct VmStateCollector {
+    desc: Desc,
+    source: RwLock<Option<PhaseSource>>,
+}
+
+impl VmStateCollector {
+    fn new() -> Self {
+        let desc = Desc::new(
+            format!("{PREFIX}_vm_state"),
+            "1 for the VM's current state (one series per VM).".into(),
+            vec!["namespace".into(), "state".into(), "vm".into()],
+            Default::default(),
+        )
+        .expect("valid metric");
+        Self {
+            desc,
+            source: RwLock::new(None),
+        }
+    }
+}
+
+/// The registry takes collectors by value; this shares one with `Metrics`.
+struct VmStates(Arc<VmStateCollector>);
+
+impl Collector for VmStates {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.0.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let source = self.0.source.read().unwrap_or_else(|e| e.into_inner());
+        let Some(source) = source.as_ref() else {
+            return Vec::new();
+        };
+        let label = |name: &str, value: &str| {
+            let mut pair = LabelPair::default();
+            pair.set_name(name.to_string());
+            pair.set_value(value.to_string());
+            pair
+        };
+        let mut family = MetricFamily::default();
+        family.set_name(self.0.desc.fq_name.clone());
+        family.set_help(self.0.desc.help.clone());
+        family.set_field_type(MetricType::GAUGE);
+        for (key, phase) in source() {
+            let mut gauge = Gauge::default();
+            gauge.set_value(1.0);
+            let mut metric = Metric::from_gauge(gauge);
+            metric.set_label(vec![
+                label("namespace", &key.namespace),
+                label("state", phase.as_str()),
+                label("vm", &key.name),
+            ]);
+            family.mut_metric().push(metric);
+        }
+        vec![family]
     }
 }
 
@@ -369,13 +457,13 @@ mod tests {
     #[test]
     fn exposes_every_contract_name() {
         let metrics = Metrics::new();
+        metrics.set_phase_source(Box::new(|| vec![(VmKey::new("default", "demo"), VmPhase::Ready)]));
         let vm = metrics.vm(&VmKey::new("default", "demo"));
         vm.request(202);
         vm.rejected(RejectReason::BufferFull);
         vm.scaled_down("stop");
-        vm.cold_start.observe(1.0);
+        vm.series().cold_start.observe(1.0);
         vm.cold_start_phase(ColdStartPhase::Boot, 0.5);
-        vm.set_phase(VmPhase::Ready);
         let text = metrics.render();
         for name in [
             "vm_activator_requests_total{code=\"202\",namespace=\"default\",vm=\"demo\"} 1",
@@ -388,9 +476,31 @@ mod tests {
             "vm_activator_scale_ups_total",
             "vm_activator_scale_downs_total{action=\"stop\",namespace=\"default\",vm=\"demo\"} 1",
             "vm_activator_vm_state{namespace=\"default\",state=\"ready\",vm=\"demo\"} 1",
-            "vm_activator_vm_state{namespace=\"default\",state=\"stopped\",vm=\"demo\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+        assert!(
+            !text.contains("state=\"stopped\""),
+            "only the current state is exported"
+        );
+    }
+
+    #[test]
+    fn an_unused_vm_has_only_its_state_series() {
+        let metrics = Metrics::new();
+        metrics.set_phase_source(Box::new(|| vec![(VmKey::new("default", "idle"), VmPhase::Stopped)]));
+        let vm = metrics.vm(&VmKey::new("default", "idle"));
+        let text = metrics.render();
+        let series: Vec<&str> = text.lines().filter(|l| l.contains("vm=\"idle\"")).collect();
+        assert_eq!(
+            series,
+            ["vm_activator_vm_state{namespace=\"default\",state=\"stopped\",vm=\"idle\"} 1"]
+        );
+        vm.request(202);
+        let text = metrics.render();
+        assert!(
+            text.contains("vm_activator_rejected_total{namespace=\"default\",reason=\"buffer_full\",vm=\"idle\"} 0")
+        );
+        assert!(text.contains("vm_activator_scale_downs_total{action=\"pause\",namespace=\"default\",vm=\"idle\"} 0"));
     }
 }

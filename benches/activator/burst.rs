@@ -123,7 +123,10 @@ pub async fn run(mode: Mode) {
     while held < n as f64 {
         assert!(Instant::now() < deadline, "only {held} of {n} events were held");
         tokio::time::sleep(Duration::from_millis(100)).await;
-        held = activator.metric("vm_activator_buffered_requests", &labels).await.unwrap_or(0.0);
+        held = activator
+            .metric("vm_activator_buffered_requests", &labels)
+            .await
+            .unwrap_or(0.0);
     }
     let all_held = started.elapsed();
     let at_peak = activator.memory();
@@ -163,14 +166,20 @@ pub async fn run(mode: Mode) {
         "| guest log: delivered exactly once / duplicates / missing | {delivered_once} / {duplicates} / {} |",
         n - delivered_once - duplicates.min(n - delivered_once)
     );
-    println!("| time to hold all / to deliver all after the guest listened | {:.2} s / {:.2} s |", all_held.as_secs_f64(), drained.as_secs_f64());
+    println!(
+        "| time to hold all / to deliver all after the guest listened | {:.2} s / {:.2} s |",
+        all_held.as_secs_f64(),
+        drained.as_secs_f64()
+    );
     println!(
         "| activator RSS before / all held / peak | {} / {} / {} MiB |",
         mib(before.rss_kib),
         mib(at_peak.rss_kib),
         mib(peak_kib)
     );
-    println!("| RSS growth per held event (body {body_avg:.0} B) | {per_event:.0} B, {beyond_body:.0} B beyond the body |");
+    println!(
+        "| RSS growth per held event (body {body_avg:.0} B) | {per_event:.0} B, {beyond_body:.0} B beyond the body |"
+    );
     target(
         format!("burst of {n}: all delivered exactly once"),
         format!("{delivered_once} exactly once, {accepted} × 202, {duplicates} duplicates"),

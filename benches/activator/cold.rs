@@ -173,4 +173,3 @@ pub async fn kubevirt(quick: bool) {
     );
     server.drain().await;
 }
-

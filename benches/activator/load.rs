@@ -69,7 +69,8 @@ impl Generator {
                     .arg("-v")
                     .output()
                     .map(|o| {
-                        let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+                        let text =
+                            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
                         text.split_whitespace().nth(1).unwrap_or("").to_string()
                     })
                     .unwrap_or_default();

@@ -14,7 +14,9 @@
 //! `cargo bench` for the full run; `cargo bench -- --quick` (or BENCH_QUICK=1) for the
 //! smoke run CI does. `BENCH_ONLY=warm,burst` runs some sections; BENCH_DEBUG=1 logs
 //! each cold start step of the in-process activator; BENCH_ACTIVATOR_LOG sets RUST_LOG
-//! of the binary (default `warn`); BENCH_LOADGEN=hyper forces the in-process client.
+//! of the binary (default `warn`); BENCH_LOADGEN=hyper forces the in-process client;
+//! BENCH_SERVE=N keeps the warm-path targets up N seconds first (for a profiler);
+//! BENCH_ACTIVATOR_WRAPPER prefixes the binary's command (e.g. valgrind --tool=massif).
 
 mod burst;
 mod cold;
@@ -66,7 +68,10 @@ fn main() {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let generator = load::Generator::detect(dir.path());
-    println!("# vm-activator benchmarks ({} mode)", if quick { "quick" } else { "full" });
+    println!(
+        "# vm-activator benchmarks ({} mode)",
+        if quick { "quick" } else { "full" }
+    );
     println!("\nMachine: {}.", report::machine());
     runtime.block_on(async {
         if wanted("warm") {

@@ -31,7 +31,12 @@ pub async fn get(url: &str) -> (u16, String) {
     match tokio::time::timeout(Duration::from_secs(30), client.get(uri)).await {
         Ok(Ok(response)) => {
             let status = response.status().as_u16();
-            let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             (status, String::from_utf8_lossy(&body).into_owned())
         }
         _ => (0, String::new()),
@@ -83,13 +88,22 @@ impl ActivatorProcess {
     pub async fn spawn(args: &[String]) -> ActivatorProcess {
         let ingress: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let child = Command::new(env!("CARGO_BIN_EXE_vm-activator"))
+        // BENCH_ACTIVATOR_WRAPPER runs the binary under a profiler, e.g.
+        // "valgrind --tool=massif --massif-out-file=/tmp/massif.out".
+        let wrapper = std::env::var("BENCH_ACTIVATOR_WRAPPER").unwrap_or_default();
+        let mut command: Vec<String> = wrapper.split_whitespace().map(str::to_string).collect();
+        command.push(env!("CARGO_BIN_EXE_vm-activator").to_string());
+        let child = Command::new(&command[0])
+            .args(&command[1..])
             .args(args)
             .arg("--listen")
             .arg(ingress.to_string())
             .arg("--admin-listen")
             .arg(admin.to_string())
-            .env("RUST_LOG", std::env::var("BENCH_ACTIVATOR_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_ACTIVATOR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("KUBECONFIG")
             .stdout(Stdio::null())
             .kill_on_drop(true)
@@ -182,6 +196,29 @@ impl ActivatorProcess {
     }
 }
 
+impl Drop for ActivatorProcess {
+    fn drop(&mut self) {
+        // SIGTERM: the activator drains and exits 0 (and a profiler wrapping it writes
+        // its output); SIGKILL (kill_on_drop) only if it does not.
+        stop_gracefully(&mut self.child, Duration::from_secs(20));
+    }
+}
+
+/// SIGTERM, then wait up to `limit` for the process to exit.
+fn stop_gracefully(child: &mut Child, limit: Duration) {
+    let Some(pid) = child.id() else {
+        return;
+    };
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    let deadline = std::time::Instant::now() + limit;
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// nginx as a reverse proxy (`proxy_pass` with keep-alive upstream connections) in
 /// front of one server; stopped on drop.
 pub struct Nginx {
@@ -249,11 +286,7 @@ http {{
             assert!(Instant::now() < deadline, "nginx did not come up");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Nginx {
-            child,
-            _dir: dir,
-            addr,
-        }
+        Nginx { child, _dir: dir, addr }
     }
 
     /// nginx's version line.
@@ -269,14 +302,6 @@ http {{
 impl Drop for Nginx {
     fn drop(&mut self) {
         // The master stops its workers on SIGQUIT/SIGTERM; SIGKILL would orphan them.
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-            for _ in 0..200 {
-                if !matches!(self.child.try_wait(), Ok(None)) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+        stop_gracefully(&mut self.child, Duration::from_secs(2));
     }
 }

@@ -108,7 +108,10 @@ pub async fn run(mode: Mode) {
         ms(percentile(&resumes, 0.5)),
         ms(*resumes.last().expect("samples"))
     );
-    println!("\nActivator RSS idle with the QEMU backend (2 VMs configured, none running): {} MiB.", mib(idle.rss_kib));
+    println!(
+        "\nActivator RSS idle with the QEMU backend (2 VMs configured, none running): {} MiB.",
+        mib(idle.rss_kib)
+    );
     target(
         "idle process ≤ 15 MiB RSS (local QEMU backend)",
         format!("{} MiB", mib(idle.rss_kib)),

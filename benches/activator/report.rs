@@ -55,7 +55,12 @@ pub fn print_targets() {
     println!("| target | measured | met |");
     println!("|---|---|---|");
     for t in targets.iter() {
-        println!("| {} | {} | {} |", t.target, t.measured, if t.met { "yes" } else { "**no**" });
+        println!(
+            "| {} | {} | {} |",
+            t.target,
+            t.measured,
+            if t.met { "yes" } else { "**no**" }
+        );
     }
 }
 

@@ -20,7 +20,9 @@ pub async fn warm_vm(kube: &FakeKube, activator: &ActivatorProcess, name: &str) 
     let url = format!("http://{}/bench/{name}", activator.ingress);
     crate::send_until_accepted(&url).await;
     let vmi = kube.vmi("bench", name).expect("VMI exists after a cold start");
-    let ip = vmi["status"]["interfaces"][0]["ipAddress"].as_str().expect("VMI address");
+    let ip = vmi["status"]["interfaces"][0]["ipAddress"]
+        .as_str()
+        .expect("VMI address");
     format!("{ip}:8080").parse().expect("guest address")
 }
 
@@ -52,12 +54,23 @@ pub async fn run(mode: Mode, generator: &Generator) {
     let direct_url = format!("http://{guest}/");
     let activator_url = format!("http://{}/bench/warm", activator.ingress);
     let nginx_url = nginx.as_ref().map(|n| format!("http://{}/", n.addr));
+    if let Some(seconds) = std::env::var("BENCH_SERVE").ok().and_then(|s| s.parse().ok()) {
+        // For profiling by hand: keep the three targets up, say where they are.
+        eprintln!(
+            "serving for {seconds} s: direct {direct_url} activator {activator_url} (pid {}) nginx {nginx_url:?}",
+            activator.pid()
+        );
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+    }
 
     println!(
         "\n## Warm path: requests/s and latency, {} per cell\n",
         humantime(duration)
     );
-    println!("Load generator: {}. Guest: the fake cluster's HTTP server (answers 202).", generator.describe());
+    println!(
+        "Load generator: {}. Guest: the fake cluster's HTTP server (answers 202).",
+        generator.describe()
+    );
     match &nginx_binary {
         Some(binary) => println!(
             "nginx {}: `proxy_pass`, `keepalive 256` upstream, HTTP/1.1, access log off, {} workers.",
@@ -97,7 +110,12 @@ pub async fn run(mode: Mode, generator: &Generator) {
             );
         }
         let get = |name: &str| results.iter().find(|(n, _)| *n == name).map(|(_, r)| *r);
-        ratios.push((concurrency, get("direct").unwrap_or_default(), get("activator").unwrap_or_default(), get("nginx")));
+        ratios.push((
+            concurrency,
+            get("direct").unwrap_or_default(),
+            get("activator").unwrap_or_default(),
+            get("nginx"),
+        ));
     }
     println!("\n| concurrency | throughput activator/direct | throughput activator/nginx | added p50 µs (activator − direct) | added p50 µs (nginx − direct) |");
     println!("|---:|---:|---:|---:|---:|");
@@ -105,9 +123,13 @@ pub async fn run(mode: Mode, generator: &Generator) {
         println!(
             "| {concurrency} | {:.2} | {} | {} | {} |",
             through.rps / direct.rps,
-            nginx.map(|n| format!("{:.2}", through.rps / n.rps)).unwrap_or_else(|| "–".into()),
+            nginx
+                .map(|n| format!("{:.2}", through.rps / n.rps))
+                .unwrap_or_else(|| "–".into()),
             us(through.p50.saturating_sub(direct.p50)),
-            nginx.map(|n| us(n.p50.saturating_sub(direct.p50))).unwrap_or_else(|| "–".into()),
+            nginx
+                .map(|n| us(n.p50.saturating_sub(direct.p50)))
+                .unwrap_or_else(|| "–".into()),
         );
     }
     if nginx.is_some() {

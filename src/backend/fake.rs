@@ -90,7 +90,7 @@ pub struct FakeBackend {
 impl FakeBackend {
     /// A backend with these VMs, all stopped.
     pub fn new(vms: impl IntoIterator<Item = (VmKey, Policy)>, options: FakeOptions) -> Arc<FakeBackend> {
-        let catalog: BTreeMap<VmKey, Policy> = vms.into_iter().collect();
+        let catalog: BTreeMap<VmKey, Arc<Policy>> = vms.into_iter().map(|(k, p)| (k, Arc::new(p))).collect();
         let fakes = catalog
             .keys()
             .map(|key| (key.clone(), FakeVm::new()))
@@ -116,7 +116,7 @@ impl FakeBackend {
             .entry(key.clone())
             .or_insert_with(FakeVm::new);
         self.catalog.send_modify(|c| {
-            Arc::make_mut(c).insert(key, policy);
+            Arc::make_mut(c).insert(key, Arc::new(policy));
         });
     }
 

@@ -224,7 +224,10 @@ impl KubevirtBackend {
             + Sync
             + 'static,
     {
-        let mut wc = watcher::Config::default();
+        // MostRecent: the initial list is paginated (500 objects a page, from etcd), so
+        // thousands of VMs are never one response held in memory at once; `Any` would be
+        // served from the watch cache, which ignores the page size.
+        let mut wc = watcher::Config::default().list_semantic(watcher::ListSemantic::MostRecent);
         if let Some(labels) = &labels {
             wc = wc.labels(labels);
         }
@@ -237,13 +240,10 @@ impl KubevirtBackend {
                 .map(|ns| Api::namespaced(self.client.clone(), ns))
                 .collect()
         };
-        // managedFields are often the largest part of an object and never read here: drop
-        // them before the store keeps the object (memory at thousands of VMs).
-        futures_util::stream::select_all(apis.into_iter().map(move |api| {
-            watcher(api, wc.clone())
-                .modify(|object| object.managed_fields_mut().clear())
-                .boxed()
-        }))
+        futures_util::stream::select_all(
+            apis.into_iter()
+                .map(move |api| watcher(api, wc.clone()).modify(keep_what_is_read).boxed()),
+        )
         .boxed()
     }
 
@@ -255,16 +255,24 @@ impl KubevirtBackend {
         Api::namespaced(self.client.clone(), &key.namespace)
     }
 
-    /// Rebuilds the catalog from the VM store; publishes it if it changed. Warnings about
-    /// bad annotations are logged once per change of a VM's policy, not on every event.
+    /// Rebuilds the catalog from the VM store (after a (re-)list); publishes it if it
+    /// changed. Unchanged policies keep their `Arc`, shared with the gates.
     fn refresh_catalog(&self) {
-        let catalog: BTreeMap<VmKey, Policy> = self
+        let current = self.catalog.borrow().clone();
+        let catalog: BTreeMap<VmKey, Arc<Policy>> = self
             .vms
             .state()
             .iter()
             .filter_map(|vm| {
                 let key = VmKey::new(vm.namespace()?, vm.name_any());
-                let policy = Policy::from_annotations(vm.annotations().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                let policy = policy_of(vm);
+                let policy = match current.get(&key) {
+                    Some(same) if **same == policy => same.clone(),
+                    _ => {
+                        log_warnings(&key, &policy);
+                        Arc::new(policy)
+                    }
+                };
                 Some((key, policy))
             })
             .collect();
@@ -272,31 +280,46 @@ impl KubevirtBackend {
             if **current == catalog {
                 return false;
             }
-            for (key, policy) in &catalog {
-                if current.get(key) != Some(policy) {
-                    for warning in &policy.warnings {
-                        tracing::warn!(vm = %key, %warning, "bad annotation");
-                    }
-                }
-            }
             *current = Arc::new(catalog);
             true
         });
     }
 
-    /// Recomputes one VM's status from the stores; publishes it if it changed.
-    fn refresh_status(&self, key: &VmKey) {
+    /// Updates one VM's catalog entry after a watch event: O(log n), not a rebuild, so
+    /// activity annotations written on thousands of VMs cost little.
+    fn refresh_catalog_entry(&self, key: &VmKey) {
+        let policy = self.vm(key).map(|vm| policy_of(&vm));
+        self.catalog.send_if_modified(|current| match policy {
+            Some(policy) if current.get(key).is_some_and(|p| **p == policy) => false,
+            Some(policy) => {
+                log_warnings(key, &policy);
+                Arc::make_mut(current).insert(key.clone(), Arc::new(policy));
+                true
+            }
+            None => current.contains_key(key) && Arc::make_mut(current).remove(key).is_some(),
+        });
+    }
+
+    /// One VM's status as the stores show it now.
+    fn current_status(&self, key: &VmKey) -> BackendStatus {
         let vm = self.vm(key);
         let vmi = self.vmis.get(&ObjectRef::new(&key.name).within(&key.namespace));
-        let port = vm
-            .as_ref()
-            .map(|vm| Policy::from_annotations(vm.annotations().iter().map(|(k, v)| (k.as_str(), v.as_str()))).port)
-            .unwrap_or(8080);
-        let status = derive_status(vm.as_deref(), vmi.as_deref(), port);
+        let port = vm.as_ref().map(|vm| policy_of(vm).port).unwrap_or(8080);
+        derive_status(vm.as_deref(), vmi.as_deref(), port)
+    }
+
+    /// Recomputes one VM's status from the stores; publishes it if it changed. Only VMs
+    /// someone asked about (`Backend::status`) have a channel: thousands of idle VMs
+    /// cost nothing here.
+    fn refresh_status(&self, key: &VmKey) {
+        if !self.statuses.lock().expect("statuses lock").contains_key(key) {
+            return;
+        }
+        let status = self.current_status(key);
         let mut statuses = self.statuses.lock().expect("statuses lock");
-        let sender = statuses
-            .entry(key.clone())
-            .or_insert_with(|| watch::channel(BackendStatus::stopped()).0);
+        let Some(sender) = statuses.get_mut(key) else {
+            return;
+        };
         sender.send_if_modified(|current| {
             if *current == status {
                 return false;
@@ -309,10 +332,7 @@ impl KubevirtBackend {
 
     fn refresh_all(&self) {
         self.refresh_catalog();
-        let mut keys: Vec<VmKey> = self.catalog.borrow().keys().cloned().collect();
-        keys.extend(self.statuses.lock().expect("statuses lock").keys().cloned());
-        keys.sort();
-        keys.dedup();
+        let keys: Vec<VmKey> = self.statuses.lock().expect("statuses lock").keys().cloned().collect();
         for key in keys {
             self.refresh_status(&key);
         }
@@ -490,7 +510,7 @@ async fn drive<K>(
                         watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => {
                             let key = VmKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
                             if matches!(kind, Kind::Vm) {
-                                backend.refresh_catalog();
+                                backend.refresh_catalog_entry(&key);
                             }
                             backend.refresh_status(&key);
                         }
@@ -515,6 +535,30 @@ async fn drive<K>(
     }
 }
 
+/// Drops what the stores never read before they keep an object: managedFields (often
+/// the largest part), labels (selection is done by the API server), and annotations
+/// other than ours (`kubectl.kubernetes.io/last-applied-configuration` alone holds a
+/// copy of the object). Memory at thousands of VMs.
+fn keep_what_is_read<K: Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
+    object.labels_mut().clear();
+    object
+        .annotations_mut()
+        .retain(|key, _| key.starts_with(crate::vm::ANNOTATION_PREFIX));
+}
+
+/// A VM's policy from its annotations.
+fn policy_of(vm: &VirtualMachine) -> Policy {
+    Policy::from_annotations(vm.annotations().iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
+/// Bad annotations are logged once per change of a VM's policy, not on every event.
+fn log_warnings(key: &VmKey, policy: &Policy) {
+    for warning in &policy.warnings {
+        tracing::warn!(vm = %key, %warning, "bad annotation");
+    }
+}
+
 fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Vm => "VirtualMachine",
@@ -532,11 +576,12 @@ impl Backend for KubevirtBackend {
         if !self.catalog.borrow().contains_key(vm) {
             return None;
         }
+        let current = self.current_status(vm);
         let mut statuses = self.statuses.lock().expect("statuses lock");
         Some(
             statuses
                 .entry(vm.clone())
-                .or_insert_with(|| watch::channel(BackendStatus::stopped()).0)
+                .or_insert_with(|| watch::channel(current).0)
                 .subscribe(),
         )
     }

@@ -23,7 +23,8 @@ pub mod kubevirt;
 pub mod qemu;
 
 /// Which VMs a backend can run, with their policies.
-pub type Catalog = Arc<BTreeMap<VmKey, Policy>>;
+/// Policies are shared (`Arc`) with the gates built from them: one copy per VM.
+pub type Catalog = Arc<BTreeMap<VmKey, Arc<Policy>>>;
 
 /// What the backend itself knows of a VM (the activator adds probing and readiness).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

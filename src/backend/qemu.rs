@@ -73,7 +73,8 @@ impl QemuBackend {
             .map_err(|e| BackendError::Unavailable(format!("cannot create run dir {}: {e}", run_dir.display())))?;
         let accel = resolve_accel(config.accel, kvm_usable())?;
         tracing::info!(accel, run_dir = %run_dir.display(), "local QEMU backend");
-        let catalog: BTreeMap<VmKey, crate::vm::Policy> = vms.iter().map(|vm| (vm.key(), vm.policy())).collect();
+        let catalog: BTreeMap<VmKey, Arc<crate::vm::Policy>> =
+            vms.iter().map(|vm| (vm.key(), Arc::new(vm.policy()))).collect();
         let vms = vms
             .into_iter()
             .map(|spec| {

@@ -179,7 +179,10 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
         }
     };
     gate.metrics().request(response.status().as_u16());
-    gate.metrics().request_duration.observe(arrived.elapsed().as_secs_f64());
+    gate.metrics()
+        .series()
+        .request_duration
+        .observe(arrived.elapsed().as_secs_f64());
     response
 }
 
@@ -196,11 +199,14 @@ async fn handle(
     let endpoint = guard.endpoint();
     let policy = gate.policy();
     let guest_path = target.guest_path(&policy.path, parts.uri.query());
-    match state
-        .proxy
-        .forward(endpoint, &guest_path, parts, envelope.body, policy.request_timeout)
-        .await
-    {
+    // Boxed: the client's future is large, and inline it would be part of every held
+    // request's state (memory per held event), though only released requests need it.
+    let forward = Box::pin(
+        state
+            .proxy
+            .forward(endpoint, &guest_path, parts, envelope.body, policy.request_timeout),
+    );
+    match forward.await {
         Ok(response) => {
             tracing::debug!(vm = %gate.key(), status = response.status().as_u16(), "guest answered");
             let (parts, body) = response.into_parts();

@@ -22,7 +22,6 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower::ServiceBuilder;
-use tower_http::trace::TraceLayer;
 
 use crate::activator::Activator;
 use crate::auth::Authenticator;
@@ -101,11 +100,8 @@ pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, 
         config.ingress.clone(),
         auth,
     );
-    let ingress_router = ingress::router(state).layer(
-        ServiceBuilder::new()
-            .layer(TraceLayer::new_for_http())
-            .concurrency_limit(config.ingress.max_concurrent_requests),
-    );
+    let ingress_router =
+        ingress::router(state).layer(ServiceBuilder::new().concurrency_limit(config.ingress.max_concurrent_requests));
     let admin_router = admin::router(activator.clone());
 
     let bind = |addr: SocketAddr| async move {

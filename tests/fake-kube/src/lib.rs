@@ -1,6 +1,7 @@
 //! A fake kube-apiserver on loopback for KubeVirt `VirtualMachine`s and
 //! `VirtualMachineInstance`s, faithful for what vm-activator uses: resourceVersion on
-//! every object, LIST, WATCH (chunked JSON lines, bookmarks, synthetic ADDED events
+//! every object, LIST (paginated with `limit`/`continue`, except from the watch cache
+//! with `resourceVersion=0`), WATCH (chunked JSON lines, bookmarks, synthetic ADDED events
 //! for `resourceVersion=0`, an ERROR event with 410 Gone for a compacted version),
 //! label selectors (objects leaving a watch's selector arrive as DELETED), merge patch
 //! and JSON patch (a failed `test` op → 422), 415 for strategic-merge patch on these
@@ -590,16 +591,62 @@ async fn list_or_watch(inner: Arc<Inner>, ns: Option<String>, plural: &str, q: H
             );
         }
     }
-    let items: Vec<Value> = store
+    // Pagination as kube-apiserver does it: `limit` pages through a consistent list
+    // (served from etcd) with an opaque `continue` token; with `resourceVersion=0` the
+    // list is served from the watch cache, which ignores `limit` and returns everything.
+    let continue_from = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => match token.split('|').collect::<Vec<_>>().as_slice() {
+            [rv, after_ns, after_name] if rv.parse::<u64>().is_ok_and(|rv| rv >= store.compacted) => {
+                Some((rv.to_string(), (after_ns.to_string(), after_name.to_string())))
+            }
+            _ => {
+                return status(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result.",
+                )
+            }
+        },
+        None => None,
+    };
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|&l| l > 0 && rv != "0");
+    let list_rv = continue_from
+        .as_ref()
+        .map(|(rv, _)| rv.clone())
+        .unwrap_or_else(|| store.rv.to_string());
+    let mut matching = store
         .objects
         .iter()
         .filter(|((r, n, _), o)| *r == res && ns.as_ref().is_none_or(|ns| ns == n) && selector.matches(o))
-        .map(|(_, o)| o.clone())
-        .collect();
+        .filter(|((_, n, name), _)| {
+            continue_from
+                .as_ref()
+                .is_none_or(|(_, (after_ns, after_name))| (n, name) > (after_ns, after_name))
+        });
+    let mut items = Vec::new();
+    let mut last_key = None;
+    for ((_, n, name), object) in matching.by_ref() {
+        items.push(object.clone());
+        last_key = Some(format!("{n}|{name}"));
+        if limit.is_some_and(|l| items.len() >= l) {
+            break;
+        }
+    }
+    let remaining = matching.count();
+    let mut metadata = json!({"resourceVersion": list_rv});
+    if remaining > 0 {
+        if let Some(key) = last_key {
+            metadata["continue"] = json!(format!("{list_rv}|{key}"));
+            metadata["remainingItemCount"] = json!(remaining);
+        }
+    }
     let body = json!({
         "apiVersion": "kubevirt.io/v1",
         "kind": format!("{}List", res.kind()),
-        "metadata": {"resourceVersion": store.rv.to_string()},
+        "metadata": metadata,
         "items": items,
     });
     axum::Json(body).into_response()
