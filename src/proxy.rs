@@ -67,14 +67,17 @@ impl Proxy {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(endpoint.to_string())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        let (authority, host) = endpoint_authority(endpoint);
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(authority);
+        uri.path_and_query =
+            Some(http::uri::PathAndQuery::try_from(path_and_query).map_err(|e| ProxyError::BadRequest(e.to_string()))?);
+        let uri = Uri::from_parts(uri).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::HOST);
+        // The guest's own address, as the client would set it (but without formatting it
+        // for every request).
+        parts.headers.insert(header::HOST, host);
         parts.headers.remove(header::CONTENT_LENGTH);
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
@@ -88,6 +91,25 @@ impl Proxy {
             }
         }
     }
+}
+
+/// `endpoint` as a URI authority and a `Host` value, formatted once per endpoint and
+/// thread: a warm VM's endpoint does not change between requests.
+fn endpoint_authority(endpoint: Endpoint) -> (http::uri::Authority, http::HeaderValue) {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Endpoint, http::uri::Authority, http::HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((cached, authority, host)) if *cached == endpoint => (authority.clone(), host.clone()),
+        _ => {
+            let text = endpoint.to_string();
+            let authority = http::uri::Authority::try_from(text.as_str()).expect("a socket address is an authority");
+            let host = http::HeaderValue::try_from(text).expect("a socket address is a header value");
+            *last = Some((endpoint, authority.clone(), host.clone()));
+            (authority, host)
+        }
+    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -104,6 +126,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Removes the headers that describe one connection rather than the message: the
 /// fixed list of RFC 9110 §7.6.1 plus every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Fast path, one pass with no hashing: most messages carry none of these.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -127,6 +153,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+/// Whether `name` is one of the fixed hop-by-hop headers (or `Connection`, which may
+/// name more).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+    )
 }
 
 /// A response body that keeps `guard` alive until the body has been fully streamed

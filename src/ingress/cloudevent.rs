@@ -12,6 +12,7 @@ use cloudevents::event::TryIntoTime;
 use cloudevents::{EventBuilder, EventBuilderV10};
 use http::header::{HeaderMap, CONTENT_TYPE};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 const STRUCTURED: &str = "application/cloudevents+json";
 const BATCH: &str = "application/cloudevents-batch+json";
@@ -150,7 +151,7 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
 /// Binary mode: every `ce-` header must be a valid attribute name with a valid
 /// percent-encoded UTF-8 value; the required ones present, non-empty and well-formed.
 fn validate_binary(headers: &HeaderMap) -> Result<String, EventError> {
-    let mut attrs: [Option<String>; 4] = Default::default();
+    let mut attrs: [Option<Cow<'_, str>>; 4] = Default::default();
     let mut time = None;
     for (name, value) in headers {
         let Some(attribute) = name.as_str().strip_prefix("ce-") else {
@@ -182,28 +183,32 @@ fn validate_binary(headers: &HeaderMap) -> Result<String, EventError> {
         }
     }
     let [specversion, id, source, ty] = attrs;
-    let required = |value: Option<String>, attribute: &'static str| match value {
+    let specversion = required(specversion, "specversion")?;
+    if specversion != "1.0" {
+        return Err(EventError::SpecVersion(specversion.into_owned()));
+    }
+    let id = required(id, "id")?;
+    let source = required(source, "source")?;
+    let ty = required(ty, "type")?;
+    // The SDK's builder checks the formats (source URI-reference, RFC 3339 time).
+    let mut builder = EventBuilderV10::new().id(&*id).source(&*source).ty(&*ty);
+    if let Some(time) = time {
+        builder = builder.time(&*time);
+    }
+    builder.build().map_err(builder_error)?;
+    Ok(id.into_owned())
+}
+
+/// A required attribute: present and non-empty.
+fn required<'a>(value: Option<Cow<'a, str>>, attribute: &'static str) -> Result<Cow<'a, str>, EventError> {
+    match value {
         None => Err(EventError::Missing {
             attribute,
             location: format!("header ce-{attribute}"),
         }),
         Some(v) if v.is_empty() => Err(EventError::Empty { attribute }),
         Some(v) => Ok(v),
-    };
-    let specversion = required(specversion, "specversion")?;
-    if specversion != "1.0" {
-        return Err(EventError::SpecVersion(specversion));
     }
-    let id = required(id, "id")?;
-    let source = required(source, "source")?;
-    let ty = required(ty, "type")?;
-    // The SDK's builder checks the formats (source URI-reference, RFC 3339 time).
-    let mut builder = EventBuilderV10::new().id(id.as_str()).source(source).ty(ty);
-    if let Some(time) = time {
-        builder = builder.time(time);
-    }
-    builder.build().map_err(builder_error)?;
-    Ok(id)
 }
 
 fn builder_error(e: cloudevents::event::EventBuilderError) -> EventError {
@@ -228,7 +233,13 @@ fn builder_error(e: cloudevents::event::EventBuilderError) -> EventError {
 /// assert_eq!(percent_decode(b"caf%C3%A9 %25").unwrap(), "café %");
 /// assert!(percent_decode(b"100%").is_err());
 /// ```
-pub fn percent_decode(raw: &[u8]) -> Result<String, String> {
+pub fn percent_decode(raw: &[u8]) -> Result<Cow<'_, str>, String> {
+    if !raw.contains(&b'%') {
+        // The common case: nothing to decode, nothing to allocate.
+        return std::str::from_utf8(raw)
+            .map(Cow::Borrowed)
+            .map_err(|_| "value is not valid UTF-8".to_string());
+    }
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
@@ -247,7 +258,9 @@ pub fn percent_decode(raw: &[u8]) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| "value is not valid UTF-8 after percent-decoding".to_string())
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| "value is not valid UTF-8 after percent-decoding".to_string())
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, EventError> {

@@ -8,12 +8,12 @@
 pub mod cloudevent;
 pub mod response;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -26,24 +26,35 @@ use crate::gate::Gate;
 use crate::proxy::{GuardedBody, Proxy, ProxyError};
 use response::IngressError;
 
-/// What the ingress handlers share.
+/// What the ingress handlers share. One `Arc`: axum clones the state for every request.
 #[derive(Clone)]
-pub struct IngressState {
+pub struct IngressState(Arc<Shared>);
+
+/// The contents of `IngressState`.
+pub struct Shared {
     activator: Arc<Activator>,
     proxy: Proxy,
-    config: Arc<IngressConfig>,
+    config: IngressConfig,
     auth: Authenticator,
+}
+
+impl std::ops::Deref for IngressState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl IngressState {
     /// State over an activator and a proxy, with the ingress limits and authenticator.
     pub fn new(activator: Arc<Activator>, proxy: Proxy, config: IngressConfig, auth: Authenticator) -> Self {
-        Self {
+        Self(Arc::new(Shared {
             activator,
             proxy,
-            config: Arc::new(config),
+            config,
             auth,
-        }
+        }))
     }
 
     fn refuse(&self, error: IngressError) -> Response {
@@ -53,32 +64,38 @@ impl IngressState {
 
 /// The ingress router: `POST /{namespace}/{vm}` and `POST /{namespace}/{vm}/{*rest}`;
 /// anything else is a JSON 404 (or 405 for another method on those paths).
+///
+/// One handler for every path: `Target::parse` reads the path (it must decode and check
+/// it anyway), so axum's path parameters — allocated per request, never read — are not
+/// built.
 pub fn router(state: IngressState) -> Router {
-    Router::new()
-        .route("/{namespace}/{vm}", post(deliver))
-        .route("/{namespace}/{vm}/{*rest}", post(deliver))
-        .fallback(no_route)
-        .method_not_allowed_fallback(wrong_method)
-        .with_state(state)
+    Router::new().fallback(ingress).with_state(state)
 }
 
-async fn no_route(State(state): State<IngressState>, request: Request) -> Response {
-    state.activator.metrics().unknown_vm_request(404);
-    state.refuse(IngressError::NoRoute(request.uri().path().to_string()))
-}
-
-async fn wrong_method(State(state): State<IngressState>, request: Request) -> Response {
-    state.activator.metrics().unknown_vm_request(405);
-    state.refuse(IngressError::MethodNotAllowed(request.method().to_string()))
+async fn ingress(State(state): State<IngressState>, request: Request) -> Response {
+    if request.method() == http::Method::POST {
+        return deliver(state, request).await;
+    }
+    let error = match Target::parse(request.uri().path()) {
+        Err(IngressError::NoRoute(path)) => IngressError::NoRoute(path),
+        _ => IngressError::MethodNotAllowed(request.method().to_string()),
+    };
+    state.activator.metrics().unknown_vm_request(error.status().as_u16());
+    state.refuse(error)
 }
 
 /// The parts of an ingress path.
 #[derive(Debug, PartialEq, Eq)]
 struct Target<'a> {
-    namespace: String,
-    name: String,
+    namespace: Cow<'a, str>,
+    name: Cow<'a, str>,
     /// The rest of the path after `/{namespace}/{vm}`, still percent-encoded, no leading '/'.
     rest: &'a str,
+}
+
+/// One path segment, percent-decoded (borrowed when there is nothing to decode).
+fn decode(segment: &str) -> Result<Cow<'_, str>, IngressError> {
+    cloudevent::percent_decode(segment.as_bytes()).map_err(|e| IngressError::BadPath(format!("{segment:?}: {e}")))
 }
 
 impl<'a> Target<'a> {
@@ -88,10 +105,10 @@ impl<'a> Target<'a> {
         let (Some(ns), Some(name)) = (parts.next(), parts.next()) else {
             return Err(IngressError::NoRoute(path.to_string()));
         };
+        if ns.is_empty() || name.is_empty() {
+            return Err(IngressError::NoRoute(path.to_string()));
+        }
         let rest = parts.next().unwrap_or("");
-        let decode = |s: &str| {
-            cloudevent::percent_decode(s.as_bytes()).map_err(|e| IngressError::BadPath(format!("{s:?}: {e}")))
-        };
         for segment in rest.split('/') {
             let decoded = decode(segment)?;
             // Reject traversal even when hidden behind encoded slashes or backslashes:
@@ -127,11 +144,11 @@ impl<'a> Target<'a> {
     }
 }
 
-async fn deliver(State(state): State<IngressState>, request: Request) -> Response {
+async fn deliver(state: IngressState, request: Request) -> Response {
     let arrived = Instant::now();
     let (parts, body) = request.into_parts();
-    let path = parts.uri.path().to_string();
-    let target = match Target::parse(&path) {
+    let uri = parts.uri.clone();
+    let target = match Target::parse(uri.path()) {
         Ok(target) => target,
         Err(error) => {
             state.activator.metrics().unknown_vm_request(error.status().as_u16());
@@ -245,7 +262,7 @@ mod tests {
     #[test]
     fn parses_paths_and_joins_guest_paths() {
         let t = Target::parse("/default/demo").unwrap();
-        assert_eq!((t.namespace.as_str(), t.name.as_str(), t.rest), ("default", "demo", ""));
+        assert_eq!((&*t.namespace, &*t.name, t.rest), ("default", "demo", ""));
         assert_eq!(t.guest_path("/", None), "/");
         assert_eq!(t.guest_path("/api", Some("a=1")), "/api?a=1");
         let t = Target::parse("/default/demo/orders/42").unwrap();
