@@ -185,6 +185,11 @@ pub async fn run(mode: Mode) {
         format!("{delivered_once} exactly once, {accepted} × 202, {duplicates} duplicates"),
         delivered_once == n && accepted == n && duplicates == 0,
     );
+    // Not a timing: a lost or duplicated event is a bug, and fails the run.
+    assert!(
+        delivered_once == n && accepted == n && duplicates == 0,
+        "burst: {delivered_once} of {n} delivered exactly once, {accepted} accepted, {duplicates} duplicated"
+    );
     target(
         "≤ 2 KiB memory growth per held event beyond its body",
         format!("{beyond_body:.0} B"),
