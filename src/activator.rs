@@ -234,7 +234,6 @@ impl Activator {
     /// watch it while it runs.
     async fn run_vm(self: Arc<Self>, gate: Arc<Gate>, kind: StartKind) {
         let key = gate.key().clone();
-        gate.metrics().series().scale_ups.inc();
         let Some(mut status) = self.backend.status(&key) else {
             gate.fail(GateError::StartFailed("the backend does not know this VM".into()));
             return;
@@ -293,6 +292,9 @@ impl Activator {
             StartKind::Boot => self.backend.start(key).await,
             StartKind::Resume => self.backend.resume(key).await,
         };
+        // Only now: the start signal must not wait for series to be created.
+        gate.create_metrics();
+        metrics.series().scale_ups.inc();
         call.map_err(|e| GateError::StartFailed(e.to_string().into()))?;
         let t1 = Instant::now();
         tracing::debug!(vm = %key, ?kind, "start call returned");

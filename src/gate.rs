@@ -230,6 +230,21 @@ impl Gate {
         }
     }
 
+    /// Updates `buffered_requests` if the VM's series exist. Called under the parking
+    /// lock, as `create_metrics` is, so the gauge never lags the count.
+    fn set_buffered_metric(&self, count: usize) {
+        if let Some(series) = self.metrics.series_if_created() {
+            series.buffered.set(count as i64);
+        }
+    }
+
+    /// Creates the VM's metric series (on its first start, after the start call is
+    /// issued: creating ~20 series must not delay the start signal).
+    pub fn create_metrics(&self) {
+        let p = self.lock();
+        self.metrics.series().buffered.set(p.count as i64);
+    }
+
     fn lock(&self) -> MutexGuard<'_, Parking> {
         // A panic while holding this lock would be a bug in this file; the data stays
         // consistent (counters only), so keep serving rather than poisoning every request.
@@ -299,7 +314,7 @@ impl Gate {
         p.count += 1;
         p.bytes += body_bytes;
         self.held.store(p.count, Ordering::SeqCst);
-        self.metrics.series().buffered.set(p.count as i64);
+        self.set_buffered_metric(p.count);
         let ticket = HeldTicket {
             gate: self.clone(),
             bytes: body_bytes,
@@ -519,7 +534,7 @@ impl Drop for HeldTicket {
         p.count -= 1;
         p.bytes -= self.bytes;
         self.gate.held.store(p.count, Ordering::SeqCst);
-        self.gate.metrics.series().buffered.set(p.count as i64);
+        self.gate.set_buffered_metric(p.count);
     }
 }
 

@@ -327,6 +327,11 @@ pub struct VmSeries {
 const SCALE_DOWN_ACTIONS: [&str; 2] = ["stop", "pause"];
 
 impl VmMetrics {
+    /// The VM's series if something created them already.
+    pub fn series_if_created(&self) -> Option<&VmSeries> {
+        self.inner.series.get().map(|series| &**series)
+    }
+
     /// The VM's series, created on first use.
     pub fn series(&self) -> &VmSeries {
         let inner = &*self.inner;
