@@ -40,7 +40,7 @@ fn event(uri: &str, id: u64) -> hyper::Request<Full<Bytes>> {
 }
 
 pub async fn fake_backend(quick: bool) {
-    let n = if quick { 5 } else { 100 };
+    let n = if quick { 5 } else { 300 };
     let boot = Duration::from_millis(200);
     let keys: Vec<VmKey> = (0..n).map(|i| VmKey::new("bench", format!("cold-{i}"))).collect();
     let policy = Policy {
