@@ -448,3 +448,38 @@ async fn listed_namespaces_limit_what_the_activator_manages() {
         assert!(r.path.starts_with("/apis/kubevirt.io/v1/namespaces/apps/"), "{r:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_larger_than_one_page_is_listed_completely_through_paginated_lists() {
+    // 1,200 VMs: three pages of the watcher's 500. Each carries the kind of foreign
+    // annotation real clusters have (kubectl's copy of the object), which the activator
+    // must ignore.
+    let c = cluster(Options::default(), |k| {
+        for i in 0..1200 {
+            let mut a = annotations("1m");
+            a["kubectl.kubernetes.io/last-applied-configuration"] = json!("{\"kind\":\"VirtualMachine\"}");
+            k.create_opted_in_vm(NS, &format!("vm-{i:04}"), a);
+        }
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while c.activator.vms().await.as_array().map_or(0, Vec::len) < 1200 {
+        assert!(tokio::time::Instant::now() < deadline, "not every VM was listed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lists: Vec<Recorded> = c
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/virtualmachines") && !r.is_watch())
+        .collect();
+    assert!(lists.len() >= 3, "expected paginated lists, got {lists:#?}");
+    assert!(lists.iter().all(|r| r.query.contains("limit=500")), "{lists:#?}");
+    assert!(
+        lists.iter().skip(1).any(|r| r.query.contains("continue=")),
+        "{lists:#?}"
+    );
+    // The last VM of the last page works like the first.
+    assert_eq!(c.activator.send_status("/apps/vm-1199", "last").await, 202);
+    assert_rbac_covers_every_request(&c.kube);
+}
