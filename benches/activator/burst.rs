@@ -1,8 +1,10 @@
-//! Burst: 10,000 events, each on its own HTTP/1.1 connection as separate senders would
-//! deliver them, all held by the real binary during one cold start (the fake cluster
+//! Burst: 10,000 events held by the real binary during one cold start (the fake cluster
 //! keeps the guest from listening until every event is held), then released. Checks
 //! every event reached the guest exactly once and measures the activator's RSS growth
-//! per held event.
+//! per held event. Run twice, each with a fresh activator: every event on its own
+//! HTTP/1.1 connection (as 10,000 separate senders would deliver them), and HTTP/2 with
+//! 100 events per connection (which separates the cost of a held event from the cost of
+//! its connection).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,8 +60,90 @@ async fn read_status(stream: &mut tokio::net::TcpStream) -> u16 {
         .unwrap_or(0)
 }
 
+/// How the burst's events reach the activator.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// One HTTP/1.1 connection per event.
+    Http1PerEvent,
+    /// HTTP/2 (prior knowledge), this many events per connection.
+    Http2(usize),
+}
+
+impl Transport {
+    fn describe(self) -> String {
+        match self {
+            Transport::Http1PerEvent => "each event on its own HTTP/1.1 connection".into(),
+            Transport::Http2(per) => format!("HTTP/2, {per} events per connection"),
+        }
+    }
+}
+
+/// What one burst measured.
+struct BurstResult {
+    held: f64,
+    statuses: std::collections::BTreeMap<u16, usize>,
+    accepted: usize,
+    delivered_once: usize,
+    duplicates: usize,
+    missing: usize,
+    all_held: Duration,
+    drained: Duration,
+    before_kib: u64,
+    at_peak_kib: u64,
+    peak_kib: u64,
+    per_event: f64,
+    beyond_body: f64,
+}
+
 pub async fn run(mode: Mode) {
     let n: usize = if mode.quick { 2_000 } else { 10_000 };
+    let mut rows = Vec::new();
+    for transport in [Transport::Http1PerEvent, Transport::Http2(100)] {
+        rows.push((transport, burst(n, transport).await));
+    }
+    println!("\n## Burst: {n} events held during one cold start (real binary, KubeVirt backend, fake cluster)\n");
+    println!("The guest listens only once all are held; concurrency 64 to the guest; a fresh activator per row.\n");
+    println!("| transport | held at once | answers | delivered exactly once / duplicates / missing | hold all / deliver all | RSS before / all held / peak MiB | RSS growth per held event (beyond its body) |");
+    println!("|---|---:|---|---|---|---|---:|");
+    for (transport, r) in &rows {
+        println!(
+            "| {} | {:.0} | {} | {} / {} / {} | {:.2} s / {:.2} s | {} / {} / {} | {:.0} B ({:.0} B) |",
+            transport.describe(),
+            r.held,
+            format_statuses(&r.statuses),
+            r.delivered_once,
+            r.duplicates,
+            r.missing,
+            r.all_held.as_secs_f64(),
+            r.drained.as_secs_f64(),
+            mib(r.before_kib),
+            mib(r.at_peak_kib),
+            mib(r.peak_kib),
+            r.per_event,
+            r.beyond_body,
+        );
+    }
+    for (transport, r) in &rows {
+        target(
+            format!("burst of {n} ({}): all delivered exactly once", transport.describe()),
+            format!(
+                "{} exactly once, {} × 202, {} duplicates",
+                r.delivered_once, r.accepted, r.duplicates
+            ),
+            r.delivered_once == n && r.accepted == n && r.duplicates == 0,
+        );
+        target(
+            format!(
+                "≤ 2 KiB memory growth per held event beyond its body ({})",
+                transport.describe()
+            ),
+            format!("{:.0} B", r.beyond_body),
+            r.beyond_body <= 2048.0,
+        );
+    }
+}
+
+async fn burst(n: usize, transport: Transport) -> BurstResult {
     let kube = FakeKube::start(fake_kube::Options::default()).await;
     kube.create_opted_in_vm(
         "bench",
@@ -89,34 +173,11 @@ pub async fn run(mode: Mode) {
 
     let url = Arc::new(format!("http://{}/bench/burst", activator.ingress));
     let body_bytes: usize = (0..n).map(|i| format!("{{\"n\":{i}}}").len()).sum();
-    // Connect at most this many at a time: a burst of SYNs beyond the listen backlog
-    // would only measure the kernel's SYN retransmit timer.
-    let connecting = Arc::new(tokio::sync::Semaphore::new(256));
     let started = Instant::now();
-    let mut senders = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let (url, connecting) = (url.clone(), connecting.clone());
-        senders.spawn(async move {
-            let Some(rest) = url.strip_prefix("http://") else {
-                return 0;
-            };
-            let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let permit = connecting.acquire_owned().await.expect("semaphore");
-            let Ok(mut stream) = tokio::net::TcpStream::connect(host).await else {
-                return 0;
-            };
-            let body = format!("{{\"n\":{i}}}");
-            if stream
-                .write_all(&request(host, path, &format!("burst-{i}"), body.as_bytes()))
-                .await
-                .is_err()
-            {
-                return 0;
-            }
-            drop(permit);
-            read_status(&mut stream).await
-        });
-    }
+    let mut senders = match transport {
+        Transport::Http1PerEvent => send_http1(&url, n),
+        Transport::Http2(per) => send_http2(&url, n, per),
+    };
     let labels = [("namespace", "bench"), ("vm", "burst")];
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut held = 0.0;
@@ -156,45 +217,96 @@ pub async fn run(mode: Mode) {
     let body_avg = body_bytes as f64 / n as f64;
     let beyond_body = per_event - body_avg;
 
-    println!("\n## Burst: {n} events held during one cold start (real binary, KubeVirt backend, fake cluster)\n");
-    println!("Each event on its own HTTP/1.1 connection; the guest listens only once all are held; concurrency 64 to the guest.\n");
-    println!("| measure | value |");
-    println!("|---|---:|");
-    println!("| events sent / held at once | {n} / {held:.0} |");
-    println!("| answers | {} |", format_statuses(&statuses));
-    println!(
-        "| guest log: delivered exactly once / duplicates / missing | {delivered_once} / {duplicates} / {} |",
-        n - delivered_once - duplicates.min(n - delivered_once)
-    );
-    println!(
-        "| time to hold all / to deliver all after the guest listened | {:.2} s / {:.2} s |",
-        all_held.as_secs_f64(),
-        drained.as_secs_f64()
-    );
-    println!(
-        "| activator RSS before / all held / peak | {} / {} / {} MiB |",
-        mib(before.rss_kib),
-        mib(at_peak.rss_kib),
-        mib(peak_kib)
-    );
-    println!(
-        "| RSS growth per held event (body {body_avg:.0} B) | {per_event:.0} B, {beyond_body:.0} B beyond the body |"
-    );
-    target(
-        format!("burst of {n}: all delivered exactly once"),
-        format!("{delivered_once} exactly once, {accepted} × 202, {duplicates} duplicates"),
-        delivered_once == n && accepted == n && duplicates == 0,
-    );
     // Not a timing: a lost or duplicated event is a bug, and fails the run.
     assert!(
         delivered_once == n && accepted == n && duplicates == 0,
-        "burst: {delivered_once} of {n} delivered exactly once, {accepted} accepted, {duplicates} duplicated"
+        "burst ({}): {delivered_once} of {n} delivered exactly once, {accepted} accepted, {duplicates} duplicated",
+        transport.describe()
     );
-    target(
-        "≤ 2 KiB memory growth per held event beyond its body",
-        format!("{beyond_body:.0} B"),
-        beyond_body <= 2048.0,
-    );
+    BurstResult {
+        held,
+        statuses,
+        accepted,
+        delivered_once,
+        duplicates,
+        missing: n - delivered_once - duplicates.min(n - delivered_once),
+        all_held,
+        drained,
+        before_kib: before.rss_kib,
+        at_peak_kib: at_peak.rss_kib,
+        peak_kib,
+        per_event,
+        beyond_body,
+    }
+}
+
+/// Every event on its own HTTP/1.1 connection; returns each one's status.
+fn send_http1(url: &Arc<String>, n: usize) -> tokio::task::JoinSet<u16> {
+    // Connect at most this many at a time: a burst of SYNs beyond the listen backlog
+    // would only measure the kernel's SYN retransmit timer.
+    let connecting = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut senders = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (url, connecting) = (url.clone(), connecting.clone());
+        senders.spawn(async move {
+            let Some(rest) = url.strip_prefix("http://") else {
+                return 0;
+            };
+            let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let permit = connecting.acquire_owned().await.expect("semaphore");
+            let Ok(mut stream) = tokio::net::TcpStream::connect(host).await else {
+                return 0;
+            };
+            let body = format!("{{\"n\":{i}}}");
+            if stream
+                .write_all(&request(host, path, &format!("burst-{i}"), body.as_bytes()))
+                .await
+                .is_err()
+            {
+                return 0;
+            }
+            drop(permit);
+            read_status(&mut stream).await
+        });
+    }
+    senders
+}
+
+/// HTTP/2 with prior knowledge, `per` concurrent events on each connection (one hyper
+/// client per connection); returns each event's status.
+fn send_http2(url: &Arc<String>, n: usize, per: usize) -> tokio::task::JoinSet<u16> {
+    use http_body_util::{BodyExt, Full};
+    let mut senders = tokio::task::JoinSet::new();
+    let mut client = None;
+    for i in 0..n {
+        if i % per == 0 {
+            client = Some(
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .http2_only(true)
+                    .build_http::<Full<bytes::Bytes>>(),
+            );
+        }
+        let (url, client) = (url.clone(), client.clone().expect("a client"));
+        senders.spawn(async move {
+            let request = hyper::Request::post(url.as_str())
+                .header("ce-specversion", "1.0")
+                .header("ce-id", format!("burst-{i}"))
+                .header("ce-source", "/bench")
+                .header("ce-type", "bench.event")
+                .header("content-type", "application/json")
+                .body(Full::new(bytes::Bytes::from(format!("{{\"n\":{i}}}"))))
+                .expect("valid request");
+            match client.request(request).await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let _ = response.into_body().collect().await;
+                    status
+                }
+                Err(_) => 0,
+            }
+        });
+    }
+    senders
 }
 
 fn format_statuses(statuses: &std::collections::BTreeMap<u16, usize>) -> String {

@@ -86,7 +86,9 @@ impl Authenticator {
                 Ok(Caller { subject: None })
             }
             Authenticator::Oidc(verifier) => {
-                let subject = verifier.verify(bearer_token(headers)?).await?;
+                // Boxed: the verifier's future (it may fetch keys) is large, and inline it
+                // would be part of every request's state, held events included.
+                let subject = Box::pin(verifier.verify(bearer_token(headers)?)).await?;
                 Ok(Caller { subject: Some(subject) })
             }
         }

@@ -287,3 +287,26 @@ mod tests {
         assert!(matches!(Target::parse("/onlyone"), Err(IngressError::NoRoute(_))));
     }
 }
+#[cfg(test)]
+mod held_state {
+    use super::*;
+    use crate::backend::fake::{FakeBackend, FakeOptions};
+
+    /// A held event keeps its whole request future alive until the VM is ready: large
+    /// rarely-used futures (the OIDC verifier, the proxy call) are boxed so they are not
+    /// part of it. Regressions here multiply by `max_buffered`.
+    #[tokio::test]
+    async fn the_request_future_stays_small() {
+        let backend = FakeBackend::new([], FakeOptions::default());
+        let activator = Activator::new(
+            backend,
+            crate::readiness::Prober::new(Default::default()),
+            Default::default(),
+        );
+        let auth = Authenticator::from_config(&Default::default()).await.unwrap();
+        let state = IngressState::new(activator, Proxy::new(&Default::default()), Default::default(), auth);
+        let future = ingress(State(state), Request::new(Body::empty()));
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 2560, "the ingress future is {size} bytes");
+    }
+}
