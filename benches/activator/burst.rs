@@ -95,6 +95,7 @@ struct BurstResult {
     beyond_body: f64,
 }
 
+/// Runs the burst over both transports and prints one table.
 pub async fn run(mode: Mode) {
     let n: usize = if mode.quick { 2_000 } else { 10_000 };
     let mut rows = Vec::new();

@@ -17,6 +17,7 @@ use vm_activator::server;
 use vm_activator::vm::{Policy, VmKey};
 
 use crate::report::{ms, percentile, target};
+use crate::Mode;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -39,7 +40,9 @@ fn event(uri: &str, id: u64) -> hyper::Request<Full<Bytes>> {
         .expect("valid request")
 }
 
-pub async fn fake_backend(quick: bool) {
+/// Cold starts through the fake backend: overhead and start signal.
+pub async fn fake_backend(mode: Mode) {
+    let quick = mode.quick;
     let n = if quick { 5 } else { 300 };
     let boot = Duration::from_millis(200);
     let keys: Vec<VmKey> = (0..n).map(|i| VmKey::new("bench", format!("cold-{i}"))).collect();
@@ -120,7 +123,8 @@ pub async fn fake_backend(quick: bool) {
 /// Cold starts through the KubeVirt backend against the fake kube-apiserver: what the
 /// activator adds on top of the simulated cluster's own timeline, and how many API
 /// requests one cold start costs.
-pub async fn kubevirt(quick: bool) {
+pub async fn kubevirt(mode: Mode) {
+    let quick = mode.quick;
     use fake_kube::{FakeKube, Options};
     use vm_activator::backend::kubevirt::KubevirtBackend;
     use vm_activator::config::KubevirtConfig;

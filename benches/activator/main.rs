@@ -78,8 +78,8 @@ fn main() {
             warm::run(mode, &generator).await;
         }
         if wanted("cold") {
-            cold::fake_backend(quick).await;
-            cold::kubevirt(quick).await;
+            cold::fake_backend(mode).await;
+            cold::kubevirt(mode).await;
         }
         if wanted("burst") {
             burst::run(mode).await;

@@ -50,6 +50,7 @@ async fn wait_state(activator: &ActivatorProcess, name: &str, state: &str) {
     }
 }
 
+/// Cold start and resume of a real QEMU guest (skipped without QEMU or the image).
 pub async fn run(mode: Mode) {
     let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest");
     let qemu = std::process::Command::new("qemu-system-x86_64")

@@ -52,6 +52,7 @@ async fn setup(vms: usize) -> Setup {
     }
 }
 
+/// RSS and warm latency with 1 and 10,000 registered VMs.
 pub async fn run(mode: Mode, generator: &Generator) {
     let many_vms = 10_000;
     let one = setup(1).await;

@@ -14,8 +14,8 @@ use crate::procs::{ActivatorProcess, Nginx};
 use crate::report::{target, us};
 use crate::Mode;
 
-/// Starts a fake cluster with one opted-in VM `bench/{name}`, an activator in front of
-/// it, and boots the VM with one event. Returns the guest's address.
+/// Boots the VM `bench/{name}` of `kube` with one event through `activator`; returns
+/// the guest's address.
 pub async fn warm_vm(kube: &FakeKube, activator: &ActivatorProcess, name: &str) -> SocketAddr {
     let url = format!("http://{}/bench/{name}", activator.ingress);
     crate::send_until_accepted(&url).await;
@@ -34,6 +34,7 @@ pub fn warm_annotations() -> serde_json::Value {
     })
 }
 
+/// Direct vs activator vs nginx at concurrency 1, 16 and 64.
 pub async fn run(mode: Mode, generator: &Generator) {
     let kube = FakeKube::start(fake_kube::Options::default()).await;
     kube.create_opted_in_vm("bench", "warm", warm_annotations());
