@@ -258,40 +258,44 @@ const STATUS_LABELS: [&str; 21] = [
 
 /// Status codes as label values without allocating for the common ones.
 fn status_label(code: u16) -> &'static str {
+    STATUS_LABELS[status_index(code)]
+}
+
+/// The position of `code`'s label in `STATUS_LABELS` (a match, not a search: per request).
+fn status_index(code: u16) -> usize {
     match code {
-        200 => "200",
-        201 => "201",
-        202 => "202",
-        204 => "204",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        413 => "413",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
+        200 => 0,
+        201 => 1,
+        202 => 2,
+        204 => 3,
+        400 => 4,
+        401 => 5,
+        403 => 6,
+        404 => 7,
+        405 => 8,
+        408 => 9,
+        413 => 10,
+        429 => 11,
+        500 => 12,
+        502 => 13,
+        503 => 14,
+        504 => 15,
         _ => match code {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+            100..=199 => 16,
+            200..=299 => 17,
+            300..=399 => 18,
+            400..=499 => 19,
+            _ => 20,
         },
     }
 }
 
 /// One VM's metric handles. Cheap to clone.
 ///
-/// `vm_state` is read from the gates at scrape time (see `set_phase_source`). Every
-/// series of the VM — including zero-valued
-/// `rejected_total` and `scale_downs_total` for each reason and action, so `rate()` and
-/// alerts see them before the first event — is created together on first use, which for a
-/// VM is its first request.
+/// `vm_state` is read from the gates at scrape time (see `set_phase_source`). The VM's
+/// other series — including zero-valued `rejected_total` and `scale_downs_total` for each
+/// reason and action, so `rate()` and alerts see them before the first event — are
+/// created together on first use: the VM's first start or request.
 #[derive(Clone)]
 pub struct VmMetrics {
     inner: Arc<VmMetricsInner>,
@@ -365,8 +369,8 @@ impl VmMetrics {
 
     /// Counts an answered request by status code.
     pub fn request(&self, code: u16) {
-        let label = status_label(code);
-        let index = STATUS_LABELS.iter().position(|l| *l == label).unwrap_or(0);
+        let index = status_index(code);
+        let label = STATUS_LABELS[index];
         self.series().requests[index]
             .get_or_init(|| {
                 let [ns, name] = &self.inner.labels;
@@ -488,6 +492,26 @@ mod tests {
             !text.contains("state=\"stopped\""),
             "only the current state is exported"
         );
+    }
+
+    #[test]
+    fn status_codes_map_to_their_labels() {
+        for (code, label) in [
+            (200, "200"),
+            (202, "202"),
+            (504, "504"),
+            (101, "1xx"),
+            (299, "2xx"),
+            (302, "3xx"),
+            (418, "4xx"),
+            (599, "5xx"),
+        ] {
+            assert_eq!(status_label(code), label, "{code}");
+        }
+        for label in STATUS_LABELS.iter().filter(|l| !l.ends_with("xx")) {
+            let code: u16 = label.parse().unwrap();
+            assert_eq!(status_label(code), *label);
+        }
     }
 
     #[test]

@@ -80,15 +80,7 @@ fn assert_rbac_covers_every_request(kube: &FakeKube) {
 async fn spawn_with_kubeconfig(kube: &FakeKube) -> (tempfile::TempDir, Activator) {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = kube.write_kubeconfig(dir.path());
-    let args = [
-        "--backend",
-        "kubevirt",
-        "--kubeconfig",
-        kubeconfig.to_str().unwrap(),
-        "--auth",
-        "none",
-    ];
-    let activator = Activator::spawn(&args).await;
+    let activator = Activator::spawn_kubevirt(&kubeconfig, &[]).await;
     (dir, activator)
 }
 

@@ -35,16 +35,7 @@ async fn replicas(options: Options, idle_timeout: &str, extra: &[&str]) -> Repli
     );
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = kube.write_kubeconfig(dir.path());
-    let mut args = vec![
-        "--backend",
-        "kubevirt",
-        "--kubeconfig",
-        kubeconfig.to_str().unwrap(),
-        "--auth",
-        "none",
-    ];
-    args.extend_from_slice(extra);
-    let replicas = join_all((0..3).map(|_| Activator::spawn(&args))).await;
+    let replicas = join_all((0..3).map(|_| Activator::spawn_kubevirt(&kubeconfig, extra))).await;
     for r in &replicas {
         r.wait_status("/readyz", 200, Duration::from_secs(10)).await;
         r.wait_vm_state(NS, VM, "stopped", Duration::from_secs(5)).await;

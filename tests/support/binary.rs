@@ -63,6 +63,21 @@ impl Activator {
         activator
     }
 
+    /// Starts the binary with `--backend kubevirt`, this kubeconfig, no ingress
+    /// authentication, and `extra` flags.
+    pub async fn spawn_kubevirt(kubeconfig: &std::path::Path, extra: &[&str]) -> Activator {
+        let mut args = vec![
+            "--backend",
+            "kubevirt",
+            "--kubeconfig",
+            kubeconfig.to_str().expect("a UTF-8 path"),
+            "--auth",
+            "none",
+        ];
+        args.extend_from_slice(extra);
+        Activator::spawn(&args).await
+    }
+
     /// Status of `GET {admin}{path}`, or 0 if the request failed.
     pub async fn get_status(&self, path: &str) -> u16 {
         match self.client.get(format!("{}{path}", self.admin)).send().await {
