@@ -1,74 +1,61 @@
-//! The activator: the registry `VmKey → Gate` and the use case
-//! `acquire(vm) → InFlightGuard`. It drives exactly one start per cold start (the gate
-//! decides who wins), waits for the backend to report the VM running, probes the guest,
-//! releases held requests in arrival order (limited by the VM's concurrency), then
-//! watches the running VM: if it stops on its own the gate is closed and held requests
-//! are answered; if the guest stops answering it is re-probed before taking traffic.
+//! The activator: the registry `VmKey → VmHandle`, kept in step with the backend's
+//! catalog, and the process-wide drain. Each VM's life is its owner's business
+//! (`lifecycle`); the registry only adds VMs, tells owners of changed policies, removes
+//! VMs that left, and asks every owner to answer its held requests at the drain deadline.
 //!
-//! Owns: the registry, start/resume orchestration, draining.
-//! Must not import: HTTP frameworks (axum, hyper), `ingress`, `server`, `idle`, or any
-//! backend implementation (only the `backend` trait).
+//! Owns: the registry, catalog sync, draining.
+//! Must not import HTTP frameworks (axum, hyper), `ingress`, `server`, or any backend
+//! implementation (only the `backend` trait).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::backend::{Backend, BackendPhase, BackendStatus, Catalog};
-use crate::gate::{Gate, GateError, GateState, InFlightGuard, StartKind};
-use crate::metrics::{ColdStartPhase, Metrics};
-use crate::readiness::Prober;
-use crate::vm::{Endpoint, VmPhase};
+use crate::backend::{Backend, Catalog};
+use crate::lifecycle::{AdmitError, Context, VmHandle};
+use crate::metrics::Metrics;
+use crate::readiness::GuestProbe;
 
-/// Why a request cannot be admitted.
-#[derive(Debug, thiserror::Error)]
-pub enum ActivateError {
-    /// The activator is draining (SIGTERM): the sender must retry elsewhere.
-    #[error("the activator is shutting down")]
-    Draining,
-    /// The gate refused or gave up on the request.
-    #[error(transparent)]
-    Gate(#[from] GateError),
-}
-
-type Registry = HashMap<String, HashMap<String, Arc<Gate>>>;
+/// VMs by namespace, then name: looked up with two `&str` (no key allocated per request).
+type Registry = HashMap<String, HashMap<String, VmHandle>>;
 
 /// The activator. Shared as `Arc<Activator>`.
 pub struct Activator {
-    gates: RwLock<Registry>,
-    backend: Arc<dyn Backend>,
-    prober: Prober,
+    vms: RwLock<Registry>,
+    context: Arc<Context>,
     metrics: Metrics,
-    draining: AtomicBool,
 }
 
 impl Activator {
-    /// An activator over `backend`, with gates for the backend's current catalog.
-    pub fn new(backend: Arc<dyn Backend>, prober: Prober, metrics: Metrics) -> Arc<Activator> {
+    /// An activator over `backend`, with the VMs of the backend's current catalog.
+    /// `idle_recheck`: how often a VM past its idle timeout but still busy is looked at again.
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        probe: Arc<dyn GuestProbe>,
+        metrics: Metrics,
+        idle_recheck: Duration,
+    ) -> Arc<Activator> {
         let activator = Arc::new(Activator {
-            gates: RwLock::new(HashMap::new()),
-            backend,
-            prober,
+            vms: RwLock::new(HashMap::new()),
+            context: Context::new(backend, probe, idle_recheck),
             metrics,
-            draining: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&activator);
         activator.metrics.set_phase_source(Box::new(move || {
             weak.upgrade()
-                .map(|a| a.gates().iter().map(|g| (g.key().clone(), g.phase())).collect())
+                .map(|a| a.vms().iter().map(|vm| (vm.key().clone(), vm.gate().phase())).collect())
                 .unwrap_or_default()
         }));
-        let catalog = activator.backend.catalog().borrow().clone();
+        let catalog = activator.backend().catalog().borrow().clone();
         activator.sync_catalog(&catalog);
         activator
     }
 
-    /// The backend this activator drives.
+    /// The backend the VMs run on.
     pub fn backend(&self) -> &Arc<dyn Backend> {
-        &self.backend
+        self.context.backend()
     }
 
     /// The process's metrics.
@@ -78,7 +65,7 @@ impl Activator {
 
     /// Keeps the registry in step with the backend's catalog until the backend goes away.
     pub async fn run_catalog_sync(self: Arc<Self>) {
-        let mut catalog = self.backend.catalog();
+        let mut catalog = self.backend().catalog();
         loop {
             // Sync what is current *after* subscribing: a change published between
             // `new` and this subscription would otherwise count as seen and be lost.
@@ -90,136 +77,72 @@ impl Activator {
         }
     }
 
-    /// Adds gates for new VMs, closes and removes gates of VMs that left, and applies
-    /// changed policies to VMs that are stopped (a running VM keeps its policy until it
-    /// next stops; the idle scaler re-syncs after every scale-down).
+    /// Adds VMs that are new, tells the owners of VMs whose policy changed (it takes
+    /// effect when the VM is next stopped), and removes VMs that left the catalog.
     pub fn sync_catalog(&self, catalog: &Catalog) {
         let mut removed = Vec::new();
         {
-            let mut gates = self.gates.write().unwrap_or_else(|e| e.into_inner());
+            let mut vms = self.vms.write().unwrap_or_else(|e| e.into_inner());
             for (key, policy) in catalog.iter() {
-                let namespace = gates.entry(key.namespace.clone()).or_default();
-                let replace = match namespace.get(&key.name) {
-                    None => true,
-                    Some(gate) => {
-                        gate.policy() != policy
-                            && matches!(gate.phase(), VmPhase::Stopped | VmPhase::Failed)
-                            && gate.held() == (0, 0)
-                            && gate.in_flight() == 0
+                let namespace = vms.entry(key.namespace.clone()).or_default();
+                match namespace.get(&key.name) {
+                    None => {
+                        let vm = VmHandle::new(key.clone(), policy.clone(), self.metrics.vm(key), self.context.clone());
+                        namespace.insert(key.name.clone(), vm);
                     }
-                };
-                if replace {
-                    let gate = Gate::new(key.clone(), policy.clone(), self.metrics.vm(key));
-                    namespace.insert(key.name.clone(), gate);
+                    Some(vm) if vm.gate().policy() != *policy => vm.set_policy(policy.clone()),
+                    Some(_) => {}
                 }
             }
-            for namespace in gates.values_mut() {
-                namespace.retain(|_, gate| {
-                    let keep = catalog.contains_key(gate.key());
+            for namespace in vms.values_mut() {
+                namespace.retain(|_, vm| {
+                    let keep = catalog.contains_key(vm.key());
                     if !keep {
-                        removed.push(gate.clone());
+                        removed.push(vm.clone());
                     }
                     keep
                 });
             }
-            gates.retain(|_, namespace| !namespace.is_empty());
+            vms.retain(|_, namespace| !namespace.is_empty());
         }
-        for gate in removed {
-            tracing::info!(vm = %gate.key(), "VM left the catalog");
-            gate.lost("the VM was removed from the catalog");
-            self.metrics.remove_vm(gate.key());
+        for vm in removed {
+            vm.remove();
+            self.metrics.remove_vm(vm.key());
         }
     }
 
-    /// The gate of `{namespace}/{name}`, if that VM is known. Allocation-free.
-    pub fn gate(&self, namespace: &str, name: &str) -> Option<Arc<Gate>> {
-        let gates = self.gates.read().unwrap_or_else(|e| e.into_inner());
-        gates.get(namespace)?.get(name).cloned()
+    /// The VM `{namespace}/{name}`, if known. Allocation-free.
+    pub fn vm(&self, namespace: &str, name: &str) -> Option<VmHandle> {
+        let vms = self.vms.read().unwrap_or_else(|e| e.into_inner());
+        vms.get(namespace)?.get(name).cloned()
     }
 
-    /// Every gate, sorted by key.
-    pub fn gates(&self) -> Vec<Arc<Gate>> {
-        let gates = self.gates.read().unwrap_or_else(|e| e.into_inner());
-        let mut all: Vec<_> = gates.values().flat_map(|ns| ns.values().cloned()).collect();
+    /// Every VM, sorted by key.
+    pub fn vms(&self) -> Vec<VmHandle> {
+        let vms = self.vms.read().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = vms.values().flat_map(|ns| ns.values().cloned()).collect();
         all.sort_by(|a, b| a.key().cmp(b.key()));
         all
     }
 
-    /// Admits one request of `body_bytes` to the VM behind `gate`: at once when the VM
-    /// is Ready, otherwise held (starting the VM if this is the first request) until it
-    /// is Ready, fails, or the request's deadline passes.
-    pub async fn acquire(
-        self: &Arc<Self>,
-        gate: &Arc<Gate>,
-        body_bytes: usize,
-    ) -> Result<InFlightGuard, ActivateError> {
-        if self.is_draining() {
-            return Err(ActivateError::Draining);
-        }
-        if let Some(guard) = gate.try_enter() {
-            self.share_activity(gate);
-            return Ok(guard);
-        }
-        let (held, start) = gate.hold(body_bytes)?;
-        tracing::debug!(vm = %gate.key(), starts = start.is_some(), "request held");
-        if let Some(kind) = start {
-            self.spawn_start(gate.clone(), kind);
-        }
-        let guard = held.admitted().await?;
-        self.share_activity(gate);
-        Ok(guard)
-    }
-
-    /// Hands this replica's activity to the backend so peers see it — at most once per
-    /// `idle_timeout / 10` per VM, never once per event (one atomic on the warm path).
-    fn share_activity(&self, gate: &Arc<Gate>) {
-        if !gate.claim_activity_share(gate.policy().idle_timeout / 10) {
-            return;
-        }
-        let (backend, key) = (self.backend.clone(), gate.key().clone());
-        tokio::spawn(async move {
-            if let Err(error) = backend.record_activity(&key, std::time::SystemTime::now()).await {
-                tracing::debug!(vm = %key, %error, "could not record activity");
-            }
-        });
-    }
-
-    /// The drain deadline passed: answer every request still held with 503.
-    pub fn reject_held(&self) {
-        for gate in self.gates() {
-            gate.reject_held(GateError::ShuttingDown);
-        }
-    }
-
-    /// Drives a start (or resume) the gate has already recorded as `Starting`.
-    pub fn spawn_start(self: &Arc<Self>, gate: Arc<Gate>, kind: StartKind) {
-        let this = self.clone();
-        tokio::spawn(async move { this.run_vm(gate, kind).await });
-    }
-
-    /// The guest behind a Ready gate refused or reset a connection: stop sending it
-    /// traffic until a probe passes again.
-    pub fn report_unreachable(&self, gate: &Gate, endpoint: Endpoint) {
-        if gate.phase() == VmPhase::Ready && gate.set_probing(endpoint) {
-            tracing::warn!(vm = %gate.key(), %endpoint, "guest unreachable; re-probing");
-        }
-    }
-
-    /// New requests get `Draining` from now on; held and in-flight ones continue.
+    /// New requests get 503 (`draining`) from now on; held and in-flight ones continue.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.context.start_draining();
     }
 
     /// Whether `start_draining` was called.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        self.context.is_draining()
     }
 
     /// Returns once no request is held or in flight anywhere, or at `deadline`.
     /// Returns whether everything finished.
     pub async fn wait_drained(&self, deadline: Instant) -> bool {
         loop {
-            let busy = self.gates().iter().any(|g| g.in_flight() > 0 || g.held().0 > 0);
+            let busy = self
+                .vms()
+                .iter()
+                .any(|vm| vm.gate().in_flight() > 0 || vm.gate().has_held());
             if !busy {
                 return true;
             }
@@ -230,198 +153,17 @@ impl Activator {
         }
     }
 
-    /// One VM's life from a start until it stops: start, boot, probe, release, then
-    /// watch it while it runs.
-    async fn run_vm(self: Arc<Self>, gate: Arc<Gate>, kind: StartKind) {
-        let key = gate.key().clone();
-        let Some(mut status) = self.backend.status(&key) else {
-            gate.fail(GateError::StartFailed("the backend does not know this VM".into()));
-            return;
-        };
-        let timeout = gate.policy().start_timeout;
-        let mut start_called = false;
-        let result = tokio::time::timeout(
-            timeout,
-            self.start_and_probe(&gate, kind, &mut status, &mut start_called),
-        )
-        .await
-        .unwrap_or(Err(GateError::StartTimeout(timeout)));
-        match result {
-            Ok(endpoint) => {
-                if let Some(opened) = gate.open(endpoint) {
-                    if let Some(first) = opened.first_held_at {
-                        let took = first.elapsed();
-                        let seconds = took.as_secs_f64();
-                        gate.metrics().series().cold_start.observe(seconds);
-                        gate.record_cold_start(took);
-                        tracing::info!(vm = %key, %endpoint, held = opened.len(), cold_start_ms = (seconds * 1000.0) as u64, "VM ready");
-                    }
-                    opened.release(&gate).await;
-                    tracing::debug!(vm = %key, "held requests released");
-                    self.watch_running(&gate, status).await;
-                }
-            }
-            Err(error) => {
-                tracing::warn!(vm = %key, %error, "start failed");
-                if start_called {
-                    // The VM may be half up: answer the held requests now, then make sure
-                    // it does not keep running (and costing) unseen.
-                    gate.fail(error);
-                    if let Err(e) = self.backend.stop(&key).await {
-                        tracing::warn!(vm = %key, error = %e, "stop after failed start failed");
-                    }
-                } else {
-                    gate.fail(error);
-                }
-            }
+    /// The drain deadline passed: every request still held is answered with 503.
+    pub fn reject_held(&self) {
+        for vm in self.vms() {
+            vm.reject_held(AdmitError::Draining);
         }
     }
 
-    async fn start_and_probe(
-        &self,
-        gate: &Gate,
-        kind: StartKind,
-        status: &mut watch::Receiver<BackendStatus>,
-        start_called: &mut bool,
-    ) -> Result<Endpoint, GateError> {
-        let key = gate.key();
-        let metrics = gate.metrics();
-        let t0 = Instant::now();
-        *start_called = true;
-        let call = match kind {
-            StartKind::Boot => self.backend.start(key).await,
-            StartKind::Resume => self.backend.resume(key).await,
-        };
-        // Only now: the start signal must not wait for series to be created.
-        gate.create_metrics();
-        metrics.series().scale_ups.inc();
-        call.map_err(|e| GateError::StartFailed(e.to_string().into()))?;
-        let t1 = Instant::now();
-        tracing::debug!(vm = %key, ?kind, "start call returned");
-        metrics.cold_start_phase(ColdStartPhase::StartCall, (t1 - t0).as_secs_f64());
-        let endpoint = wait_running(status).await?;
-        let t2 = Instant::now();
-        tracing::debug!(vm = %key, %endpoint, "backend reports running; probing");
-        metrics.cold_start_phase(ColdStartPhase::Boot, (t2 - t1).as_secs_f64());
-        gate.set_probing(endpoint);
-        let policy = gate.policy().clone();
-        tokio::select! {
-            _ = self.prober.wait_ready(endpoint, &policy.readiness) => {}
-            stopped = wait_stopped(status) => return Err(stopped),
-        }
-        metrics.cold_start_phase(ColdStartPhase::Probe, t2.elapsed().as_secs_f64());
-        Ok(endpoint)
-    }
-
-    /// While the VM runs: notice it stopping on its own, and re-probe the guest when a
-    /// request found it unreachable. Returns when the VM stops or the idle scaler
-    /// takes over (the gate leaves Ready/Probing).
-    async fn watch_running(&self, gate: &Arc<Gate>, mut status: watch::Receiver<BackendStatus>) {
-        let mut gate_state = gate.subscribe();
-        loop {
-            let current: GateState = gate_state.borrow_and_update().clone();
-            match current.phase {
-                // Stopping: the idle scaler is deciding; it may call the stop off.
-                VmPhase::Ready | VmPhase::Stopping => {}
-                VmPhase::Probing => {
-                    let endpoint = current.endpoint.expect("Probing always has an endpoint");
-                    if let Err(error) = self.reprobe(gate, endpoint, &mut status).await {
-                        tracing::warn!(vm = %gate.key(), %error, "guest did not come back");
-                        gate.fail(error);
-                        let _ = self.backend.stop(gate.key()).await;
-                        return;
-                    }
-                    continue;
-                }
-                _ => return,
-            }
-            tokio::select! {
-                changed = status.changed() => {
-                    let stopped = changed.is_err() || status.borrow().phase == BackendPhase::Stopped;
-                    if stopped && gate.phase() == VmPhase::Stopping {
-                        // The stop we asked for; `finish_stop` closes the gate.
-                        continue;
-                    }
-                    if stopped && matches!(gate.phase(), VmPhase::Ready | VmPhase::Probing) {
-                        let message = status.borrow().message.clone().unwrap_or_else(|| "the VM stopped".into());
-                        if self.is_draining() {
-                            tracing::info!(vm = %gate.key(), %message, "VM stopped for shutdown");
-                        } else {
-                            tracing::warn!(vm = %gate.key(), %message, "VM stopped without being asked");
-                        }
-                        gate.lost(&message);
-                        return;
-                    }
-                }
-                changed = gate_state.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    async fn reprobe(
-        &self,
-        gate: &Gate,
-        endpoint: Endpoint,
-        status: &mut watch::Receiver<BackendStatus>,
-    ) -> Result<(), GateError> {
-        let timeout = gate.policy().start_timeout;
-        let readiness = gate.policy().readiness.clone();
-        let probe = async {
-            tokio::select! {
-                _ = self.prober.wait_ready(endpoint, &readiness) => Ok(()),
-                stopped = wait_stopped(status) => Err(stopped),
-            }
-        };
-        tokio::time::timeout(timeout, probe)
-            .await
-            .unwrap_or(Err(GateError::StartTimeout(timeout)))?;
-        if let Some(opened) = gate.open(endpoint) {
-            tracing::info!(vm = %gate.key(), "guest answers again");
-            opened.release(gate).await;
-        }
-        Ok(())
-    }
-}
-
-/// Waits until the backend reports the VM running with an endpoint. A `Stopped` seen
-/// after the VM had left `Stopped` means it died while starting.
-async fn wait_running(status: &mut watch::Receiver<BackendStatus>) -> Result<Endpoint, GateError> {
-    let mut left_stopped = false;
-    loop {
-        {
-            let s = status.borrow_and_update();
-            match (s.phase, s.endpoint) {
-                (BackendPhase::Running, Some(endpoint)) => return Ok(endpoint),
-                (BackendPhase::Stopped, _) if left_stopped => {
-                    let message = s
-                        .message
-                        .clone()
-                        .unwrap_or_else(|| "the VM stopped while starting".into());
-                    return Err(GateError::Stopped(message.into()));
-                }
-                (BackendPhase::Stopped, _) => {}
-                _ => left_stopped = true,
-            }
-        }
-        if status.changed().await.is_err() {
-            return Err(GateError::Stopped("the backend stopped reporting this VM".into()));
-        }
-    }
-}
-
-/// Resolves when the backend reports the VM stopped.
-async fn wait_stopped(status: &mut watch::Receiver<BackendStatus>) -> GateError {
-    loop {
-        if status.changed().await.is_err() {
-            return GateError::Stopped("the backend stopped reporting this VM".into());
-        }
-        let s = status.borrow_and_update();
-        if s.phase == BackendPhase::Stopped {
-            return GateError::Stopped(s.message.clone().unwrap_or_else(|| "the VM stopped".into()).into());
+    /// Ends every VM's owner task (the process is about to exit).
+    pub fn shutdown(&self) {
+        for vm in self.vms() {
+            vm.abort();
         }
     }
 }
@@ -431,18 +173,28 @@ mod tests {
     use super::*;
     use crate::backend::fake::{FakeBackend, FakeOptions};
     use crate::config::ReadinessConfig;
+    use crate::readiness::Prober;
     use crate::vm::{Policy, VmKey};
+
+    fn activator(backend: Arc<FakeBackend>) -> Arc<Activator> {
+        Activator::new(
+            backend,
+            Arc::new(Prober::new(ReadinessConfig::default())),
+            Metrics::new(),
+            Duration::from_millis(50),
+        )
+    }
 
     #[tokio::test]
     async fn a_catalog_change_before_the_sync_task_subscribes_is_not_lost() {
         let backend = FakeBackend::new([], FakeOptions::default());
-        let activator = Activator::new(backend.clone(), Prober::new(ReadinessConfig::default()), Metrics::new());
+        let activator = activator(backend.clone());
         // Published after `new` read the catalog, before the sync task subscribes.
         backend.add_vm(VmKey::new("ns", "late"), Policy::default());
         let sync = tokio::spawn(activator.clone().run_catalog_sync());
         let deadline = Instant::now() + Duration::from_secs(2);
-        while activator.gate("ns", "late").is_none() {
-            assert!(Instant::now() < deadline, "the VM never got a gate");
+        while activator.vm("ns", "late").is_none() {
+            assert!(Instant::now() < deadline, "the VM never got registered");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         sync.abort();
@@ -462,11 +214,11 @@ mod tests {
                 ..FakeOptions::default()
             },
         );
-        let activator = Activator::new(backend.clone(), Prober::new(ReadinessConfig::default()), Metrics::new());
-        let gate = activator.gate("ns", "gone").unwrap();
+        let activator = activator(backend.clone());
+        let vm = activator.vm("ns", "gone").unwrap();
         let held = tokio::spawn({
-            let activator = activator.clone();
-            async move { activator.acquire(&gate, 0).await.map(|_| ()) }
+            let vm = vm.clone();
+            async move { vm.admit(0).await.map(|_| ()) }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         activator.sync_catalog(&Arc::new(Default::default()));
@@ -474,10 +226,35 @@ mod tests {
             .await
             .expect("no hang")
             .unwrap();
+        assert!(matches!(result, Err(AdmitError::Stopped(_))), "{result:?}");
+        assert!(activator.vm("ns", "gone").is_none());
         assert!(
-            matches!(result, Err(ActivateError::Gate(GateError::Stopped(_)))),
-            "{result:?}"
+            matches!(vm.admit(0).await, Err(AdmitError::Stopped(_))),
+            "a removed VM admits nothing"
         );
-        assert!(activator.gate("ns", "gone").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_changed_policy_takes_effect_once_the_vm_is_stopped() {
+        let key = VmKey::new("ns", "vm");
+        let backend = FakeBackend::new([(key.clone(), Policy::default())], FakeOptions::default());
+        let activator = activator(backend.clone());
+        let changed = Policy {
+            port: 9000,
+            ..Policy::default()
+        };
+        backend.add_vm(key.clone(), changed.clone());
+        activator.sync_catalog(&backend.catalog().borrow().clone());
+        let vm = activator.vm("ns", "vm").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while vm.gate().policy().port != 9000 {
+            assert!(Instant::now() < deadline, "the new policy never took effect");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The owner spawned to apply it has nothing more to do.
+        while vm.owner_running() {
+            assert!(Instant::now() < deadline, "the owner of a stopped VM keeps running");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

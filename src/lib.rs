@@ -2,9 +2,10 @@
 //!
 //! The first CloudEvent addressed to a stopped VM starts it; the activator holds that
 //! event and every later one until the guest application answers, delivers them, and
-//! stops the VM again once it has been idle. See `DESIGN.md` §3 for how the modules
-//! below depend on each other: `server` → `ingress` → `activator` → `gate`, `backend`
-//! (trait), `readiness`; `ingress` → `proxy`; `idle` → `activator`, `backend`.
+//! stops the VM again once it has been idle. docs/architecture.md describes the layers:
+//! `server` → `ingress` → `activator` (registry) → `lifecycle` (one owner per VM) →
+//! `backend` (trait), `readiness`; `ingress` → `proxy`, `auth`; everything → `vm`,
+//! `metrics`, its own `config` section.
 
 #![deny(missing_docs)]
 
@@ -12,9 +13,8 @@ pub mod activator;
 pub mod auth;
 pub mod backend;
 pub mod config;
-pub mod gate;
-pub mod idle;
 pub mod ingress;
+pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod readiness;

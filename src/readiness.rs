@@ -9,10 +9,11 @@
 //! retransmit timeout when it races the guest network coming up, and the cold-start
 //! overhead must stay within milliseconds of the guest's first answer.
 //!
-//! Owns: probing. Must not import the gate, activator, backend or ingress.
+//! Owns: probing. Must not import the lifecycle, activator, backend or ingress.
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use tokio::net::TcpStream;
@@ -25,7 +26,23 @@ use crate::vm::{Endpoint, Readiness};
 /// At most this many probe attempts outstanding at once.
 const MAX_PARALLEL_ATTEMPTS: usize = 4;
 
-/// Probes guests. Cheap to clone.
+/// Waits until a guest answers: what a VM's owner runs once the backend reports the VM
+/// running. [`Prober`] is the real one; tests swap in a scripted one.
+#[async_trait]
+pub trait GuestProbe: Send + Sync + 'static {
+    /// Returns once the guest at `endpoint` answers `readiness`. Never returns
+    /// otherwise: the caller bounds it (start timeout) or drops it (the VM stopped).
+    async fn wait_ready(&self, endpoint: Endpoint, readiness: &Readiness);
+}
+
+#[async_trait]
+impl GuestProbe for Prober {
+    async fn wait_ready(&self, endpoint: Endpoint, readiness: &Readiness) {
+        Prober::wait_ready(self, endpoint, readiness).await
+    }
+}
+
+/// Probes guests over TCP or HTTP. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Prober {
     config: ReadinessConfig,

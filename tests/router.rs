@@ -1,6 +1,6 @@
-//! The ingress router called directly (`oneshot`, no sockets): a table of bad inputs,
-//! each checked for status, error code, the attribute named, `Retry-After` where due,
-//! and that no VM was started.
+//! The ingress router called directly (`oneshot`, no sockets) — built by `server::app`,
+//! with every layer the binary has: a table of bad inputs, each checked for status,
+//! error code, the attribute named, `Retry-After` where due, and that no VM was started.
 
 use std::time::Duration;
 
@@ -8,14 +8,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use vm_activator::activator::Activator;
-use vm_activator::auth::Authenticator;
 use vm_activator::backend::fake::{FakeBackend, FakeOptions};
-use vm_activator::config::{IngressConfig, ProxyConfig, ReadinessConfig};
-use vm_activator::ingress::{router, IngressState};
-use vm_activator::metrics::Metrics;
-use vm_activator::proxy::Proxy;
-use vm_activator::readiness::Prober;
+use vm_activator::config::Config;
+use vm_activator::server;
 use vm_activator::vm::{Policy, VmKey};
 
 struct Case {
@@ -203,17 +198,9 @@ fn cases() -> Vec<Case> {
 async fn every_bad_input_gets_its_status_and_a_json_error_naming_the_cause() {
     let key = VmKey::new("default", "demo");
     let backend = FakeBackend::new([(key.clone(), Policy::default())], FakeOptions::default());
-    let activator = Activator::new(backend.clone(), Prober::new(ReadinessConfig::default()), Metrics::new());
-    let ingress = IngressConfig {
-        max_body_bytes: 256,
-        ..IngressConfig::default()
-    };
-    let app = router(IngressState::new(
-        activator,
-        Proxy::new(&ProxyConfig::default()),
-        ingress,
-        Authenticator::None,
-    ));
+    let mut config = Config::for_tests();
+    config.ingress.max_body_bytes = 256;
+    let app = server::app(&config, backend.clone()).await.unwrap().ingress;
 
     for case in cases() {
         let mut request = Request::builder().method(case.method).uri(case.path);
@@ -256,13 +243,10 @@ async fn a_valid_event_through_oneshot_is_delivered() {
         ..Policy::default()
     };
     let backend = FakeBackend::new([(key.clone(), policy)], FakeOptions::default());
-    let activator = Activator::new(backend.clone(), Prober::new(ReadinessConfig::default()), Metrics::new());
-    let app = router(IngressState::new(
-        activator,
-        Proxy::new(&ProxyConfig::default()),
-        IngressConfig::default(),
-        Authenticator::None,
-    ));
+    let app = server::app(&Config::for_tests(), backend.clone())
+        .await
+        .unwrap()
+        .ingress;
     let request = Request::post("/default/demo")
         .header(STRUCTURED.0, STRUCTURED.1)
         .body(Body::from(

@@ -75,11 +75,11 @@ pub async fn fake_backend(mode: Mode) {
         let listening = log.listening_since[0];
         let start_called = log.start_calls[0];
         if std::env::var("BENCH_DEBUG").is_ok() {
-            let gate = server.activator.gate(&key.namespace, &key.name).expect("gate");
+            let vm = server.activator.vm(&key.namespace, &key.name).expect("VM");
             eprintln!(
                 "listening→answered {:?}, cold_start {:?}",
                 answered.saturating_duration_since(listening),
-                gate.last_cold_start()
+                vm.gate().last_cold_start()
             );
         }
         overheads.push(answered.saturating_duration_since(listening));
@@ -147,7 +147,7 @@ pub async fn kubevirt(mode: Mode) {
     };
     let backend = KubevirtBackend::connect(config).await.expect("backend");
     let server = server::start(Config::for_tests(), backend).await.expect("server");
-    while server.activator.gates().len() < n {
+    while server.activator.vms().len() < n {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let client = client();

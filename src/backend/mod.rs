@@ -5,6 +5,10 @@
 //! a *status* stream of `{phase, endpoint}`; the activator drives starts and stops
 //! and decides readiness itself by probing the guest.
 //!
+//! Implementations: `qemu` (local processes, always built), `kubevirt` (cargo feature
+//! `kubevirt`, on by default) and `fake` (feature `test-support`: tests and benches only,
+//! never in a release build).
+//!
 //! Owns: the trait, [`BackendStatus`], [`BackendError`].
 //! Implementations depend on this module, `vm` and their config section only —
 //! never on `activator`, `ingress` or `server`.
@@ -18,7 +22,9 @@ use tokio::sync::watch;
 
 use crate::vm::{Endpoint, Policy, VmKey};
 
+#[cfg(any(test, feature = "test-support"))]
 pub mod fake;
+#[cfg(feature = "kubevirt")]
 pub mod kubevirt;
 pub mod qemu;
 

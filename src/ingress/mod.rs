@@ -1,9 +1,10 @@
-//! The ingress: `POST /{namespace}/{vm}[/{rest}]` → validate the CloudEvent → admit it
-//! through the VM's gate (starting the VM if needed) → forward to the guest → stream
-//! the guest's answer back. With `server`, the only module that knows axum.
+//! The ingress: `POST /{namespace}/{vm}[/{rest}]` → validate the CloudEvent → ask the
+//! VM to admit it (which starts the VM if needed) → forward to the guest → stream the
+//! guest's answer back. With `server`, the only module that knows axum.
 //!
-//! Owns: routing, body limits, the order of checks (route, VM, size, validity, admit).
-//! Must not import `server`, `idle` or any backend implementation.
+//! Owns: routing, body limits, the order of checks (route, auth, VM, size, validity,
+//! admit). Must not import `server` or any backend implementation; it changes no VM's
+//! state itself (it asks the VM's handle).
 
 pub mod cloudevent;
 pub mod response;
@@ -22,8 +23,9 @@ use tokio::time::Instant;
 use crate::activator::Activator;
 use crate::auth::{authorize, Authenticator};
 use crate::config::IngressConfig;
-use crate::gate::Gate;
+use crate::lifecycle::VmHandle;
 use crate::proxy::{GuardedBody, Proxy, ProxyError};
+use crate::vm::Policy;
 use response::IngressError;
 
 /// What the ingress handlers share. One `Arc`: axum clones the state for every request.
@@ -168,7 +170,7 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
             return state.refuse(error);
         }
     };
-    let Some(gate) = state.activator.gate(&target.namespace, &target.name) else {
+    let Some(vm) = state.activator.vm(&target.namespace, &target.name) else {
         let vm = format!("{}/{}", target.namespace, target.name);
         let error = if state.activator.backend().is_connected() {
             IngressError::UnknownVm(vm)
@@ -178,28 +180,30 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
         state.activator.metrics().unknown_vm_request(error.status().as_u16());
         return state.refuse(error);
     };
+    let policy = vm.gate().policy();
     let authorized = authorize(
         &caller,
         &state.config.auth.allowed_subjects,
-        &gate.policy().allowed_subjects,
-        gate.key(),
+        &policy.allowed_subjects,
+        vm.key(),
     );
     let result = match authorized {
-        Ok(()) => handle(&state, &gate, &target, parts, body).await,
+        Ok(()) => handle(&state, &vm, &policy, &target, parts, body).await,
         Err(error) => Err(error.into()),
     };
+    let metrics = vm.gate().metrics();
     let response = match result {
         Ok(response) => response,
         Err(error) => {
             if let Some(reason) = error.reject_reason() {
-                gate.metrics().rejected(reason);
+                metrics.rejected(reason);
             }
-            tracing::debug!(vm = %gate.key(), %error, "request refused");
+            tracing::debug!(vm = %vm.key(), %error, "request refused");
             state.refuse(error)
         }
     };
-    gate.metrics().request(response.status().as_u16());
-    gate.metrics()
+    metrics.request(response.status().as_u16());
+    metrics
         .series()
         .request_duration
         .observe(arrived.elapsed().as_secs_f64());
@@ -208,16 +212,16 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
 
 async fn handle(
     state: &IngressState,
-    gate: &Arc<Gate>,
+    vm: &VmHandle,
+    policy: &Policy,
     target: &Target<'_>,
     parts: http::request::Parts,
     body: Body,
 ) -> Result<Response, IngressError> {
     let body = read_body(&parts.headers, body, state.config.max_body_bytes).await?;
     let envelope = cloudevent::validate(&parts.headers, body)?;
-    let guard = state.activator.acquire(gate, envelope.body.len()).await?;
-    let endpoint = guard.endpoint();
-    let policy = gate.policy();
+    let permit = vm.admit(envelope.body.len()).await?;
+    let endpoint = permit.endpoint();
     let guest_path = target.guest_path(&policy.path, parts.uri.query());
     // Boxed: the client's future is large, and inline it would be part of every held
     // request's state (memory per held event), though only released requests need it.
@@ -228,13 +232,13 @@ async fn handle(
     );
     match forward.await {
         Ok(response) => {
-            tracing::debug!(vm = %gate.key(), status = response.status().as_u16(), "guest answered");
+            tracing::debug!(vm = %vm.key(), status = response.status().as_u16(), "guest answered");
             let (parts, body) = response.into_parts();
-            Ok(Response::from_parts(parts, Body::new(GuardedBody::new(body, guard))).into_response())
+            Ok(Response::from_parts(parts, Body::new(GuardedBody::new(body, permit))).into_response())
         }
         Err(error) => {
             if matches!(error, ProxyError::Unreachable(_)) {
-                state.activator.report_unreachable(gate, endpoint);
+                vm.report_unreachable(endpoint);
             }
             Err(error.into())
         }
@@ -294,6 +298,7 @@ mod tests {
 mod held_state {
     use super::*;
     use crate::backend::fake::{FakeBackend, FakeOptions};
+    use crate::config::Config;
 
     /// A held event keeps its whole request future alive until the VM is ready: large
     /// rarely-used futures (the OIDC verifier, the proxy call) are boxed so they are not
@@ -301,13 +306,9 @@ mod held_state {
     #[tokio::test]
     async fn the_request_future_stays_small() {
         let backend = FakeBackend::new([], FakeOptions::default());
-        let activator = Activator::new(
-            backend,
-            crate::readiness::Prober::new(Default::default()),
-            Default::default(),
-        );
+        let app = crate::server::app(&Config::for_tests(), backend).await.unwrap();
         let auth = Authenticator::from_config(&Default::default()).await.unwrap();
-        let state = IngressState::new(activator, Proxy::new(&Default::default()), Default::default(), auth);
+        let state = IngressState::new(app.activator, Proxy::new(&Default::default()), Default::default(), auth);
         let future = deliver(State(state), Request::new(Body::empty()));
         let size = std::mem::size_of_val(&future);
         assert!(size <= 2048, "the ingress future is {size} bytes");

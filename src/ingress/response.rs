@@ -1,18 +1,21 @@
-//! The one place where errors become HTTP responses (DESIGN §2's status table):
-//! every refusal gets a status, a JSON body `{"error", "detail"[, "attribute"]}`, and a
-//! `Retry-After` on 503 so Knative (and any sender) retries.
+//! The one place where errors become HTTP responses (the status table in
+//! docs/architecture.md and the README): every refusal gets a status, a JSON body
+//! `{"error", "detail"[, "attribute"]}`, and a `Retry-After` on 503 so Knative (and any
+//! sender) retries.
+//!
+//! Each error maps to its (status, code, rejection reason) in one `match`
+//! ([`IngressError::describe`]); a test walks every variant.
 //!
 //! Owns: status codes, error bodies, rejection reasons for metrics.
-//! Must not import the backend or gate internals beyond their error types.
+//! Must not import the backend or lifecycle internals beyond their error types.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::cloudevent::EventError;
-use crate::activator::ActivateError;
 use crate::auth::AuthError;
-use crate::gate::GateError;
+use crate::lifecycle::AdmitError;
 use crate::metrics::RejectReason;
 use crate::proxy::ProxyError;
 
@@ -49,7 +52,7 @@ pub enum IngressError {
     InvalidEvent(#[from] EventError),
     /// The VM could not take the request.
     #[error(transparent)]
-    Activate(#[from] ActivateError),
+    Admit(#[from] AdmitError),
     /// The guest did not answer.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
@@ -59,78 +62,58 @@ pub enum IngressError {
 }
 
 impl IngressError {
+    /// The HTTP status, the machine-readable code of the JSON body, and the
+    /// `rejected_total` reason (for refusals that never reached the guest) — together,
+    /// so they cannot drift apart.
+    pub fn describe(&self) -> (StatusCode, &'static str, Option<RejectReason>) {
+        use IngressError as E;
+        use RejectReason as R;
+        use StatusCode as S;
+        match self {
+            E::NoRoute(_) => (S::NOT_FOUND, "no_route", None),
+            E::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method_not_allowed", None),
+            E::UnknownVm(_) => (S::NOT_FOUND, "unknown_vm", None),
+            E::BackendUnavailable(_) => (S::SERVICE_UNAVAILABLE, "backend_unavailable", None),
+            E::BadPath(_) => (S::BAD_REQUEST, "bad_path", Some(R::InvalidEvent)),
+            E::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "body_too_large", Some(R::BodyTooLarge)),
+            E::BodyRead(_) => (S::BAD_REQUEST, "body_unreadable", Some(R::InvalidEvent)),
+            E::InvalidEvent(_) => (S::BAD_REQUEST, "invalid_event", Some(R::InvalidEvent)),
+            E::Admit(AdmitError::BufferFull { .. }) => (S::SERVICE_UNAVAILABLE, "buffer_full", Some(R::BufferFull)),
+            E::Admit(AdmitError::StartFailed(_)) => (S::SERVICE_UNAVAILABLE, "start_failed", Some(R::StartFailed)),
+            E::Admit(AdmitError::StartTimeout(_)) => (S::SERVICE_UNAVAILABLE, "start_timeout", Some(R::StartTimeout)),
+            E::Admit(AdmitError::Stopped(_)) => (S::SERVICE_UNAVAILABLE, "vm_stopped", Some(R::StartFailed)),
+            E::Admit(AdmitError::Draining) => (S::SERVICE_UNAVAILABLE, "draining", Some(R::Draining)),
+            E::Proxy(ProxyError::Timeout(_)) => (S::GATEWAY_TIMEOUT, "guest_timeout", None),
+            E::Proxy(ProxyError::Unreachable(_) | ProxyError::BadRequest(_)) => {
+                (S::BAD_GATEWAY, "guest_unreachable", None)
+            }
+            E::Auth(AuthError::Missing) => (S::UNAUTHORIZED, "unauthenticated", Some(R::Unauthorized)),
+            E::Auth(AuthError::Invalid(_)) => (S::UNAUTHORIZED, "invalid_token", Some(R::Unauthorized)),
+            E::Auth(AuthError::Forbidden { .. }) => (S::FORBIDDEN, "forbidden", Some(R::Unauthorized)),
+            E::Auth(AuthError::Unavailable(_)) => (S::SERVICE_UNAVAILABLE, "auth_unavailable", None),
+        }
+    }
+
     /// The HTTP status for this error.
     pub fn status(&self) -> StatusCode {
-        match self {
-            IngressError::NoRoute(_) | IngressError::UnknownVm(_) => StatusCode::NOT_FOUND,
-            IngressError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            IngressError::BadPath(_) | IngressError::BodyRead(_) | IngressError::InvalidEvent(_) => {
-                StatusCode::BAD_REQUEST
-            }
-            IngressError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            IngressError::Activate(_) | IngressError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            IngressError::Proxy(ProxyError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
-            IngressError::Proxy(_) => StatusCode::BAD_GATEWAY,
-            IngressError::Auth(AuthError::Missing | AuthError::Invalid(_)) => StatusCode::UNAUTHORIZED,
-            IngressError::Auth(AuthError::Forbidden { .. }) => StatusCode::FORBIDDEN,
-            IngressError::Auth(AuthError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
-        }
+        self.describe().0
     }
 
     /// A short machine-readable code for the JSON body.
     pub fn code(&self) -> &'static str {
-        match self {
-            IngressError::NoRoute(_) => "no_route",
-            IngressError::MethodNotAllowed(_) => "method_not_allowed",
-            IngressError::UnknownVm(_) => "unknown_vm",
-            IngressError::BackendUnavailable(_) => "backend_unavailable",
-            IngressError::BadPath(_) => "bad_path",
-            IngressError::BodyTooLarge { .. } => "body_too_large",
-            IngressError::BodyRead(_) => "body_unreadable",
-            IngressError::InvalidEvent(_) => "invalid_event",
-            IngressError::Activate(ActivateError::Draining) => "draining",
-            IngressError::Activate(ActivateError::Gate(e)) => match e {
-                GateError::BufferFull { .. } => "buffer_full",
-                GateError::StartFailed(_) => "start_failed",
-                GateError::StartTimeout(_) => "start_timeout",
-                GateError::Stopped(_) => "vm_stopped",
-                GateError::ShuttingDown => "draining",
-            },
-            IngressError::Proxy(ProxyError::Timeout(_)) => "guest_timeout",
-            IngressError::Proxy(_) => "guest_unreachable",
-            IngressError::Auth(AuthError::Missing) => "unauthenticated",
-            IngressError::Auth(AuthError::Invalid(_)) => "invalid_token",
-            IngressError::Auth(AuthError::Forbidden { .. }) => "forbidden",
-            IngressError::Auth(AuthError::Unavailable(_)) => "auth_unavailable",
-        }
+        self.describe().1
     }
 
     /// The `rejected_total` reason, for refusals that never reached the guest.
     pub fn reject_reason(&self) -> Option<RejectReason> {
-        match self {
-            IngressError::BodyTooLarge { .. } => Some(RejectReason::BodyTooLarge),
-            IngressError::InvalidEvent(_) | IngressError::BodyRead(_) | IngressError::BadPath(_) => {
-                Some(RejectReason::InvalidEvent)
-            }
-            IngressError::Activate(ActivateError::Draining) => Some(RejectReason::Draining),
-            IngressError::Auth(AuthError::Missing | AuthError::Invalid(_) | AuthError::Forbidden { .. }) => {
-                Some(RejectReason::Unauthorized)
-            }
-            IngressError::Activate(ActivateError::Gate(e)) => Some(match e {
-                GateError::BufferFull { .. } => RejectReason::BufferFull,
-                GateError::StartFailed(_) | GateError::Stopped(_) => RejectReason::StartFailed,
-                GateError::StartTimeout(_) => RejectReason::StartTimeout,
-                GateError::ShuttingDown => RejectReason::Draining,
-            }),
-            _ => None,
-        }
+        self.describe().2
     }
 
     /// The full response. `retry_after_seconds` goes on every 503.
     pub fn into_response_with(self, retry_after_seconds: u32) -> Response {
-        let status = self.status();
+        let (status, code, _) = self.describe();
         let mut body = json!({
-            "error": self.code(),
+            "error": code,
             "detail": self.to_string(),
         });
         if let IngressError::InvalidEvent(e) = &self {
@@ -140,20 +123,23 @@ impl IngressError {
         }
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
-        }
-        if status == StatusCode::METHOD_NOT_ALLOWED {
-            headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
-        }
-        if status == StatusCode::UNAUTHORIZED {
-            // RFC 6750 §3: say which scheme, and whether a token was presented but bad.
-            let challenge = if self.code() == "invalid_token" {
-                "Bearer error=\"invalid_token\""
-            } else {
-                "Bearer"
-            };
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        match status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+            }
+            StatusCode::METHOD_NOT_ALLOWED => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            StatusCode::UNAUTHORIZED => {
+                // RFC 6750 §3: say which scheme, and whether a token was presented but bad.
+                let challenge = if code == "invalid_token" {
+                    "Bearer error=\"invalid_token\""
+                } else {
+                    "Bearer"
+                };
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            }
+            _ => {}
         }
         response
     }
@@ -164,23 +150,132 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// The variant's name; exhaustive, so a new variant does not compile until the
+    /// table below covers it.
+    fn variant(error: &IngressError) -> &'static str {
+        use IngressError as E;
+        match error {
+            E::NoRoute(_) => "NoRoute",
+            E::MethodNotAllowed(_) => "MethodNotAllowed",
+            E::UnknownVm(_) => "UnknownVm",
+            E::BackendUnavailable(_) => "BackendUnavailable",
+            E::BadPath(_) => "BadPath",
+            E::BodyTooLarge { .. } => "BodyTooLarge",
+            E::BodyRead(_) => "BodyRead",
+            E::InvalidEvent(_) => "InvalidEvent",
+            E::Admit(AdmitError::BufferFull { .. }) => "Admit(BufferFull)",
+            E::Admit(AdmitError::StartFailed(_)) => "Admit(StartFailed)",
+            E::Admit(AdmitError::StartTimeout(_)) => "Admit(StartTimeout)",
+            E::Admit(AdmitError::Stopped(_)) => "Admit(Stopped)",
+            E::Admit(AdmitError::Draining) => "Admit(Draining)",
+            E::Proxy(ProxyError::Timeout(_)) => "Proxy(Timeout)",
+            E::Proxy(ProxyError::Unreachable(_)) => "Proxy(Unreachable)",
+            E::Proxy(ProxyError::BadRequest(_)) => "Proxy(BadRequest)",
+            E::Auth(AuthError::Missing) => "Auth(Missing)",
+            E::Auth(AuthError::Invalid(_)) => "Auth(Invalid)",
+            E::Auth(AuthError::Forbidden { .. }) => "Auth(Forbidden)",
+            E::Auth(AuthError::Unavailable(_)) => "Auth(Unavailable)",
+        }
+    }
+
     #[test]
-    fn status_table() {
-        let gate = |e| IngressError::Activate(ActivateError::Gate(e));
-        let cases: Vec<(IngressError, u16)> = vec![
-            (IngressError::UnknownVm("a/b".into()), 404),
-            (IngressError::NoRoute("/".into()), 404),
-            (IngressError::MethodNotAllowed("GET".into()), 405),
-            (IngressError::BodyTooLarge { limit: 1 }, 413),
-            (EventError::NotAnEvent.into(), 400),
-            (gate(GateError::StartTimeout(Duration::from_secs(1))), 503),
-            (gate(GateError::StartFailed("x".into())), 503),
-            (IngressError::Activate(ActivateError::Draining), 503),
-            (IngressError::BackendUnavailable("a/b".into()), 503),
-            (ProxyError::Timeout(Duration::from_secs(1)).into(), 504),
-            (ProxyError::Unreachable("reset".into()).into(), 502),
-            (AuthError::Missing.into(), 401),
-            (AuthError::Invalid("expired".into()).into(), 401),
+    fn every_error_has_its_status_code_and_reason() {
+        use RejectReason as R;
+        let cases: Vec<(IngressError, u16, &str, Option<RejectReason>)> = vec![
+            (IngressError::NoRoute("/".into()), 404, "no_route", None),
+            (
+                IngressError::MethodNotAllowed("GET".into()),
+                405,
+                "method_not_allowed",
+                None,
+            ),
+            (IngressError::UnknownVm("a/b".into()), 404, "unknown_vm", None),
+            (
+                IngressError::BackendUnavailable("a/b".into()),
+                503,
+                "backend_unavailable",
+                None,
+            ),
+            (
+                IngressError::BadPath("..".into()),
+                400,
+                "bad_path",
+                Some(R::InvalidEvent),
+            ),
+            (
+                IngressError::BodyTooLarge { limit: 1 },
+                413,
+                "body_too_large",
+                Some(R::BodyTooLarge),
+            ),
+            (
+                IngressError::BodyRead("reset".into()),
+                400,
+                "body_unreadable",
+                Some(R::InvalidEvent),
+            ),
+            (
+                EventError::NotAnEvent.into(),
+                400,
+                "invalid_event",
+                Some(R::InvalidEvent),
+            ),
+            (
+                AdmitError::BufferFull {
+                    count: 1,
+                    bytes: 1,
+                    max_count: 1,
+                    max_bytes: 1,
+                }
+                .into(),
+                503,
+                "buffer_full",
+                Some(R::BufferFull),
+            ),
+            (
+                AdmitError::StartFailed("x".into()).into(),
+                503,
+                "start_failed",
+                Some(R::StartFailed),
+            ),
+            (
+                AdmitError::StartTimeout(Duration::from_secs(1)).into(),
+                503,
+                "start_timeout",
+                Some(R::StartTimeout),
+            ),
+            (
+                AdmitError::Stopped("crashed".into()).into(),
+                503,
+                "vm_stopped",
+                Some(R::StartFailed),
+            ),
+            (AdmitError::Draining.into(), 503, "draining", Some(R::Draining)),
+            (
+                ProxyError::Timeout(Duration::from_secs(1)).into(),
+                504,
+                "guest_timeout",
+                None,
+            ),
+            (
+                ProxyError::Unreachable("reset".into()).into(),
+                502,
+                "guest_unreachable",
+                None,
+            ),
+            (
+                ProxyError::BadRequest("bad header".into()).into(),
+                502,
+                "guest_unreachable",
+                None,
+            ),
+            (AuthError::Missing.into(), 401, "unauthenticated", Some(R::Unauthorized)),
+            (
+                AuthError::Invalid("expired".into()).into(),
+                401,
+                "invalid_token",
+                Some(R::Unauthorized),
+            ),
             (
                 AuthError::Forbidden {
                     subject: "x".into(),
@@ -188,20 +283,37 @@ mod tests {
                 }
                 .into(),
                 403,
+                "forbidden",
+                Some(R::Unauthorized),
             ),
-            (AuthError::Unavailable("jwks down".into()).into(), 503),
+            (
+                AuthError::Unavailable("jwks down".into()).into(),
+                503,
+                "auth_unavailable",
+                None,
+            ),
         ];
-        for (error, code) in cases {
-            let name = error.to_string();
+        let mut seen = std::collections::BTreeSet::new();
+        for (error, code, name, reason) in cases {
+            assert!(seen.insert(variant(&error)), "{} listed twice", variant(&error));
+            let detail = error.to_string();
+            assert_eq!(error.reject_reason(), reason, "{detail}");
+            assert_eq!(error.code(), name, "{detail}");
             let response = error.into_response_with(7);
-            assert_eq!(response.status().as_u16(), code, "{name}");
+            assert_eq!(response.status().as_u16(), code, "{detail}");
             let retry = response.headers().get(header::RETRY_AFTER);
-            assert_eq!(retry.is_some(), code == 503, "{name}");
+            assert_eq!(
+                retry.map(|v| v.to_str().unwrap()),
+                (code == 503).then_some("7"),
+                "{detail}"
+            );
             assert_eq!(
                 response.headers().contains_key(header::WWW_AUTHENTICATE),
                 code == 401,
-                "{name}"
+                "{detail}"
             );
+            assert_eq!(response.headers().contains_key(header::ALLOW), code == 405, "{detail}");
         }
+        assert_eq!(seen.len(), 20, "every variant of IngressError is in the table");
     }
 }

@@ -1,21 +1,25 @@
 //! Admin routes on their own listener: `/metrics` (Prometheus text), `/healthz`
-//! (process alive), `/readyz` (backend connected and not draining) and `/v1/vms`
-//! (what each VM is doing). Keep this listener inside the cluster: it names every VM.
+//! (process alive), `/readyz` (backend connected and not draining), `/v1/vms` (what
+//! each VM is doing) and `POST /v1/vms/{namespace}/{name}/stop|pause` (scale an idle
+//! VM down now). Keep this listener inside the cluster: it names every VM, and any
+//! caller can make an idle VM pay one more cold start.
 //!
 //! Owns: the admin HTTP surface. Must not import `ingress` or backend implementations.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
+use serde_json::json;
 use tokio::time::Instant;
 
 use crate::activator::Activator;
+use crate::lifecycle::{Action, ScaleDownRefused, VmHandle};
 
 /// One VM in `/v1/vms`.
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
@@ -49,6 +53,8 @@ pub fn router(activator: Arc<Activator>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/v1/vms", get(vms))
+        .route("/v1/vms/{namespace}/{name}/stop", post(stop))
+        .route("/v1/vms/{namespace}/{name}/pause", post(pause))
         .with_state(activator)
 }
 
@@ -71,30 +77,57 @@ async fn readyz(State(activator): State<Arc<Activator>>) -> Response {
 }
 
 async fn vms(State(activator): State<Arc<Activator>>) -> Json<Vec<VmView>> {
-    let now_wall = SystemTime::now();
-    let now = Instant::now();
-    let views = activator
-        .gates()
-        .iter()
-        .map(|gate| {
-            let state = gate.state();
-            let last_activity = gate.last_activity_if_any().map(|at| {
-                let wall = now_wall - now.saturating_duration_since(at);
-                humantime::format_rfc3339_millis(wall).to_string()
-            });
-            VmView {
-                namespace: gate.key().namespace.clone(),
-                name: gate.key().name.clone(),
-                state: state.phase.to_string(),
-                endpoint: state.endpoint.map(|e| e.to_string()),
-                buffered: gate.held().0,
-                in_flight: gate.in_flight(),
-                last_activity,
-                last_cold_start_ms: gate.last_cold_start().map(|d| d.as_millis() as u64),
-                last_error: state.last_error.map(|e| e.to_string()),
-                warnings: gate.policy().warnings.clone(),
-            }
-        })
-        .collect();
-    Json(views)
+    Json(activator.vms().iter().map(view).collect())
+}
+
+/// What `/v1/vms` says of one VM.
+fn view(vm: &VmHandle) -> VmView {
+    let gate = vm.gate();
+    let state = gate.state();
+    let last_activity = gate.last_activity_if_any().map(|at| {
+        let wall = SystemTime::now() - Instant::now().saturating_duration_since(at);
+        humantime::format_rfc3339_millis(wall).to_string()
+    });
+    VmView {
+        namespace: vm.key().namespace.clone(),
+        name: vm.key().name.clone(),
+        state: state.phase.to_string(),
+        endpoint: state.endpoint.map(|e| e.to_string()),
+        buffered: gate.held().0,
+        in_flight: gate.in_flight(),
+        last_activity,
+        last_cold_start_ms: gate.last_cold_start().map(|d| d.as_millis() as u64),
+        last_error: state.last_error.map(|e| e.to_string()),
+        warnings: state.policy.warnings.clone(),
+    }
+}
+
+async fn stop(State(activator): State<Arc<Activator>>, Path((namespace, name)): Path<(String, String)>) -> Response {
+    scale_down(&activator, &namespace, &name, Action::Stop).await
+}
+
+async fn pause(State(activator): State<Arc<Activator>>, Path((namespace, name)): Path<(String, String)>) -> Response {
+    scale_down(&activator, &namespace, &name, Action::Pause).await
+}
+
+/// 202 with the VM's view once the scale-down has begun; 409 if the VM is busy or not
+/// in a phase the action applies to; 404 for an unknown VM.
+async fn scale_down(activator: &Activator, namespace: &str, name: &str, action: Action) -> Response {
+    let Some(vm) = activator.vm(namespace, name) else {
+        let body =
+            json!({"error": "unknown_vm", "detail": format!("no VM {namespace}/{name} is managed by this activator")});
+        return (StatusCode::NOT_FOUND, Json(body)).into_response();
+    };
+    match vm.scale_down(action).await {
+        Ok(()) => (StatusCode::ACCEPTED, Json(view(&vm))).into_response(),
+        Err(refused) => {
+            let code = match refused {
+                ScaleDownRefused::Busy { .. } => "busy",
+                ScaleDownRefused::NotApplicable(..) => "not_applicable",
+                ScaleDownRefused::Removed => "unknown_vm",
+            };
+            let body = json!({"error": code, "detail": refused.to_string()});
+            (StatusCode::CONFLICT, Json(body)).into_response()
+        }
+    }
 }

@@ -1,31 +1,28 @@
-//! The composition root: builds the backend from config, the activator, both routers
-//! and their tower layers, the catalog-sync and idle tasks; runs the listeners
-//! (header-read timeout, bounded connections) and the graceful drain on SIGTERM:
-//! `/readyz` fails first, new requests get 503, held and in-flight requests finish
-//! (bounded by `drain_timeout`), local VMs are shut down, then the process exits.
+//! The composition root: builds the backend from config, then [`app`] — the registry
+//! and both routers with their tower layers, exactly as the binary serves them (tests
+//! call it too) — and [`start`] runs it: the listeners (header-read timeout, bounded
+//! connections), the catalog sync, and the graceful drain on SIGTERM: `/readyz` fails
+//! first, new requests get 503, held and in-flight requests finish (bounded by
+//! `drain_timeout`), VM owners end, local VMs are shut down, then the process exits.
 //!
 //! Owns: wiring and process lifecycle. Nothing imports this module but `main` and tests.
 
 pub mod admin;
+mod listener;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower::ServiceBuilder;
 
 use crate::activator::Activator;
 use crate::auth::Authenticator;
-use crate::backend::kubevirt::KubevirtBackend;
 use crate::backend::qemu::QemuBackend;
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config};
@@ -33,6 +30,7 @@ use crate::ingress::{self, IngressState};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::readiness::Prober;
+use listener::{serve, ListenerLimits};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,14 +49,6 @@ pub enum ServerError {
     /// The authenticator could not be set up (e.g. unreadable token file).
     #[error("ingress auth: {0}")]
     Auth(String),
-}
-
-/// Limits of one listener.
-#[derive(Clone, Copy)]
-struct ListenerLimits {
-    header_read_timeout: Duration,
-    max_header_bytes: usize,
-    max_connections: usize,
 }
 
 /// A running activator: its listeners' addresses and the handle to stop it.
@@ -80,17 +70,41 @@ pub async fn build_backend(config: &Config) -> Result<Arc<dyn Backend>, ServerEr
     let backend: Arc<dyn Backend> = match config.backend {
         BackendKind::Qemu => QemuBackend::new(config.qemu.clone(), config.vms.clone())
             .map_err(|e| ServerError::Backend(e.to_string()))?,
-        BackendKind::Kubevirt => KubevirtBackend::connect(config.kubevirt.clone())
+        #[cfg(feature = "kubevirt")]
+        BackendKind::Kubevirt => crate::backend::kubevirt::KubevirtBackend::connect(config.kubevirt.clone())
             .await
             .map_err(|e| ServerError::Backend(e.to_string()))?,
+        #[cfg(not(feature = "kubevirt"))]
+        BackendKind::Kubevirt => {
+            return Err(ServerError::Backend(
+                "this build has no kubevirt backend (it was built without the `kubevirt` feature)".into(),
+            ))
+        }
     };
     Ok(backend)
 }
 
-/// Binds both listeners and starts serving with `backend`.
-pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, ServerError> {
-    let metrics = Metrics::new();
-    let activator = Activator::new(backend, Prober::new(config.readiness.clone()), metrics);
+/// The activator over one backend, as the binary serves it: the registry, and both
+/// routers with every layer the binary puts on them. Tests call this too (`oneshot`
+/// on `ingress`), so they exercise exactly what runs. Starts no task: [`start`] adds
+/// the listeners and the catalog sync.
+pub struct App {
+    /// The registry of VMs.
+    pub activator: Arc<Activator>,
+    /// `POST /{namespace}/{vm}[/{rest}]`, behind the ingress concurrency limit.
+    pub ingress: Router,
+    /// `/metrics`, `/healthz`, `/readyz`, `/v1/vms`.
+    pub admin: Router,
+}
+
+/// Builds the [`App`] for `config` over `backend`.
+pub async fn app(config: &Config, backend: Arc<dyn Backend>) -> Result<App, ServerError> {
+    let activator = Activator::new(
+        backend,
+        Arc::new(Prober::new(config.readiness.clone())),
+        Metrics::new(),
+        config.idle.check_interval,
+    );
     let auth = Authenticator::from_config(&config.ingress.auth)
         .await
         .map_err(ServerError::Auth)?;
@@ -100,9 +114,23 @@ pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, 
         config.ingress.clone(),
         auth,
     );
-    let ingress_router =
+    let ingress =
         ingress::router(state).layer(ServiceBuilder::new().concurrency_limit(config.ingress.max_concurrent_requests));
-    let admin_router = admin::router(activator.clone());
+    let admin = admin::router(activator.clone());
+    Ok(App {
+        activator,
+        ingress,
+        admin,
+    })
+}
+
+/// Binds both listeners and starts serving with `backend`.
+pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, ServerError> {
+    let App {
+        activator,
+        ingress: ingress_router,
+        admin: admin_router,
+    } = app(&config, backend).await?;
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -124,11 +152,8 @@ pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, 
         tokio::spawn(serve(ingress_listener, ingress_router, limits, stop_rx.clone())),
         tokio::spawn(serve(admin_listener, admin_router, limits, stop_rx)),
     ];
-    let background = vec![
-        tokio::spawn(activator.clone().run_catalog_sync()),
-        tokio::spawn(crate::idle::run(activator.clone(), config.idle.check_interval)),
-    ];
-    tracing::info!(%ingress_addr, %admin_addr, vms = activator.gates().len(), "vm-activator listening");
+    let background = vec![tokio::spawn(activator.clone().run_catalog_sync())];
+    tracing::info!(%ingress_addr, %admin_addr, vms = activator.vms().len(), "vm-activator listening");
     Ok(Server {
         ingress_addr,
         admin_addr,
@@ -163,55 +188,11 @@ impl Server {
             // Connections get what is left of the drain timeout to finish their responses.
             let _ = tokio::time::timeout_at(deadline + Duration::from_millis(500), listener).await;
         }
+        self.activator.shutdown();
         self.activator.backend().shutdown().await;
         tracing::info!("drained");
         finished
     }
-}
-
-/// Serves `router` on `listener` until `stop` turns true, then lets open connections
-/// finish their current exchange.
-async fn serve(listener: TcpListener, router: Router, limits: ListenerLimits, mut stop: watch::Receiver<bool>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-            _ = stopped(&mut stop) => break,
-        };
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut stop) => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = connection.await;
-            drop(permit);
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Runs the activator until SIGTERM or SIGINT, then drains.

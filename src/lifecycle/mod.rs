@@ -1,0 +1,360 @@
+//! The life of one VM, from catalog entry to removal, owned by one task.
+//!
+//! Everything that may change a VM's phase is a command to its owner (`owner.rs`):
+//! requests asking to be let in (`Activate`), a guest found unreachable, an explicit
+//! stop or pause, a changed or removed catalog entry, the drain deadline — and, from
+//! inside, the backend's status stream, the start deadline, the idle timer and the
+//! results of the backend calls and probes it runs. The owner is the only writer of the
+//! VM's [`Gate`]; everybody else reads it. A request on the warm path never talks to the
+//! owner: it counts itself in at the gate (one atomic) and goes.
+//!
+//! The owner's task runs only while the VM has something going on (starting, running,
+//! stopping, held requests, a timer): a stopped VM costs no task, which is what lets
+//! thousands of registered VMs cost little. The next command spawns it again.
+//!
+//! See docs/architecture.md for the state diagram.
+//!
+//! Owns: [`VmHandle`] (what the registry, ingress and admin hold), the owner task, the
+//! gate. Must not import HTTP frameworks, `ingress`, `server`, `activator`, or any
+//! backend implementation (only the `backend` trait).
+
+mod gate;
+mod idle;
+mod owner;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+pub use gate::{Gate, Permit, VmState};
+pub use idle::Action;
+
+use crate::backend::Backend;
+use crate::metrics::VmMetrics;
+use crate::readiness::GuestProbe;
+use crate::vm::{Endpoint, Policy, VmKey, VmPhase};
+use gate::{GateTx, Release};
+
+/// Why a request was not let in. The ingress turns these into 503s.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    /// The per-VM held count or byte bound is reached.
+    #[error("{count} requests ({bytes} bytes) are already held for this VM, the limit is {max_count} requests / {max_bytes} bytes")]
+    BufferFull {
+        /// Requests held now.
+        count: usize,
+        /// Body bytes held now.
+        bytes: usize,
+        /// The count bound.
+        max_count: usize,
+        /// The byte bound.
+        max_bytes: usize,
+    },
+    /// The backend refused or failed to start the VM.
+    #[error("the VM failed to start: {0}")]
+    StartFailed(Arc<str>),
+    /// The VM did not become Ready before the request's deadline.
+    #[error("the VM did not become ready within {0:?}")]
+    StartTimeout(Duration),
+    /// The VM stopped (on its own, was stopped by someone else, or left the catalog)
+    /// while the request waited.
+    #[error("the VM stopped: {0}")]
+    Stopped(Arc<str>),
+    /// The activator is shutting down: retry elsewhere.
+    #[error("the activator is shutting down; retry elsewhere")]
+    Draining,
+}
+
+/// Why an explicit stop or pause was not begun.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScaleDownRefused {
+    /// Requests are in flight or held: they are served first.
+    #[error("the VM is busy: {in_flight} requests in flight, {held} held")]
+    Busy {
+        /// Requests in flight.
+        in_flight: usize,
+        /// Requests held.
+        held: usize,
+    },
+    /// The VM is not in a phase this action applies to.
+    #[error("the VM is {0}; {1} applies to a ready VM")]
+    NotApplicable(VmPhase, &'static str),
+    /// The VM left the catalog.
+    #[error("the VM was removed")]
+    Removed,
+}
+
+/// What every VM's owner works with: the process-wide side effects and settings.
+pub struct Context {
+    backend: Arc<dyn Backend>,
+    probe: Arc<dyn GuestProbe>,
+    /// How often an idle VM that is still busy (a long request in flight) is re-checked.
+    idle_recheck: Duration,
+    draining: AtomicBool,
+}
+
+impl Context {
+    /// Owners over `backend`, probing guests with `probe`.
+    pub fn new(backend: Arc<dyn Backend>, probe: Arc<dyn GuestProbe>, idle_recheck: Duration) -> Arc<Context> {
+        Arc::new(Context {
+            backend,
+            probe,
+            idle_recheck,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// From now on new requests get [`AdmitError::Draining`]; held and in-flight ones go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `start_draining` was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// What the rest of the process asks of a VM's owner.
+enum Command {
+    /// A request that missed the warm path wants in. It has reserved its place among
+    /// the held requests already.
+    Activate(Waiter),
+    /// A request found the guest unreachable at this endpoint (→ re-probe).
+    Unreachable(Endpoint),
+    /// Stop or pause now, without waiting for the idle timeout.
+    ScaleDown {
+        action: Action,
+        reply: oneshot::Sender<Result<(), ScaleDownRefused>>,
+    },
+    /// The VM's catalog entry changed; the policy takes effect when the VM is stopped.
+    CatalogChanged(Arc<Policy>),
+    /// The VM left the catalog: answer held requests, end.
+    Removed,
+    /// The drain deadline passed: answer held requests (and any later ones) with this.
+    RejectHeld(AdmitError),
+}
+
+/// A held request, queued at the owner in arrival order.
+struct Waiter {
+    reply: oneshot::Sender<Result<Release, AdmitError>>,
+    arrived: Instant,
+}
+
+/// Where a VM's owner is: running (its command channel) or not (its gate's write side,
+/// waiting for the next owner).
+struct OwnerSlot {
+    commands: Option<mpsc::UnboundedSender<Command>>,
+    task: Option<AbortHandle>,
+    dormant: Option<GateTx>,
+    removed: bool,
+}
+
+struct HandleInner {
+    gate: Gate,
+    context: Arc<Context>,
+    owner: Mutex<OwnerSlot>,
+}
+
+/// One VM as the rest of the process sees it: its gate (read side) and the way to its
+/// owner. Cheap to clone.
+///
+/// The owner's channel is unbounded, and bounded by construction: every `Activate`
+/// holds a reserved place among the VM's held requests (`max_buffered`), every
+/// `Unreachable` a request in flight, and the other commands come once per catalog
+/// change, drain or admin request.
+#[derive(Clone)]
+pub struct VmHandle(Arc<HandleInner>);
+
+impl VmHandle {
+    /// A stopped VM with `policy`. No task runs until the first command.
+    pub fn new(key: VmKey, policy: Arc<Policy>, metrics: VmMetrics, context: Arc<Context>) -> VmHandle {
+        let (gate, tx) = Gate::new(key, policy, metrics);
+        VmHandle(Arc::new(HandleInner {
+            gate,
+            context,
+            owner: Mutex::new(OwnerSlot {
+                commands: None,
+                task: None,
+                dormant: Some(tx),
+                removed: false,
+            }),
+        }))
+    }
+
+    /// The VM's gate: its published state and counters.
+    pub fn gate(&self) -> &Gate {
+        &self.0.gate
+    }
+
+    /// The VM.
+    pub fn key(&self) -> &VmKey {
+        self.0.gate.key()
+    }
+
+    /// Lets one request of `body_bytes` in: at once when the VM is Ready (the warm path,
+    /// lock-free), otherwise held — starting the VM if it is not running — until it is
+    /// Ready and a concurrency slot is free, it fails, or `start_timeout` passes.
+    pub async fn admit(&self, body_bytes: usize) -> Result<Permit, AdmitError> {
+        if self.0.context.is_draining() {
+            return Err(AdmitError::Draining);
+        }
+        let gate = &self.0.gate;
+        if let Some(permit) = gate.try_enter() {
+            self.share_activity();
+            return Ok(permit);
+        }
+        let ticket = gate.reserve(body_bytes)?;
+        let timeout = gate.policy().start_timeout;
+        let arrived = Instant::now();
+        let (reply, answer) = oneshot::channel();
+        if self.send(Command::Activate(Waiter { reply, arrived })).is_err() {
+            return Err(AdmitError::Stopped("the VM was removed".into()));
+        }
+        tracing::debug!(vm = %self.key(), "request held");
+        let release = match tokio::time::timeout_at(arrived + timeout, answer).await {
+            Ok(Ok(result)) => result?,
+            // The owner ended without answering: the VM left the catalog, or shutdown.
+            Ok(Err(_)) if self.0.context.is_draining() => return Err(AdmitError::Draining),
+            Ok(Err(_)) => return Err(AdmitError::Stopped("the VM was removed".into())),
+            Err(_) => return Err(AdmitError::StartTimeout(timeout)),
+        };
+        let permit = gate.admit_released(ticket, release);
+        self.share_activity();
+        Ok(permit)
+    }
+
+    /// A request found the guest behind a Ready VM unreachable (connection refused or
+    /// reset): no more traffic until a probe passes again.
+    pub fn report_unreachable(&self, endpoint: Endpoint) {
+        let state = self.0.gate.state();
+        if state.phase == VmPhase::Ready && state.endpoint == Some(endpoint) {
+            let _ = self.send(Command::Unreachable(endpoint));
+        }
+    }
+
+    /// Stops or pauses the VM now instead of at its idle timeout. Refused while requests
+    /// are in flight or held. Returns once the scale-down has begun.
+    pub async fn scale_down(&self, action: Action) -> Result<(), ScaleDownRefused> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::ScaleDown { action, reply })
+            .map_err(|_| ScaleDownRefused::Removed)?;
+        answer.await.unwrap_or(Err(ScaleDownRefused::Removed))
+    }
+
+    /// The VM's catalog entry has a new policy. Only the registry calls this.
+    pub(crate) fn set_policy(&self, policy: Arc<Policy>) {
+        let _ = self.send(Command::CatalogChanged(policy));
+    }
+
+    /// The VM left the catalog: held requests are answered, the owner ends, and later
+    /// requests through this handle are refused. Only the registry calls this.
+    pub(crate) fn remove(&self) {
+        let mut slot = self.lock_slot();
+        slot.removed = true;
+        if let Some(commands) = slot.commands.take() {
+            let _ = commands.send(Command::Removed);
+        }
+        slot.dormant = None;
+    }
+
+    /// Answers every held request with `error` (the drain deadline passed). Only the
+    /// registry calls this.
+    pub(crate) fn reject_held(&self, error: AdmitError) {
+        let slot = self.lock_slot();
+        if let Some(commands) = &slot.commands {
+            let _ = commands.send(Command::RejectHeld(error));
+        }
+    }
+
+    /// Ends the owner task at once, whatever it was doing (process shutdown).
+    pub(crate) fn abort(&self) {
+        let mut slot = self.lock_slot();
+        slot.removed = true;
+        slot.commands = None;
+        if let Some(task) = slot.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Whether the owner task is running (tests).
+    pub fn owner_running(&self) -> bool {
+        self.lock_slot().commands.is_some()
+    }
+
+    fn lock_slot(&self) -> MutexGuard<'_, OwnerSlot> {
+        // Never held across an await; the slot stays consistent whatever panicked.
+        self.0.owner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `command` to the owner, spawning it if it is not running. Sends happen
+    /// under the slot's lock, so an owner that decides to end (under the same lock)
+    /// never leaves a command behind.
+    fn send(&self, command: Command) -> Result<(), ()> {
+        let mut slot = self.lock_slot();
+        if slot.removed {
+            return Err(());
+        }
+        let command = match &slot.commands {
+            Some(commands) => match commands.send(command) {
+                Ok(()) => return Ok(()),
+                // The owner task is gone without ending properly (a bug): start anew
+                // if its gate can still be written, else refuse.
+                Err(mpsc::error::SendError(command)) => command,
+            },
+            None => command,
+        };
+        let Some(tx) = slot.dormant.take() else {
+            tracing::error!(vm = %self.key(), "the VM's owner ended unexpectedly");
+            return Err(());
+        };
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let _ = commands.send(command);
+        let owner = owner::Owner::new(self.clone(), tx, inbox);
+        slot.task = Some(tokio::spawn(owner.run()).abort_handle());
+        slot.commands = Some(commands);
+        Ok(())
+    }
+
+    /// Called by an owner with nothing left to do. Under the slot's lock: if a command
+    /// arrived meanwhile it is returned (and the owner goes on); otherwise the gate's
+    /// write side is parked for the next owner and the owner ends.
+    fn retire(&self, inbox: &mut mpsc::UnboundedReceiver<Command>, tx: GateTx) -> Result<(), (GateTx, Command)> {
+        let mut slot = self.lock_slot();
+        match inbox.try_recv() {
+            Ok(command) => Err((tx, command)),
+            Err(_) => {
+                slot.commands = None;
+                slot.task = None;
+                if !slot.removed {
+                    slot.dormant = Some(tx);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Hands this replica's activity to the backend so peers see it — at most once per
+    /// `idle_timeout / 10` per VM, never once per event (one atomic on the warm path).
+    fn share_activity(&self) {
+        let gate = &self.0.gate;
+        if !gate.claim_activity_share() {
+            return;
+        }
+        let (backend, key) = (self.0.context.backend.clone(), self.key().clone());
+        tokio::spawn(async move {
+            if let Err(error) = backend.record_activity(&key, SystemTime::now()).await {
+                tracing::debug!(vm = %key, %error, "could not record activity");
+            }
+        });
+    }
+}
