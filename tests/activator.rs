@@ -566,3 +566,34 @@ async fn oversize_and_slow_request_heads_are_cut_off_and_the_process_stays_healt
     assert!(h.healthy().await, "the process stays healthy");
     assert_eq!(h.send("/default/demo", "after").await.status(), 202, "still serving");
 }
+
+#[tokio::test]
+async fn an_operator_can_stop_or_pause_an_idle_vm_at_once() {
+    let h = Harness::start(policy(), FakeOptions::default()).await;
+    let post = |path: &str| h.client.post(format!("{}{path}", h.admin)).send();
+    assert_eq!(post("/v1/vms/default/nope/stop").await.unwrap().status(), 404);
+    let refused = post("/v1/vms/default/demo/stop").await.unwrap();
+    assert_eq!(refused.status(), 409);
+    assert_eq!(
+        refused.json::<serde_json::Value>().await.unwrap()["error"],
+        "not_applicable"
+    );
+
+    assert_eq!(h.send("/default/demo", "a").await.status(), 202);
+    let accepted = post("/v1/vms/default/demo/stop").await.unwrap();
+    assert_eq!(accepted.status(), 202);
+    assert_eq!(accepted.json::<serde_json::Value>().await.unwrap()["name"], "demo");
+    h.wait_state("stopped", Duration::from_secs(5)).await;
+    assert_eq!(h.backend.stops(&demo()), 1);
+    assert_eq!(
+        h.metric("vm_activator_scale_downs_total{action=\"stop\",namespace=\"default\",vm=\"demo\"}")
+            .await,
+        1.0
+    );
+    // The fake backend cannot pause: a pause request stops instead, as the idle timer would.
+    assert_eq!(h.send("/default/demo", "b").await.status(), 202);
+    assert_eq!(post("/v1/vms/default/demo/pause").await.unwrap().status(), 202);
+    h.wait_state("stopped", Duration::from_secs(5)).await;
+    assert_eq!(h.backend.stops(&demo()), 2);
+    assert_eq!(h.backend.event_ids(&demo()), vec!["a", "b"]);
+}

@@ -21,6 +21,8 @@
 mod gate;
 mod idle;
 mod owner;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

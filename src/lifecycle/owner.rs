@@ -719,23 +719,28 @@ impl Owner {
         self.apply_pending_policy();
     }
 
-    /// The compare-and-stop found a peer's activity: back where the VM was.
+    /// The compare-and-stop found a peer's activity: back where the VM was. The next
+    /// idle check waits at least `idle.check_interval`, whatever the deadline says — the
+    /// peer's record may not have reached this replica's store yet, and each check can
+    /// be an API call.
     fn resume_after_called_off_stop(&mut self, from: VmPhase, endpoint: Option<Endpoint>) {
         match (from, endpoint) {
             (VmPhase::Ready, Some(endpoint)) => {
                 self.life = Life::Ready { endpoint };
                 self.tx.publish(VmPhase::Ready, Some(endpoint), None);
-                self.arm_idle_timer();
-                self.release_held(None);
             }
             _ => {
                 self.life = Life::Paused;
                 self.tx.publish(VmPhase::Paused, None, None);
-                self.arm_idle_timer();
-                if !self.queue.is_empty() {
-                    self.start(StartKind::Resume);
-                }
             }
+        }
+        self.arm_idle_timer();
+        let not_before = Instant::now() + self.handle.0.context.idle_recheck;
+        self.idle_at = self.idle_at.map(|at| at.max(not_before));
+        match self.life {
+            Life::Ready { .. } => self.release_held(None),
+            _ if !self.queue.is_empty() => self.start(StartKind::Resume),
+            _ => {}
         }
     }
 
