@@ -16,10 +16,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
-use super::AdmitError;
+mod admission;
+
+pub use admission::Permit;
+pub(in crate::lifecycle) use admission::Release;
+
 use crate::metrics::VmMetrics;
 use crate::vm::{Endpoint, Policy, VmKey, VmPhase};
 
@@ -72,19 +76,6 @@ pub struct Gate(Arc<Inner>);
 
 /// The write side of a VM's gate. Only the VM's owner holds one.
 pub(super) struct GateTx(Gate);
-
-/// A request's place among the VM's held requests (count and body bytes), given back
-/// when dropped.
-pub(super) struct HeldTicket {
-    gate: Gate,
-    bytes: usize,
-}
-
-/// What the owner hands a held request when it may go in.
-pub(super) struct Release {
-    pub(super) endpoint: Endpoint,
-    pub(super) slot: Option<OwnedSemaphorePermit>,
-}
 
 fn limiter_for(policy: &Policy) -> Option<Arc<Semaphore>> {
     (policy.concurrency > 0).then(|| Arc::new(Semaphore::new(policy.concurrency)))
@@ -226,89 +217,6 @@ impl Gate {
             series.buffered.set(count as i64);
         }
     }
-
-    /// The warm path: when Ready with nothing held and a concurrency slot free, the
-    /// request goes straight to the guest. Lock-free: the owner is not involved.
-    pub(super) fn try_enter(&self) -> Option<Permit> {
-        // Count first, then look: `GateTx::close_if_idle` checks the count under the
-        // state's write lock, so either it sees this request or this request sees the
-        // gate closed.
-        self.0.in_flight.fetch_add(1, Ordering::SeqCst);
-        let entered = {
-            let state = self.0.state.borrow();
-            match state.endpoint {
-                Some(endpoint) if state.phase == VmPhase::Ready && !self.has_held() => match &state.limiter {
-                    None => Some((endpoint, None)),
-                    Some(limiter) => limiter
-                        .clone()
-                        .try_acquire_owned()
-                        .ok()
-                        .map(|slot| (endpoint, Some(slot))),
-                },
-                _ => None,
-            }
-        };
-        match entered {
-            Some((endpoint, slot)) => Some(self.entered(endpoint, slot)),
-            None => {
-                self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-                None
-            }
-        }
-    }
-
-    /// Counts a request already counted in `in_flight` as entered.
-    fn entered(&self, endpoint: Endpoint, slot: Option<OwnedSemaphorePermit>) -> Permit {
-        self.0.metrics.series().in_flight.inc();
-        self.touch();
-        Permit {
-            gate: self.clone(),
-            endpoint,
-            _slot: slot,
-        }
-    }
-
-    /// Reserves a held request's place against the VM's bounds (count and body bytes).
-    pub(super) fn reserve(&self, body_bytes: usize) -> Result<HeldTicket, AdmitError> {
-        let policy = self.policy();
-        let mut held = self.lock_held();
-        if held.count + 1 > policy.max_buffered || held.bytes + body_bytes > policy.max_buffered_bytes {
-            return Err(AdmitError::BufferFull {
-                count: held.count,
-                bytes: held.bytes,
-                max_count: policy.max_buffered,
-                max_bytes: policy.max_buffered_bytes,
-            });
-        }
-        held.count += 1;
-        held.bytes += body_bytes;
-        self.0.held_count.store(held.count, Ordering::SeqCst);
-        self.set_buffered_metric(held.count);
-        Ok(HeldTicket {
-            gate: self.clone(),
-            bytes: body_bytes,
-        })
-    }
-
-    /// A held request was released by the owner: it is in flight from now on, and its
-    /// place among the held requests is given back (in that order, so the idle check
-    /// never sees it in neither).
-    pub(super) fn admit_released(&self, ticket: HeldTicket, release: Release) -> Permit {
-        self.0.in_flight.fetch_add(1, Ordering::SeqCst);
-        let permit = self.entered(release.endpoint, release.slot);
-        drop(ticket);
-        permit
-    }
-}
-
-impl Drop for HeldTicket {
-    fn drop(&mut self) {
-        let mut held = self.gate.lock_held();
-        held.count -= 1;
-        held.bytes -= self.bytes;
-        self.gate.0.held_count.store(held.count, Ordering::SeqCst);
-        self.gate.set_buffered_metric(held.count);
-    }
 }
 
 impl GateTx {
@@ -382,90 +290,20 @@ impl GateTx {
     }
 }
 
-/// One request in flight to the guest. Dropping it records activity and frees the
-/// concurrency slot; keep it alive until the response body has been streamed.
-pub struct Permit {
-    gate: Gate,
-    endpoint: Endpoint,
-    _slot: Option<OwnedSemaphorePermit>,
-}
-
-impl Permit {
-    /// Where to send the request.
-    pub fn endpoint(&self) -> Endpoint {
-        self.endpoint
-    }
-}
-
-impl std::fmt::Debug for Permit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit")
-            .field("vm", self.gate.key())
-            .field("endpoint", &self.endpoint)
-            .finish()
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.gate.touch();
-        self.gate.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.gate.0.metrics.series().in_flight.dec();
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::metrics::Metrics;
 
-    fn gate_with(policy: Policy) -> (Gate, GateTx) {
+    /// A gate for `ns/vm` under `policy`, and its write side.
+    pub(in crate::lifecycle) fn gate_with(policy: Policy) -> (Gate, GateTx) {
         let key = VmKey::new("ns", "vm");
         Gate::new(key.clone(), Arc::new(policy), Metrics::new().vm(&key))
     }
 
-    fn addr() -> Endpoint {
+    /// A guest endpoint.
+    pub(in crate::lifecycle) fn addr() -> Endpoint {
         "127.0.0.1:9".parse().unwrap()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn held_requests_are_bounded_by_count_and_bytes() {
-        let (gate, _tx) = gate_with(Policy {
-            max_buffered: 3,
-            max_buffered_bytes: 100,
-            ..Policy::default()
-        });
-        let a = gate.reserve(60).unwrap();
-        assert!(matches!(
-            gate.reserve(50),
-            Err(AdmitError::BufferFull { bytes: 60, .. })
-        ));
-        let _b = gate.reserve(40).unwrap();
-        let _c = gate.reserve(0).unwrap();
-        assert!(matches!(gate.reserve(0), Err(AdmitError::BufferFull { count: 3, .. })));
-        drop(a);
-        assert_eq!(gate.held(), (2, 40));
-        assert!(gate.reserve(0).is_ok());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_warm_path_needs_ready_nothing_held_and_a_free_slot() {
-        let (gate, tx) = gate_with(Policy {
-            concurrency: 1,
-            ..Policy::default()
-        });
-        assert!(gate.try_enter().is_none(), "stopped");
-        tx.publish(VmPhase::Ready, Some(addr()), None);
-        let ticket = gate.reserve(0).unwrap();
-        assert!(gate.try_enter().is_none(), "held requests go first");
-        drop(ticket);
-        let first = gate.try_enter().expect("warm");
-        assert_eq!((first.endpoint(), gate.in_flight()), (addr(), 1));
-        assert!(gate.try_enter().is_none(), "the only slot is taken");
-        assert_eq!(gate.in_flight(), 1, "a refused request is not counted");
-        drop(first);
-        assert_eq!(gate.in_flight(), 0);
-        assert!(gate.last_activity_if_any().is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -483,22 +321,6 @@ mod tests {
         assert_eq!(gate.state().endpoint, Some(addr()), "kept for a called-off stop");
         assert!(gate.try_enter().is_none(), "a closed gate admits nothing");
         assert!(!tx.close_if_idle(), "only from Ready or Paused");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_released_request_is_in_flight_before_it_stops_counting_as_held() {
-        let (gate, _tx) = gate_with(Policy::default());
-        let ticket = gate.reserve(5).unwrap();
-        let permit = gate.admit_released(
-            ticket,
-            Release {
-                endpoint: addr(),
-                slot: None,
-            },
-        );
-        assert_eq!((gate.in_flight(), gate.held()), (1, (0, 0)));
-        drop(permit);
-        assert_eq!(gate.in_flight(), 0);
     }
 
     #[tokio::test(start_paused = true)]

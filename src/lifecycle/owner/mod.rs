@@ -1,0 +1,405 @@
+//! The owner of one VM's life: a task that takes events one at a time and is the only
+//! code that moves the VM from phase to phase (docs/architecture.md has the diagram).
+//!
+//! Events are the commands sent through the `VmHandle`, the backend's status stream,
+//! the start deadline, the idle timer, concurrency slots freeing up, and the results of
+//! the one backend call or probe the owner runs at a time (`Op`). A start is: start call
+//! → the backend reports the VM running with an endpoint → the guest answers a probe →
+//! Ready, and the held requests are released in arrival order through the VM's
+//! concurrency limit. Whatever goes wrong on the way answers the held requests and
+//! stops the half-started VM; requests that arrive meanwhile start it again afterwards.
+//!
+//! This file has the loop and the dispatch; `up.rs` the way up (start, probe, release,
+//! failure), `down.rs` the way down (idle timer, scale-down).
+//!
+//! Owns: the phase transitions, the queue of held requests, starts, probes,
+//! scale-downs. Must not import HTTP, `ingress`, `server`, `activator`, or backend
+//! implementations.
+
+mod down;
+mod up;
+
+use up::stopped_message;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::time::Instant;
+
+use super::gate::GateTx;
+use super::{AdmitError, Command, VmHandle, Waiter};
+use crate::backend::{BackendError, BackendPhase, BackendStatus};
+use crate::metrics::ColdStartPhase;
+use crate::vm::{Endpoint, Policy, VmPhase};
+
+/// What kind of start the VM needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StartKind {
+    /// A boot from Stopped or Failed.
+    Boot,
+    /// A resume from Paused.
+    Resume,
+}
+
+/// Where the VM is in its life, with what each phase needs to remember.
+#[derive(Clone, Copy, Debug)]
+enum Life {
+    Stopped,
+    /// The last start failed (or a scale-down did). While a clean-up stop runs, new
+    /// requests wait for it.
+    Failed,
+    Starting {
+        called_at: Instant,
+        /// When the start call returned.
+        returned_at: Option<Instant>,
+        /// The backend reported something other than Stopped since the call: a Stopped
+        /// after that means the VM died while starting.
+        left_stopped: bool,
+        deadline: Instant,
+    },
+    Probing {
+        endpoint: Endpoint,
+        since: Instant,
+        deadline: Instant,
+        /// Part of a cold start (else a re-probe of a guest that stopped answering).
+        cold: bool,
+    },
+    Ready {
+        endpoint: Endpoint,
+    },
+    Stopping {
+        /// Where the VM was; a stop that is called off goes back there.
+        from: VmPhase,
+        endpoint: Option<Endpoint>,
+    },
+    Paused,
+}
+
+impl Life {
+    fn phase(&self) -> VmPhase {
+        match self {
+            Life::Stopped => VmPhase::Stopped,
+            Life::Failed => VmPhase::Failed,
+            Life::Starting { .. } => VmPhase::Starting,
+            Life::Probing { .. } => VmPhase::Probing,
+            Life::Ready { .. } => VmPhase::Ready,
+            Life::Stopping { .. } => VmPhase::Stopping,
+            Life::Paused => VmPhase::Paused,
+        }
+    }
+
+    fn start_deadline(&self) -> Option<Instant> {
+        match self {
+            Life::Starting { deadline, .. } | Life::Probing { deadline, .. } => Some(*deadline),
+            _ => None,
+        }
+    }
+}
+
+/// The one backend call or probe in progress, with what it returns.
+enum Done {
+    Started(Result<(), BackendError>),
+    Probed,
+    ScaledDown(Result<ScaledDown, BackendError>),
+    CleanedUp,
+}
+
+/// How a scale-down ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ScaledDown {
+    Stopped,
+    Paused,
+    /// Another replica saw activity meanwhile: the VM keeps running.
+    PeerActive,
+}
+
+enum Event {
+    Command(Command),
+    Status,
+    StatusGone,
+    StartDeadline,
+    IdleTimer,
+    Done(Done),
+    Slot(OwnedSemaphorePermit),
+}
+
+/// Whether the owner goes on after an event.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    End,
+}
+
+pub(super) struct Owner {
+    handle: VmHandle,
+    tx: GateTx,
+    inbox: mpsc::UnboundedReceiver<Command>,
+    life: Life,
+    /// The backend's status stream, from the first start on.
+    status: Option<watch::Receiver<BackendStatus>>,
+    queue: VecDeque<Waiter>,
+    /// Arrival of the earliest request held for the current cold start.
+    cold_start_from: Option<Instant>,
+    /// A policy that takes effect once the VM is stopped.
+    pending_policy: Option<Arc<Policy>>,
+    /// After the drain deadline: the answer for every request that still arrives.
+    rejecting: Option<AdmitError>,
+    op: Option<BoxFuture<'static, Done>>,
+    /// Waiting for a concurrency slot for the first held request.
+    slot_wait: Option<BoxFuture<'static, OwnedSemaphorePermit>>,
+    idle_at: Option<Instant>,
+}
+
+/// Awaits `future` if there is one; never resolves otherwise (a disabled `select!` arm).
+async fn maybe<F: Future>(future: Option<F>) -> F::Output {
+    match future {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Owner {
+    pub(super) fn new(handle: VmHandle, tx: GateTx, inbox: mpsc::UnboundedReceiver<Command>) -> Owner {
+        // A new owner takes over where the last one parked the VM.
+        let life = match tx.gate().phase() {
+            VmPhase::Paused => Life::Paused,
+            VmPhase::Failed => Life::Failed,
+            _ => Life::Stopped,
+        };
+        let mut owner = Owner {
+            handle,
+            tx,
+            inbox,
+            life,
+            status: None,
+            queue: VecDeque::new(),
+            cold_start_from: None,
+            pending_policy: None,
+            rejecting: None,
+            op: None,
+            slot_wait: None,
+            idle_at: None,
+        };
+        owner.arm_idle_timer();
+        owner
+    }
+
+    /// Takes events until the VM has nothing going on (or leaves the catalog).
+    pub(super) async fn run(mut self) {
+        loop {
+            let event = self.next_event().await;
+            if self.on(event) == Flow::End {
+                return;
+            }
+            while self.is_dormant() {
+                match self.handle.retire(&mut self.inbox, self.tx) {
+                    Ok(()) => return,
+                    Err((tx, command)) => {
+                        self.tx = tx;
+                        if self.on(Event::Command(command)) == Flow::End {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn next_event(&mut self) -> Event {
+        let start_deadline = self.life.start_deadline();
+        let idle_at = self.idle_at;
+        tokio::select! {
+            biased;
+            changed = maybe(self.status.as_mut().map(|s| s.changed())) => match changed {
+                Ok(()) => Event::Status,
+                Err(_) => Event::StatusGone,
+            },
+            done = maybe(self.op.as_mut()) => Event::Done(done),
+            _ = sleep_until(start_deadline) => Event::StartDeadline,
+            Some(command) = self.inbox.recv() => Event::Command(command),
+            slot = maybe(self.slot_wait.as_mut()) => Event::Slot(slot),
+            _ = sleep_until(idle_at) => Event::IdleTimer,
+        }
+    }
+
+    fn on(&mut self, event: Event) -> Flow {
+        match event {
+            Event::Command(command) => return self.on_command(command),
+            Event::Status => {
+                let status = match &mut self.status {
+                    Some(status) => status.borrow_and_update().clone(),
+                    None => return Flow::Continue,
+                };
+                self.on_status(status);
+            }
+            Event::StatusGone => {
+                self.status = None;
+                self.on_status(BackendStatus {
+                    message: Some("the backend stopped reporting this VM".into()),
+                    ..BackendStatus::stopped()
+                });
+            }
+            Event::StartDeadline => {
+                if matches!(self.life, Life::Starting { .. } | Life::Probing { .. }) {
+                    let timeout = self.policy().start_timeout;
+                    self.fail(AdmitError::StartTimeout(timeout), true);
+                }
+            }
+            Event::IdleTimer => self.on_idle_timer(),
+            Event::Done(done) => {
+                self.op = None;
+                self.on_done(done);
+            }
+            Event::Slot(slot) => {
+                self.slot_wait = None;
+                self.release_held(Some(slot));
+            }
+        }
+        Flow::Continue
+    }
+
+    fn on_command(&mut self, command: Command) -> Flow {
+        match command {
+            Command::Activate(waiter) => self.activate(waiter),
+            Command::Unreachable(endpoint) => {
+                if matches!(self.life, Life::Ready { endpoint: current } if current == endpoint) {
+                    tracing::warn!(vm = %self.handle.key(), %endpoint, "guest unreachable; re-probing");
+                    self.probe(endpoint, false);
+                }
+            }
+            Command::ScaleDown { action, reply } => {
+                let _ = reply.send(self.scale_down_now(action));
+            }
+            Command::CatalogChanged(policy) => {
+                self.pending_policy = Some(policy);
+                self.apply_pending_policy();
+            }
+            Command::Removed => {
+                tracing::info!(vm = %self.handle.key(), "VM left the catalog");
+                let message: Arc<str> = "the VM was removed from the catalog".into();
+                self.answer_held(AdmitError::Stopped(message.clone()));
+                self.tx.publish(VmPhase::Stopped, None, Some(message));
+                return Flow::End;
+            }
+            Command::RejectHeld(error) => {
+                self.answer_held(error.clone());
+                self.rejecting = Some(error);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// The one backend call or probe in progress finished.
+    fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Started(result) => {
+                let Life::Starting {
+                    called_at,
+                    ref mut returned_at,
+                    ..
+                } = self.life
+                else {
+                    return;
+                };
+                // Only now: the start signal must not wait for ~20 series to be created.
+                self.tx.create_metrics();
+                let metrics = self.tx.gate().metrics();
+                metrics.series().scale_ups.inc();
+                match result {
+                    Ok(()) => {
+                        let now = Instant::now();
+                        *returned_at = Some(now);
+                        metrics.cold_start_phase(ColdStartPhase::StartCall, (now - called_at).as_secs_f64());
+                        tracing::debug!(vm = %self.handle.key(), "start call returned");
+                        self.check_running();
+                    }
+                    Err(error) => self.fail(AdmitError::StartFailed(error.to_string().into()), true),
+                }
+            }
+            Done::Probed => self.on_probed(),
+            Done::ScaledDown(result) => self.on_scaled_down(result),
+            Done::CleanedUp => {
+                if !self.queue.is_empty() {
+                    tracing::info!(vm = %self.handle.key(), "requests arrived during the clean-up; starting again");
+                    self.start(StartKind::Boot);
+                } else {
+                    self.apply_pending_policy();
+                }
+            }
+        }
+    }
+
+    /// The backend's news about the VM: running (on its way up), stopped while starting
+    /// (failed), stopped while Ready (lost), or running at a new address (re-probe).
+    fn on_status(&mut self, status: BackendStatus) {
+        match self.life {
+            Life::Starting {
+                ref mut left_stopped,
+                returned_at,
+                ..
+            } => {
+                if status.phase != BackendPhase::Stopped {
+                    *left_stopped = true;
+                }
+                if returned_at.is_some() || (status.phase == BackendPhase::Stopped && *left_stopped) {
+                    self.check_running();
+                }
+            }
+            Life::Probing { .. } if status.phase == BackendPhase::Stopped => {
+                self.fail(AdmitError::Stopped(stopped_message(&status).into()), true);
+            }
+            Life::Ready { endpoint } => match (status.phase, status.endpoint) {
+                (BackendPhase::Stopped, _) => self.lost(stopped_message(&status)),
+                // The guest moved (a new VMI, a new address): probe it there.
+                (BackendPhase::Running, Some(moved)) if moved != endpoint => {
+                    tracing::info!(vm = %self.handle.key(), %moved, "the guest has a new address; probing it");
+                    self.probe(moved, false);
+                }
+                _ => {}
+            },
+            // Stopping: the stop we asked for. Stopped, Failed, Paused: not running.
+            _ => {}
+        }
+    }
+
+    /// Answers every held request with `error`.
+    fn answer_held(&mut self, error: AdmitError) {
+        for waiter in self.queue.drain(..) {
+            let _ = waiter.reply.send(Err(error.clone()));
+        }
+    }
+
+    /// A changed policy takes effect once the VM is stopped and nothing waits for it.
+    fn apply_pending_policy(&mut self) {
+        let stopped = matches!(self.life, Life::Stopped | Life::Failed);
+        if stopped && self.op.is_none() && self.queue.is_empty() {
+            if let Some(policy) = self.pending_policy.take() {
+                tracing::debug!(vm = %self.handle.key(), "new policy in force");
+                self.tx.set_policy(policy);
+            }
+        }
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        self.tx.gate().policy()
+    }
+
+    /// Nothing going on: no call or probe running, nothing held, no timer that matters.
+    fn is_dormant(&self) -> bool {
+        self.op.is_none()
+            && self.queue.is_empty()
+            && self.slot_wait.is_none()
+            && matches!(self.life, Life::Stopped | Life::Failed | Life::Paused)
+            && self.idle_at.is_none()
+    }
+}

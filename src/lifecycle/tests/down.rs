@@ -1,0 +1,167 @@
+//! The way down: the idle timer, scale-downs, peers calling a stop off, pause tiers,
+//! explicit stop and pause, and policy changes waiting for a stop.
+
+use super::*;
+
+#[tokio::test(start_paused = true)]
+async fn the_idle_timer_stops_a_vm_only_after_its_idle_timeout() {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    tokio::time::advance(IDLE - Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Ready);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
+    assert_eq!(w.phase(), VmPhase::Stopped);
+    assert!(w.scale_downs("stop"));
+    assert!(!w.vm.owner_running());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_idle_timer_never_stops_a_vm_with_a_request_in_flight() {
+    let w = world(policy());
+    let permit = w.bring_up().await;
+    tokio::time::advance(IDLE * 4).await;
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Ready);
+    drop(permit);
+    tokio::time::advance(IDLE - Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Ready, "idle counts from the request's end");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_s_activity_calls_the_stop_off_and_the_vm_stays_warm() {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    *w.backend.stop_outcome.lock().unwrap() = StopOutcome::PeerActive;
+    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
+    assert_eq!(w.phase(), VmPhase::Ready);
+    assert!(w.vm.gate().try_enter().is_some(), "warm again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn pause_then_stop_pauses_then_stops_and_a_called_off_stop_stays_paused() {
+    let w = world(Policy {
+        scale_down: ScaleDown::PauseThenStop,
+        ..policy()
+    });
+    drop(w.bring_up().await);
+    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Paused);
+    assert!(w.scale_downs("pause"));
+    *w.backend.stop_outcome.lock().unwrap() = StopOutcome::PeerActive;
+    tokio::time::advance(IDLE * 2).await;
+    settle().await;
+    assert_eq!(w.backend.calls(), ["start", "pause", "stop_if_idle"]);
+    assert_eq!(w.phase(), VmPhase::Paused, "back to Paused, not stuck in Stopping");
+    *w.backend.stop_outcome.lock().unwrap() = StopOutcome::Stopped;
+    tokio::time::advance(IDLE * 2).await;
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_vm_resumes_instead_of_booting() {
+    let w = world(Policy {
+        scale_down: ScaleDown::Pause,
+        ..policy()
+    });
+    drop(w.bring_up().await);
+    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Paused);
+    assert!(!w.vm.owner_running(), "nothing to do while paused for good");
+    let held = w.admit();
+    settle().await;
+    assert_eq!(w.backend.calls(), ["start", "pause", "resume"]);
+    w.backend.report(BackendPhase::Running, Some(endpoint()));
+    assert!(held.await.unwrap().is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn pause_falls_back_to_stop_when_the_backend_cannot_pause() {
+    let w = world(Policy {
+        scale_down: ScaleDown::Pause,
+        ..policy()
+    });
+    *w.backend.pause_supported.lock().unwrap() = false;
+    drop(w.bring_up().await);
+    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(w.backend.calls(), ["start", "stop"]);
+    assert_eq!(w.phase(), VmPhase::Stopped);
+    assert!(w.scale_downs("stop"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_during_a_stop_starts_the_vm_again_once_it_is_stopped() {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    w.backend.stops_blocked.send_replace(true);
+    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Stopping);
+    let held = w.admit();
+    settle().await;
+    assert!(!held.is_finished());
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"], "no start while stopping");
+    w.probe.up.send_replace(false);
+    w.backend.stops_blocked.send_replace(false);
+    settle().await;
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle", "start"]);
+    assert_eq!(w.phase(), VmPhase::Starting);
+    w.backend.report(BackendPhase::Running, Some(endpoint()));
+    w.probe.up.send_replace(true);
+    assert!(held.await.unwrap().is_ok());
+    assert!(w
+        .metrics
+        .render()
+        .contains("vm_activator_cold_start_seconds_count{namespace=\"ns\",vm=\"vm\"} 2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn explicit_stop_and_pause_scale_down_an_idle_vm_at_once() {
+    let w = world(policy());
+    assert_eq!(
+        w.vm.scale_down(Action::Stop).await,
+        Err(ScaleDownRefused::NotApplicable(VmPhase::Stopped, "stop"))
+    );
+    let permit = w.bring_up().await;
+    assert_eq!(
+        w.vm.scale_down(Action::Pause).await,
+        Err(ScaleDownRefused::Busy { in_flight: 1, held: 0 })
+    );
+    drop(permit);
+    assert_eq!(w.vm.scale_down(Action::Pause).await, Ok(()));
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Paused);
+    assert_eq!(w.vm.scale_down(Action::Stop).await, Ok(()));
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Stopped);
+    // An explicit stop is the operator's call: a plain stop, not compare-and-stop.
+    assert_eq!(w.backend.calls(), ["start", "pause", "stop"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_policy_waits_for_the_vm_to_stop() {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    w.vm.set_policy(Arc::new(Policy {
+        concurrency: 7,
+        ..policy()
+    }));
+    settle().await;
+    assert_eq!(w.vm.gate().policy().concurrency, 0, "a running VM keeps its policy");
+    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Stopped);
+    assert_eq!(w.vm.gate().policy().concurrency, 7);
+}

@@ -1,0 +1,195 @@
+//! The owner's commands and events, one scenario each, against a scripted backend and
+//! a scripted guest probe under tokio's paused clock: deterministic, no sockets.
+//! This file is the harness; `up.rs` has the way up, `down.rs` the way down.
+
+mod down;
+mod up;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::backend::{BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome};
+use crate::metrics::Metrics;
+use crate::readiness::GuestProbe;
+use crate::vm::{Readiness, ScaleDown};
+
+/// A backend whose calls are recorded and whose answers and status the test sets.
+struct Scripted {
+    catalog: watch::Sender<Catalog>,
+    status: watch::Sender<BackendStatus>,
+    calls: Mutex<Vec<&'static str>>,
+    start_error: Mutex<Option<String>>,
+    pause_supported: Mutex<bool>,
+    stop_outcome: Mutex<StopOutcome>,
+    /// While true, stops do not return.
+    stops_blocked: watch::Sender<bool>,
+}
+
+#[async_trait]
+impl Backend for Scripted {
+    fn catalog(&self) -> watch::Receiver<Catalog> {
+        self.catalog.subscribe()
+    }
+
+    fn status(&self, _: &VmKey) -> Option<watch::Receiver<BackendStatus>> {
+        Some(self.status.subscribe())
+    }
+
+    async fn start(&self, _: &VmKey) -> Result<(), BackendError> {
+        self.record("start");
+        match self.start_error.lock().unwrap().clone() {
+            Some(message) => Err(BackendError::Failed { op: "start", message }),
+            None => Ok(()),
+        }
+    }
+
+    async fn resume(&self, _: &VmKey) -> Result<(), BackendError> {
+        self.record("resume");
+        Ok(())
+    }
+
+    async fn stop(&self, _: &VmKey) -> Result<(), BackendError> {
+        self.record("stop");
+        self.stopped().await;
+        Ok(())
+    }
+
+    async fn pause(&self, _: &VmKey) -> Result<(), BackendError> {
+        if !*self.pause_supported.lock().unwrap() {
+            return Err(BackendError::Unsupported("pause"));
+        }
+        self.record("pause");
+        self.report(BackendPhase::Paused, None);
+        Ok(())
+    }
+
+    async fn stop_if_idle(&self, _: &VmKey, _: SystemTime) -> Result<StopOutcome, BackendError> {
+        self.record("stop_if_idle");
+        let outcome = *self.stop_outcome.lock().unwrap();
+        if outcome == StopOutcome::Stopped {
+            self.stopped().await;
+        }
+        Ok(outcome)
+    }
+}
+
+impl Scripted {
+    fn record(&self, call: &'static str) {
+        self.calls.lock().unwrap().push(call);
+    }
+
+    async fn stopped(&self) {
+        let mut blocked = self.stops_blocked.subscribe();
+        let _ = blocked.wait_for(|b| !b).await;
+        self.report(BackendPhase::Stopped, None);
+    }
+
+    fn report(&self, phase: BackendPhase, endpoint: Option<Endpoint>) {
+        self.status.send_replace(BackendStatus {
+            phase,
+            endpoint,
+            message: None,
+        });
+    }
+
+    fn calls(&self) -> Vec<&'static str> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+/// A guest probe that passes once the test says the guest is up.
+struct ScriptedProbe {
+    up: watch::Sender<bool>,
+}
+
+#[async_trait]
+impl GuestProbe for ScriptedProbe {
+    async fn wait_ready(&self, _: Endpoint, _: &Readiness) {
+        let _ = self.up.subscribe().wait_for(|up| *up).await;
+    }
+}
+
+struct World {
+    backend: Arc<Scripted>,
+    probe: Arc<ScriptedProbe>,
+    vm: VmHandle,
+    metrics: Metrics,
+}
+
+fn endpoint() -> Endpoint {
+    "127.0.0.1:9".parse().unwrap()
+}
+
+const IDLE: Duration = Duration::from_secs(30);
+const START: Duration = Duration::from_secs(10);
+
+fn world(policy: Policy) -> World {
+    let backend = Arc::new(Scripted {
+        catalog: watch::channel(Catalog::default()).0,
+        status: watch::channel(BackendStatus::stopped()).0,
+        calls: Mutex::default(),
+        start_error: Mutex::default(),
+        pause_supported: Mutex::new(true),
+        stop_outcome: Mutex::new(StopOutcome::Stopped),
+        stops_blocked: watch::channel(false).0,
+    });
+    let probe = Arc::new(ScriptedProbe {
+        up: watch::channel(false).0,
+    });
+    let metrics = Metrics::new();
+    let key = VmKey::new("ns", "vm");
+    let context = Context::new(backend.clone(), probe.clone(), Duration::from_secs(1));
+    let vm = VmHandle::new(key.clone(), Arc::new(policy), metrics.vm(&key), context);
+    World {
+        backend,
+        probe,
+        vm,
+        metrics,
+    }
+}
+
+fn policy() -> Policy {
+    Policy {
+        idle_timeout: IDLE,
+        start_timeout: START,
+        ..Policy::default()
+    }
+}
+
+/// Lets every task run until none can (the paused clock then moves only by 1 ms).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+impl World {
+    fn admit(&self) -> JoinHandle<Result<Permit, AdmitError>> {
+        let vm = self.vm.clone();
+        tokio::spawn(async move { vm.admit(0).await })
+    }
+
+    fn phase(&self) -> VmPhase {
+        self.vm.gate().phase()
+    }
+
+    /// One event brings the VM up: start call, running, probe. Returns its permit.
+    async fn bring_up(&self) -> Permit {
+        let first = self.admit();
+        settle().await;
+        self.backend.report(BackendPhase::Running, Some(endpoint()));
+        self.probe.up.send_replace(true);
+        settle().await;
+        assert_eq!(self.phase(), VmPhase::Ready);
+        first.await.unwrap().expect("admitted")
+    }
+
+    fn scale_downs(&self, action: &str) -> bool {
+        self.metrics.render().contains(&format!(
+            "vm_activator_scale_downs_total{{action=\"{action}\",namespace=\"ns\",vm=\"vm\"}} 1"
+        ))
+    }
+}

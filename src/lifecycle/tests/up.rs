@@ -1,0 +1,180 @@
+//! The way up: starts, probes, release, failures, removal and the drain.
+
+use super::*;
+
+#[tokio::test(start_paused = true)]
+async fn activate_starts_once_then_probes_and_releases_in_arrival_order() {
+    let w = world(Policy {
+        concurrency: 1,
+        ..policy()
+    });
+    let held: Vec<_> = (0..3).map(|_| w.admit()).collect();
+    settle().await;
+    assert_eq!(w.backend.calls(), ["start"], "one start for the whole burst");
+    assert_eq!(w.phase(), VmPhase::Starting);
+    assert_eq!(w.vm.gate().held(), (3, 0));
+    w.backend.report(BackendPhase::Running, Some(endpoint()));
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Probing);
+    assert_eq!(w.vm.gate().state().endpoint, Some(endpoint()));
+    w.probe.up.send_replace(true);
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Ready);
+    // One slot: the first request is in, the others wait in order.
+    let mut held = held.into_iter();
+    let first = held.next().unwrap().await.unwrap().unwrap();
+    let (second, third) = (held.next().unwrap(), held.next().unwrap());
+    settle().await;
+    assert!(!second.is_finished() && !third.is_finished());
+    drop(first);
+    let second = second.await.unwrap().unwrap();
+    settle().await;
+    assert!(!third.is_finished(), "released one at a time");
+    drop(second);
+    drop(third.await.unwrap().unwrap());
+    assert!(w.vm.gate().last_cold_start().is_some());
+    assert!(w
+        .metrics
+        .render()
+        .contains("vm_activator_cold_start_seconds_count{namespace=\"ns\",vm=\"vm\"} 1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_start_call_answers_held_requests_and_stops_what_may_be_half_up() {
+    let w = world(policy());
+    *w.backend.start_error.lock().unwrap() = Some("no capacity".into());
+    let result = w.admit().await.unwrap();
+    assert!(matches!(result, Err(AdmitError::StartFailed(m)) if m.contains("no capacity")));
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Failed);
+    assert!(w.vm.gate().state().last_error.unwrap().contains("no capacity"));
+    assert_eq!(w.backend.calls(), ["start", "stop"]);
+    *w.backend.start_error.lock().unwrap() = None;
+    let retry = w.admit();
+    settle().await;
+    assert_eq!(
+        w.backend.calls(),
+        ["start", "stop", "start"],
+        "the next request tries again"
+    );
+    assert_eq!(w.phase(), VmPhase::Starting);
+    retry.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_that_never_runs_fails_at_the_start_deadline_and_is_stopped() {
+    let w = world(policy());
+    let held = w.admit();
+    settle().await;
+    tokio::time::advance(START).await;
+    settle().await;
+    assert_eq!(held.await.unwrap().unwrap_err(), AdmitError::StartTimeout(START));
+    assert_eq!(w.phase(), VmPhase::Failed);
+    assert_eq!(w.backend.calls(), ["start", "stop"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_that_dies_while_starting_answers_at_once() {
+    let w = world(policy());
+    let held = w.admit();
+    settle().await;
+    w.backend.report(BackendPhase::Starting, None);
+    settle().await;
+    w.backend.status.send_replace(BackendStatus {
+        message: Some("qemu exited with status 1".into()),
+        ..BackendStatus::stopped()
+    });
+    let result = held.await.unwrap();
+    assert!(
+        matches!(&result, Err(AdmitError::Stopped(m)) if m.contains("qemu")),
+        "{result:?}"
+    );
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Failed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ready_vm_that_stops_on_its_own_is_lost_not_stopped_again() {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    w.backend.status.send_replace(BackendStatus {
+        message: Some("the VM exited on its own".into()),
+        ..BackendStatus::stopped()
+    });
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Stopped);
+    assert!(w.vm.gate().state().last_error.unwrap().contains("on its own"));
+    assert_eq!(w.backend.calls(), ["start"], "no stop for a VM that is already down");
+    assert!(!w.vm.owner_running(), "a stopped VM has no owner task");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_guest_is_reprobed_and_new_requests_wait_for_it() {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    w.probe.up.send_replace(false);
+    w.vm.report_unreachable(endpoint());
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Probing);
+    let held = w.admit();
+    settle().await;
+    assert!(!held.is_finished(), "no traffic until a probe passes");
+    w.probe.up.send_replace(true);
+    assert_eq!(held.await.unwrap().unwrap().endpoint(), endpoint());
+    assert_eq!(w.phase(), VmPhase::Ready);
+    assert_eq!(w.backend.calls(), ["start"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guest_with_a_new_address_is_probed_there() {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    let moved: Endpoint = "127.0.0.2:9".parse().unwrap();
+    w.backend.report(BackendPhase::Running, Some(moved));
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Ready);
+    assert_eq!(w.vm.gate().state().endpoint, Some(moved));
+}
+
+#[tokio::test(start_paused = true)]
+async fn removal_answers_held_requests_and_refuses_later_ones() {
+    let w = world(policy());
+    let held = w.admit();
+    settle().await;
+    w.vm.remove();
+    let result = held.await.unwrap();
+    assert!(
+        matches!(&result, Err(AdmitError::Stopped(m)) if m.contains("removed")),
+        "{result:?}"
+    );
+    assert!(matches!(w.vm.admit(0).await, Err(AdmitError::Stopped(_))));
+    assert!(!w.vm.owner_running());
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejecting_held_requests_answers_them_and_every_later_one() {
+    let w = world(policy());
+    let held = w.admit();
+    settle().await;
+    w.vm.reject_held(AdmitError::Draining);
+    assert_eq!(held.await.unwrap().unwrap_err(), AdmitError::Draining);
+    assert_eq!(w.phase(), VmPhase::Starting, "the start goes on");
+    assert_eq!(w.admit().await.unwrap().unwrap_err(), AdmitError::Draining);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_request_gives_up_at_its_deadline_and_frees_its_place() {
+    let w = world(Policy {
+        max_buffered: 1,
+        ..policy()
+    });
+    let held = w.admit();
+    settle().await;
+    assert!(matches!(
+        w.vm.admit(0).await,
+        Err(AdmitError::BufferFull { count: 1, .. })
+    ));
+    tokio::time::advance(START).await;
+    assert_eq!(held.await.unwrap().unwrap_err(), AdmitError::StartTimeout(START));
+    assert_eq!(w.vm.gate().held(), (0, 0));
+}
