@@ -1,0 +1,186 @@
+//! Start-up checks of a whole configuration: ranges, uniqueness, and combinations
+//! that cannot work. Every error names the field.
+
+use super::{invalid, AuthMode, BackendKind, Config, ConfigError};
+use crate::vm::Readiness;
+
+impl Config {
+    /// Checks ranges and uniqueness; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ingress.max_body_bytes == 0 {
+            return Err(invalid("ingress.max_body_bytes", "must be at least 1"));
+        }
+        if self.ingress.max_concurrent_requests == 0 {
+            return Err(invalid("ingress.max_concurrent_requests", "must be at least 1"));
+        }
+        if self.ingress.max_header_bytes < 1024 {
+            return Err(invalid("ingress.max_header_bytes", "must be at least 1024"));
+        }
+        if self.ingress.max_connections == 0 {
+            return Err(invalid("ingress.max_connections", "must be at least 1"));
+        }
+        let auth = &self.ingress.auth;
+        match auth.mode {
+            None if !(self.backend == BackendKind::Qemu && self.listen.ip().is_loopback()) => {
+                return Err(invalid(
+                    "ingress.auth.mode",
+                    "must be set (oidc, bearer, or none explicitly): anyone who can reach the ingress can start VMs; \
+                     none is the default only for the local qemu backend listening on loopback",
+                ))
+            }
+            Some(AuthMode::Bearer) if auth.bearer_tokens_file.is_none() => {
+                return Err(invalid(
+                    "ingress.auth.bearer_tokens_file",
+                    "is required with mode bearer",
+                ))
+            }
+            Some(AuthMode::Oidc) if auth.oidc.issuer.is_none() => {
+                return Err(invalid("ingress.auth.oidc.issuer", "is required with mode oidc"))
+            }
+            Some(AuthMode::Oidc) if auth.oidc.audience.is_none() => {
+                return Err(invalid("ingress.auth.oidc.audience", "is required with mode oidc"))
+            }
+            _ => {}
+        }
+        if !auth.allowed_subjects.is_empty() && auth.mode() != AuthMode::Oidc {
+            return Err(invalid(
+                "ingress.auth.allowed_subjects",
+                "subjects come from OIDC tokens: needs mode oidc",
+            ));
+        }
+        if self.readiness.interval.is_zero() {
+            return Err(invalid("readiness.interval", "must be greater than 0"));
+        }
+        if self.readiness.attempt_timeout.is_zero() {
+            return Err(invalid("readiness.attempt_timeout", "must be greater than 0"));
+        }
+        if self.idle.check_interval.is_zero() {
+            return Err(invalid("idle.check_interval", "must be greater than 0"));
+        }
+        for (i, ns) in self.kubevirt.namespaces.iter().enumerate() {
+            if !is_dns_label(ns) {
+                return Err(invalid(format!("kubevirt.namespaces[{i}]"), "must be a DNS label"));
+            }
+        }
+        if self.backend == BackendKind::Kubevirt && !self.vms.is_empty() {
+            return Err(invalid(
+                "vms",
+                "the kubevirt backend discovers its VMs by label; configure them with annotations, not here",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, vm) in self.vms.iter().enumerate() {
+            let field = |name: &str| format!("vms[{i}].{name}");
+            if !is_dns_label(&vm.namespace) {
+                return Err(invalid(field("namespace"), "must be a DNS label (a-z, 0-9, '-')"));
+            }
+            if !is_dns_label(&vm.name) {
+                return Err(invalid(field("name"), "must be a DNS label (a-z, 0-9, '-')"));
+            }
+            if !seen.insert(vm.key()) {
+                return Err(invalid(field("name"), format!("{} is listed twice", vm.key())));
+            }
+            let policy = vm.policy();
+            if policy.port == 0 {
+                return Err(invalid(field("port"), "must be 1-65535"));
+            }
+            if !policy.path.starts_with('/') {
+                return Err(invalid(field("path"), "must start with '/'"));
+            }
+            if policy.idle_timeout.is_zero() {
+                return Err(invalid(field("idle_timeout"), "must be greater than 0"));
+            }
+            if policy.start_timeout.is_zero() {
+                return Err(invalid(field("start_timeout"), "must be greater than 0"));
+            }
+            if policy.request_timeout.is_zero() {
+                return Err(invalid(field("request_timeout"), "must be greater than 0"));
+            }
+            if policy.max_buffered == 0 {
+                return Err(invalid(field("max_buffered"), "must be at least 1"));
+            }
+            if policy.max_buffered_bytes < self.ingress.max_body_bytes {
+                return Err(invalid(
+                    field("max_buffered_bytes"),
+                    "must be at least ingress.max_body_bytes, or no body could ever be held",
+                ));
+            }
+            if self.backend == BackendKind::Qemu && policy.readiness == Readiness::Tcp {
+                return Err(invalid(
+                    field("readiness"),
+                    "tcp cannot tell a booted guest from QEMU user networking, which accepts \
+                     connections on the guest's behalf; use http or http:/path",
+                ));
+            }
+            if vm.machine.memory_mib < 32 {
+                return Err(invalid(field("machine.memory_mib"), "must be at least 32"));
+            }
+            if vm.machine.cpus == 0 {
+                return Err(invalid(field("machine.cpus"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kubernetes object names in a path: RFC 1123 labels (what KubeVirt accepts for VM names).
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::config::tests::VM;
+
+    #[test]
+    fn validation_names_the_field() {
+        let config = Config::from_yaml(&VM.replace("max_buffered: 1000", "max_buffered: 0")).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("vms[0].max_buffered"), "{err}");
+        let config = Config::from_yaml(&VM.replace("name: demo", "name: Demo_1")).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("vms[0].name"), "{err}");
+    }
+
+    #[test]
+    fn auth_mode_rules() {
+        let mut config = Config::from_yaml(VM).unwrap();
+        config.listen = "127.0.0.1:8080".parse().unwrap();
+        config.validate().expect("none is the default for qemu on loopback");
+        config.listen = "0.0.0.0:8080".parse().unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("ingress.auth.mode"));
+        config.ingress.auth.mode = Some(AuthMode::Oidc);
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("ingress.auth.oidc.issuer"));
+        config.ingress.auth.oidc.issuer = Some("https://issuer".into());
+        config.ingress.auth.oidc.audience = Some("vm-activator".into());
+        config.validate().unwrap();
+        config.ingress.auth.mode = Some(AuthMode::Bearer);
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("bearer_tokens_file"));
+        config.ingress.auth.mode = Some(AuthMode::None);
+        config.ingress.auth.allowed_subjects = vec!["x".into()];
+        assert!(config.validate().unwrap_err().to_string().contains("allowed_subjects"));
+    }
+
+    #[test]
+    fn tcp_readiness_is_refused_for_qemu_vms() {
+        let config =
+            Config::from_yaml(&VM.replace("max_buffered: 1000", "max_buffered: 1000\n    readiness: tcp")).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("vms[0].readiness"), "{err}");
+    }
+}
