@@ -1,20 +1,26 @@
 //! Prometheus metrics: one registry, typed handles created once, per-VM label values
-//! resolved once per VM (not per request). Names and labels are the contract of
-//! DESIGN §2; tests scrape them.
+//! resolved once per VM (not per request). Names and labels are the contract in the
+//! README and docs/architecture.md; tests scrape them.
+//!
+//! This file has the registry and the families; `vm.rs` one VM's series, `state.rs` the
+//! `vm_state` gauge computed at scrape time.
 //!
 //! Owns: metric names, labels, buckets, the text exposition.
 //! Must not import any other module but `vm`.
 
-use std::sync::{Arc, OnceLock, RwLock};
+mod state;
+mod vm;
 
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
-};
+use std::sync::Arc;
 
-use crate::vm::{VmKey, VmPhase};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub use state::PhaseSource;
+pub use vm::{VmMetrics, VmSeries};
+
+use crate::vm::VmKey;
+use state::VmStateCollector;
+use vm::{status_label, SCALE_DOWN_ACTIONS, STATUS_LABELS};
 
 const PREFIX: &str = "vm_activator";
 
@@ -72,6 +78,20 @@ pub enum ColdStartPhase {
     Boot,
     /// From running until the guest application answered its probe.
     Probe,
+}
+
+impl ColdStartPhase {
+    /// Every phase, in the order of its series.
+    pub const ALL: [ColdStartPhase; 3] = [ColdStartPhase::StartCall, ColdStartPhase::Boot, ColdStartPhase::Probe];
+
+    /// The `phase` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColdStartPhase::StartCall => "start_call",
+            ColdStartPhase::Boot => "boot",
+            ColdStartPhase::Probe => "probe",
+        }
+    }
 }
 
 struct Families {
@@ -178,9 +198,7 @@ impl Metrics {
             ),
         };
         let phases = Arc::new(VmStateCollector::new());
-        registry
-            .register(Box::new(VmStates(phases.clone())))
-            .expect("unique metric");
+        registry.register(phases.collector()).expect("unique metric");
         Metrics {
             registry,
             families: Arc::new(families),
@@ -190,19 +208,13 @@ impl Metrics {
 
     /// Where `vm_state` reads every VM's phase at scrape time (the activator's gates).
     pub fn set_phase_source(&self, source: PhaseSource) {
-        *self.phases.source.write().unwrap_or_else(|e| e.into_inner()) = Some(source);
+        self.phases.set_source(source);
     }
 
     /// This VM's handles. Creates no series: they appear on the VM's first request (see
     /// `VmMetrics`), so thousands of idle VMs cost nothing here.
     pub fn vm(&self, key: &VmKey) -> VmMetrics {
-        VmMetrics {
-            inner: Arc::new(VmMetricsInner {
-                labels: [key.namespace.clone(), key.name.clone()],
-                families: self.families.clone(),
-                series: OnceLock::new(),
-            }),
-        }
+        VmMetrics::new(key, self.families.clone())
     }
 
     /// Counts a request answered for a path that names no known VM. Recorded with empty
@@ -225,8 +237,8 @@ impl Metrics {
             let _ = family.remove_label_values(&[ns, name]);
         }
         let _ = f.scale_ups.remove_label_values(&[ns, name]);
-        for p in ["start_call", "boot", "probe"] {
-            let _ = f.cold_start_phase.remove_label_values(&[ns, name, p]);
+        for phase in ColdStartPhase::ALL {
+            let _ = f.cold_start_phase.remove_label_values(&[ns, name, phase.as_str()]);
         }
         // Counters by code, reason and action: every label value is from a finite set.
         for code in STATUS_LABELS {
@@ -235,7 +247,7 @@ impl Metrics {
         for reason in RejectReason::ALL {
             let _ = f.rejected.remove_label_values(&[ns, name, reason.as_str()]);
         }
-        for action in ["stop", "pause"] {
+        for action in SCALE_DOWN_ACTIONS {
             let _ = f.scale_downs.remove_label_values(&[ns, name, action]);
         }
     }
@@ -250,218 +262,10 @@ impl Metrics {
     }
 }
 
-/// Every value `status_label` can return.
-const STATUS_LABELS: [&str; 21] = [
-    "200", "201", "202", "204", "400", "401", "403", "404", "405", "408", "413", "429", "500", "502", "503", "504",
-    "1xx", "2xx", "3xx", "4xx", "5xx",
-];
-
-/// Status codes as label values without allocating for the common ones.
-fn status_label(code: u16) -> &'static str {
-    STATUS_LABELS[status_index(code)]
-}
-
-/// The position of `code`'s label in `STATUS_LABELS` (a match, not a search: per request).
-fn status_index(code: u16) -> usize {
-    match code {
-        200 => 0,
-        201 => 1,
-        202 => 2,
-        204 => 3,
-        400 => 4,
-        401 => 5,
-        403 => 6,
-        404 => 7,
-        405 => 8,
-        408 => 9,
-        413 => 10,
-        429 => 11,
-        500 => 12,
-        502 => 13,
-        503 => 14,
-        504 => 15,
-        _ => match code {
-            100..=199 => 16,
-            200..=299 => 17,
-            300..=399 => 18,
-            400..=499 => 19,
-            _ => 20,
-        },
-    }
-}
-
-/// One VM's metric handles. Cheap to clone.
-///
-/// `vm_state` is read from the gates at scrape time (see `set_phase_source`). The VM's
-/// other series — including zero-valued `rejected_total` and `scale_downs_total` for each
-/// reason and action, so `rate()` and alerts see them before the first event — are
-/// created together on first use: the VM's first start or request.
-#[derive(Clone)]
-pub struct VmMetrics {
-    inner: Arc<VmMetricsInner>,
-}
-
-struct VmMetricsInner {
-    labels: [String; 2],
-    families: Arc<Families>,
-    /// Boxed: an unused VM pays one pointer, not the handles.
-    series: OnceLock<Box<VmSeries>>,
-}
-
-/// The series of a VM in use.
-pub struct VmSeries {
-    /// `buffered_requests`.
-    pub buffered: IntGauge,
-    /// `in_flight_requests`.
-    pub in_flight: IntGauge,
-    /// `request_duration_seconds`.
-    pub request_duration: Histogram,
-    /// `cold_start_seconds`.
-    pub cold_start: Histogram,
-    /// `scale_ups_total`.
-    pub scale_ups: IntCounter,
-    phases: [Histogram; 3],
-    rejected: [IntCounter; RejectReason::ALL.len()],
-    scale_downs: [IntCounter; SCALE_DOWN_ACTIONS.len()],
-    /// `requests_total` by code, resolved on first use of each code: no label hashing
-    /// per request.
-    requests: [OnceLock<IntCounter>; STATUS_LABELS.len()],
-}
-
-const SCALE_DOWN_ACTIONS: [&str; 2] = ["stop", "pause"];
-
-impl VmMetrics {
-    /// The VM's series if something created them already.
-    pub fn series_if_created(&self) -> Option<&VmSeries> {
-        self.inner.series.get().map(|series| &**series)
-    }
-
-    /// The VM's series, created on first use.
-    pub fn series(&self) -> &VmSeries {
-        let inner = &*self.inner;
-        inner.series.get_or_init(|| {
-            let f = &inner.families;
-            let [ns, name] = &inner.labels;
-            let vm = [ns.as_str(), name.as_str()];
-            Box::new(VmSeries {
-                buffered: f.buffered.with_label_values(&vm),
-                in_flight: f.in_flight.with_label_values(&vm),
-                request_duration: f.request_duration.with_label_values(&vm),
-                cold_start: f.cold_start.with_label_values(&vm),
-                scale_ups: f.scale_ups.with_label_values(&vm),
-                phases: ["start_call", "boot", "probe"].map(|p| f.cold_start_phase.with_label_values(&[ns, name, p])),
-                rejected: RejectReason::ALL.map(|r| f.rejected.with_label_values(&[ns, name, r.as_str()])),
-                scale_downs: SCALE_DOWN_ACTIONS.map(|a| f.scale_downs.with_label_values(&[ns, name, a])),
-                requests: std::array::from_fn(|_| OnceLock::new()),
-            })
-        })
-    }
-
-    /// Observes one cold-start phase.
-    pub fn cold_start_phase(&self, phase: ColdStartPhase, seconds: f64) {
-        let index = match phase {
-            ColdStartPhase::StartCall => 0,
-            ColdStartPhase::Boot => 1,
-            ColdStartPhase::Probe => 2,
-        };
-        self.series().phases[index].observe(seconds);
-    }
-
-    /// Counts an answered request by status code.
-    pub fn request(&self, code: u16) {
-        let index = status_index(code);
-        let label = STATUS_LABELS[index];
-        self.series().requests[index]
-            .get_or_init(|| {
-                let [ns, name] = &self.inner.labels;
-                self.inner.families.requests_total.with_label_values(&[ns, name, label])
-            })
-            .inc();
-    }
-
-    /// Counts a rejection.
-    pub fn rejected(&self, reason: RejectReason) {
-        let index = RejectReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
-        self.series().rejected[index].inc();
-    }
-
-    /// Counts a scale-down (`stop` or `pause`).
-    pub fn scaled_down(&self, action: &str) {
-        match SCALE_DOWN_ACTIONS.iter().position(|a| *a == action) {
-            Some(index) => self.series().scale_downs[index].inc(),
-            None => tracing::warn!(action, "unknown scale-down action"),
-        }
-    }
-}
-
-/// Lists every VM with its current phase (called at scrape time).
-pub type PhaseSource = Box<dyn Fn() -> Vec<(VmKey, VmPhase)> + Send + Sync>;
-
-/// `vm_state{namespace,vm,state}`: one series per VM, its current state, value 1 —
-/// computed when scraped, so it never disagrees with the gates and costs no memory per
-/// VM between scrapes.
-struct VmStateCollector {
-    desc: Desc,
-    source: RwLock<Option<PhaseSource>>,
-}
-
-impl VmStateCollector {
-    fn new() -> Self {
-        let desc = Desc::new(
-            format!("{PREFIX}_vm_state"),
-            "1 for the VM's current state (one series per VM).".into(),
-            vec!["namespace".into(), "state".into(), "vm".into()],
-            Default::default(),
-        )
-        .expect("valid metric");
-        Self {
-            desc,
-            source: RwLock::new(None),
-        }
-    }
-}
-
-/// The registry takes collectors by value; this shares one with `Metrics`.
-struct VmStates(Arc<VmStateCollector>);
-
-impl Collector for VmStates {
-    fn desc(&self) -> Vec<&Desc> {
-        vec![&self.0.desc]
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let source = self.0.source.read().unwrap_or_else(|e| e.into_inner());
-        let Some(source) = source.as_ref() else {
-            return Vec::new();
-        };
-        let label = |name: &str, value: &str| {
-            let mut pair = LabelPair::default();
-            pair.set_name(name.to_string());
-            pair.set_value(value.to_string());
-            pair
-        };
-        let mut family = MetricFamily::default();
-        family.set_name(self.0.desc.fq_name.clone());
-        family.set_help(self.0.desc.help.clone());
-        family.set_field_type(MetricType::GAUGE);
-        for (key, phase) in source() {
-            let mut gauge = Gauge::default();
-            gauge.set_value(1.0);
-            let mut metric = Metric::from_gauge(gauge);
-            metric.set_label(vec![
-                label("namespace", &key.namespace),
-                label("state", phase.as_str()),
-                label("vm", &key.name),
-            ]);
-            family.mut_metric().push(metric);
-        }
-        vec![family]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::VmPhase;
 
     #[test]
     fn exposes_every_contract_name() {
@@ -492,26 +296,6 @@ mod tests {
             !text.contains("state=\"stopped\""),
             "only the current state is exported"
         );
-    }
-
-    #[test]
-    fn status_codes_map_to_their_labels() {
-        for (code, label) in [
-            (200, "200"),
-            (202, "202"),
-            (504, "504"),
-            (101, "1xx"),
-            (299, "2xx"),
-            (302, "3xx"),
-            (418, "4xx"),
-            (599, "5xx"),
-        ] {
-            assert_eq!(status_label(code), label, "{code}");
-        }
-        for label in STATUS_LABELS.iter().filter(|l| !l.ends_with("xx")) {
-            let code: u16 = label.parse().unwrap();
-            assert_eq!(status_label(code), *label);
-        }
     }
 
     #[test]
