@@ -1,0 +1,247 @@
+//! One VM's QEMU process: its command line, spawning it (with a parent-death signal,
+//! so a killed activator never leaks VMs), supervising it until it exits, and stopping
+//! it (ACPI power-down, then `quit`, then SIGKILL).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio::sync::{oneshot, watch, Mutex};
+
+use super::qmp::{qmp_execute, Qmp};
+use super::{LocalVm, Process, QemuBackend};
+use crate::backend::{BackendError, BackendPhase, BackendStatus};
+use crate::vm::Endpoint;
+
+/// After `quit`, how long before SIGKILL.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much of QEMU's stderr is kept for error messages.
+const STDERR_TAIL: usize = 2048;
+
+impl QemuBackend {
+    /// The QEMU command line for one VM (without the program name).
+    fn args(&self, vm: &LocalVm, host_port: u16, qmp: &Path, console: &Path) -> Vec<String> {
+        let m = &vm.spec.machine;
+        let guest_port = vm.spec.policy().port;
+        let mut args = vec![
+            "-name".into(),
+            format!("{}.{}", vm.key.namespace, vm.key.name),
+            "-accel".into(),
+            self.accel.into(),
+            "-m".into(),
+            m.memory_mib.to_string(),
+            "-smp".into(),
+            m.cpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            m.kernel.display().to_string(),
+            "-initrd".into(),
+            m.initrd.display().to_string(),
+            "-append".into(),
+            m.append.clone(),
+            "-serial".into(),
+            format!("file:{}", console.display()),
+            "-netdev".into(),
+            format!("user,id=net0,hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"),
+            "-device".into(),
+            "virtio-net-pci,netdev=net0".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+        ];
+        if self.accel == "kvm" {
+            args.extend(["-cpu".into(), "host".into()]);
+        }
+        args
+    }
+
+    pub(super) async fn spawn(&self, vm: &Arc<LocalVm>) -> Result<Process, BackendError> {
+        let fail = |message: String| BackendError::Failed { op: "start", message };
+        for file in [&vm.spec.machine.kernel, &vm.spec.machine.initrd] {
+            if !file.is_file() {
+                return Err(fail(format!(
+                    "{} does not exist (build the guest image: deploy/local/build-guest.sh)",
+                    file.display()
+                )));
+            }
+        }
+        let host_port = free_port().map_err(|e| fail(format!("no free port: {e}")))?;
+        let endpoint = Endpoint::from(([127, 0, 0, 1], host_port));
+        let stem = format!("{}_{}", vm.key.namespace, vm.key.name);
+        let qmp_path = self.run_dir.join(format!("{stem}.qmp"));
+        let console = self.run_dir.join(format!("{stem}.console.log"));
+        let _ = std::fs::remove_file(&qmp_path);
+        let mut command = Command::new(&self.config.binary);
+        command
+            .args(self.args(vm, host_port, &qmp_path, &console))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL this
+        // child if the activator dies, so a crashed activator never leaks VMs.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| fail(format!("cannot run {}: {e}", self.config.binary.display())))?;
+        tracing::info!(vm = %vm.key, pid = child.id(), %endpoint, accel = self.accel, "QEMU started");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let stderr_tail = Arc::new(std::sync::Mutex::new(String::new()));
+        tokio::spawn(collect_tail(stderr, stderr_tail.clone()));
+
+        let (kill_tx, kill_rx) = oneshot::channel();
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let qmp = Arc::new(Mutex::new(None));
+        tokio::spawn(supervise(
+            vm.clone(),
+            child,
+            kill_rx,
+            exited_tx,
+            stderr_tail,
+            qmp.clone(),
+            qmp_path,
+            endpoint,
+        ));
+        Ok(Process {
+            qmp,
+            endpoint,
+            kill: Some(kill_tx),
+            exited: exited_rx,
+        })
+    }
+
+    pub(super) async fn stop_process(&self, vm: &LocalVm, process: &mut Process) {
+        let grace = self.config.stop_grace;
+        vm.status.send_modify(|s| {
+            if s.phase != BackendPhase::Stopped {
+                s.phase = BackendPhase::Stopping;
+            }
+        });
+        let exited = process.exited.clone();
+        let wait_exit = |limit: Duration| {
+            let mut exited = exited.clone();
+            async move { tokio::time::timeout(limit, exited.wait_for(|e| *e)).await.is_ok() }
+        };
+        if *exited.borrow() {
+            return;
+        }
+        // Ask the guest OS to power off (ACPI); a guest that ignores it is quit after the grace period.
+        if qmp_execute(&process.qmp, "system_powerdown").await.is_ok() && wait_exit(grace).await {
+            return;
+        }
+        let _ = qmp_execute(&process.qmp, "quit").await;
+        if wait_exit(QUIT_TIMEOUT).await {
+            return;
+        }
+        tracing::warn!(vm = %vm.key, "QEMU ignored quit; killing it");
+        if let Some(kill) = process.kill.take() {
+            let _ = kill.send(());
+        }
+        let _ = wait_exit(QUIT_TIMEOUT).await;
+    }
+}
+
+/// Watches one QEMU process: brings up QMP, reports Running once QEMU says the
+/// machine runs, then waits for the process to exit (or to be killed) and reports
+/// Stopped with the reason.
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    vm: Arc<LocalVm>,
+    mut child: Child,
+    kill: oneshot::Receiver<()>,
+    exited: watch::Sender<bool>,
+    stderr_tail: Arc<std::sync::Mutex<String>>,
+    qmp_slot: Arc<Mutex<Option<Qmp>>>,
+    qmp_path: PathBuf,
+    endpoint: Endpoint,
+) {
+    let boot = async {
+        let mut qmp = Qmp::connect(&qmp_path).await?;
+        let status = qmp.execute("query-status", None).await?;
+        *qmp_slot.lock().await = Some(qmp);
+        Ok::<_, String>(status)
+    };
+    tokio::pin!(boot);
+    let mut kill = kill;
+    let mut booted = false;
+    let exit = loop {
+        tokio::select! {
+            result = &mut boot, if !booted => {
+                booted = true;
+                match result {
+                    Ok(status) => {
+                        let running = status.get("running").and_then(Value::as_bool).unwrap_or(false);
+                        let phase = if running { BackendPhase::Running } else { BackendPhase::Paused };
+                        vm.status.send_modify(|s| {
+                            if s.phase == BackendPhase::Starting {
+                                *s = BackendStatus { phase, endpoint: Some(endpoint), message: None };
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.key, error = %e, "QMP did not come up; stopping QEMU");
+                        let _ = child.start_kill();
+                    }
+                }
+            }
+            status = child.wait() => break status,
+            _ = &mut kill => {
+                let _ = child.start_kill();
+                break child.wait().await;
+            }
+        }
+    };
+    let stderr = stderr_tail.lock().map(|s| s.trim().to_string()).unwrap_or_default();
+    let message = match exit {
+        Ok(status) if status.success() => "QEMU exited".to_string(),
+        Ok(status) => format!("QEMU exited with {status}"),
+        Err(e) => format!("cannot wait for QEMU: {e}"),
+    };
+    let message = if stderr.is_empty() {
+        message
+    } else {
+        format!("{message}: {stderr}")
+    };
+    tracing::info!(vm = %vm.key, %message, "QEMU process ended");
+    *qmp_slot.lock().await = None;
+    vm.status.send_replace(BackendStatus {
+        phase: BackendPhase::Stopped,
+        endpoint: None,
+        message: Some(message),
+    });
+    let _ = exited.send(true);
+}
+
+async fn collect_tail(mut stderr: tokio::process::ChildStderr, tail: Arc<std::sync::Mutex<String>>) {
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = stderr.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+        t.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if t.len() > STDERR_TAIL {
+            let cut = t.len() - STDERR_TAIL;
+            let cut = (cut..t.len()).find(|i| t.is_char_boundary(*i)).unwrap_or(t.len());
+            t.drain(..cut);
+        }
+    }
+}
+
+pub(super) fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
