@@ -1,0 +1,172 @@
+//! Every write the backend makes: the run strategy (start, stop), the pause and
+//! unpause subresources, this replica's activity record, and the compare-and-stop that
+//! lets replicas agree without a leader.
+
+use std::time::SystemTime;
+
+use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
+use serde_json::json;
+
+use super::{api_error, KubevirtBackend, VirtualMachine};
+use crate::backend::{BackendError, StopOutcome};
+use crate::vm::{VmKey, LAST_ACTIVITY_ANNOTATION};
+
+/// JSON pointer to the activity annotation (`/` in the key escaped as `~1`).
+const LAST_ACTIVITY_POINTER: &str = "/metadata/annotations/vm-activator.io~1last-activity";
+
+/// The recorded activity: the annotation's exact text (for a JSON patch `test`) and time.
+pub(super) fn recorded_activity(vm: &VirtualMachine) -> Option<(String, SystemTime)> {
+    let text = vm.annotations().get(LAST_ACTIVITY_ANNOTATION)?;
+    let at = humantime::parse_rfc3339_weak(text).ok()?;
+    Some((text.clone(), at))
+}
+
+impl KubevirtBackend {
+    pub(super) async fn patch_run_strategy(
+        &self,
+        key: &VmKey,
+        strategy: &str,
+        op: &'static str,
+    ) -> Result<(), BackendError> {
+        let vm = self.vm(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        let mut spec = json!({ "runStrategy": strategy });
+        if vm.spec.running.is_some() {
+            // `running` and `runStrategy` are mutually exclusive: drop the deprecated one.
+            spec["running"] = serde_json::Value::Null;
+        }
+        let patch = json!({ "spec": spec });
+        self.vm_api(key)
+            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| api_error(key, op, e))
+    }
+
+    pub(super) async fn subresource(&self, key: &VmKey, action: &'static str) -> Result<(), BackendError> {
+        if !self.config.pause {
+            return Err(BackendError::Unsupported(action));
+        }
+        let url = format!(
+            "/apis/subresources.kubevirt.io/v1/namespaces/{}/virtualmachineinstances/{}/{action}",
+            key.namespace, key.name
+        );
+        let request = http::Request::put(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(b"{}".to_vec())
+            .map_err(|e| BackendError::Failed {
+                op: action,
+                message: e.to_string(),
+            })?;
+        self.client
+            .request_text(request)
+            .await
+            .map(|_| ())
+            .map_err(|e| api_error(key, action, e))
+    }
+
+    /// Records this replica's activity `at` on the VM, unless a record at most a tenth
+    /// of the idle timeout older is there already.
+    pub(super) async fn write_activity(&self, key: &VmKey, at: SystemTime) -> Result<(), BackendError> {
+        let vm = self.vm(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        // Any replica's record younger than a tenth of the idle timeout is as good as
+        // ours: skip the write, so writes per VM stay bounded however many replicas
+        // see traffic. (It also never moves the shared clock backwards.)
+        let every = self
+            .catalog
+            .borrow()
+            .get(key)
+            .map(|policy| policy.idle_timeout / 10)
+            .unwrap_or_default();
+        if recorded_activity(&vm).is_some_and(|(_, recorded)| recorded + every >= at) {
+            return Ok(());
+        }
+        let value = humantime::format_rfc3339_millis(at).to_string();
+        let patch = json!({ "metadata": { "annotations": { LAST_ACTIVITY_ANNOTATION: value } } });
+        self.vm_api(key)
+            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| api_error(key, "record activity", e))
+    }
+
+    /// One atomic JSON patch that halts the VM only if the activity record still reads
+    /// `recorded` and the run strategy is what this replica saw: it fails (422) if any
+    /// replica recorded activity, or anyone changed the run strategy, meanwhile.
+    pub(super) async fn compare_and_stop(
+        &self,
+        key: &VmKey,
+        vm: &VirtualMachine,
+        recorded: &str,
+    ) -> Result<StopOutcome, BackendError> {
+        let patch: json_patch::Patch =
+            serde_json::from_value(compare_and_stop_ops(vm, recorded)).map_err(|e| BackendError::Failed {
+                op: "stop",
+                message: e.to_string(),
+            })?;
+        match self
+            .vm_api(key)
+            .patch(&key.name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(_) => Ok(StopOutcome::Stopped),
+            Err(kube::Error::Api(status)) if status.code == 422 || status.code == 409 => {
+                tracing::info!(vm = %key, "a peer saw activity (compare-and-stop failed); keeping the VM");
+                Ok(StopOutcome::PeerActive)
+            }
+            Err(e) => Err(api_error(key, "stop", e)),
+        }
+    }
+}
+
+/// The operations of the compare-and-stop patch for `vm`, whose activity record reads
+/// `recorded`. A VM still on the deprecated `spec.running` moves to `runStrategy`.
+fn compare_and_stop_ops(vm: &VirtualMachine, recorded: &str) -> serde_json::Value {
+    let mut ops = vec![json!({ "op": "test", "path": LAST_ACTIVITY_POINTER, "value": recorded })];
+    match (&vm.spec.run_strategy, vm.spec.running) {
+        (Some(strategy), _) => ops.extend([
+            json!({ "op": "test", "path": "/spec/runStrategy", "value": strategy }),
+            json!({ "op": "replace", "path": "/spec/runStrategy", "value": "Halted" }),
+        ]),
+        (None, Some(running)) => ops.extend([
+            json!({ "op": "test", "path": "/spec/running", "value": running }),
+            json!({ "op": "remove", "path": "/spec/running" }),
+            json!({ "op": "add", "path": "/spec/runStrategy", "value": "Halted" }),
+        ]),
+        (None, None) => ops.push(json!({ "op": "add", "path": "/spec/runStrategy", "value": "Halted" })),
+    }
+    serde_json::Value::Array(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::kubevirt::VirtualMachineSpec;
+
+    #[test]
+    fn the_compare_and_stop_tests_the_record_and_the_strategy_it_saw() {
+        let vm = |run_strategy: Option<&str>, running: Option<bool>| {
+            VirtualMachine::new(
+                "demo",
+                VirtualMachineSpec {
+                    run_strategy: run_strategy.map(str::to_string),
+                    running,
+                },
+            )
+        };
+        let at = "2026-12-01T10:00:00.000Z";
+        let ops = compare_and_stop_ops(&vm(Some("Always"), None), at);
+        assert_eq!(
+            ops,
+            json!([
+                { "op": "test", "path": "/metadata/annotations/vm-activator.io~1last-activity", "value": at },
+                { "op": "test", "path": "/spec/runStrategy", "value": "Always" },
+                { "op": "replace", "path": "/spec/runStrategy", "value": "Halted" },
+            ])
+        );
+        let legacy = compare_and_stop_ops(&vm(None, Some(true)), at);
+        assert_eq!(legacy[2], json!({ "op": "remove", "path": "/spec/running" }));
+        assert_eq!(legacy[3]["value"], "Halted");
+        assert!(serde_json::from_value::<json_patch::Patch>(legacy).is_ok());
+    }
+}
