@@ -1,0 +1,257 @@
+//! The HTTP routes: GET, DELETE, merge and JSON PATCH of VMs and VMIs, KubeVirt's
+//! pause/unpause subresources, every request recorded, and the server itself.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::list_watch::{list_or_watch_all, list_or_watch_namespaced};
+use crate::{Inner, Recorded, Res};
+
+pub(crate) fn router(inner: Arc<Inner>) -> Router {
+    Router::new()
+        .route("/apis/kubevirt.io/v1/{plural}", get(list_or_watch_all))
+        .route(
+            "/apis/kubevirt.io/v1/namespaces/{ns}/{plural}",
+            get(list_or_watch_namespaced),
+        )
+        .route(
+            "/apis/kubevirt.io/v1/namespaces/{ns}/{plural}/{name}",
+            get(get_object).patch(patch_object).delete(delete_object),
+        )
+        .route(
+            "/apis/subresources.kubevirt.io/v1/namespaces/{ns}/virtualmachineinstances/{name}/{action}",
+            put(vmi_subresource),
+        )
+        .fallback(|| async { status(404, "NotFound", "the server could not find the requested resource") })
+        .layer(axum::middleware::from_fn_with_state(inner.clone(), record_requests))
+        .with_state(inner)
+}
+
+/// Records every request (with its body) and the status it got.
+pub(crate) async fn record_requests(
+    State(inner): State<Arc<Inner>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+    let mut recorded = Recorded {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or("").to_string(),
+        content_type: parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        status: 0,
+    };
+    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    recorded.status = response.status().as_u16();
+    inner.record(recorded);
+    response
+}
+
+pub(crate) fn status(code: u16, reason: &str, message: &str) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    });
+    (StatusCode::from_u16(code).unwrap(), axum::Json(body)).into_response()
+}
+
+pub(crate) fn not_found(res: Res, name: &str) -> Response {
+    status(
+        404,
+        "NotFound",
+        &format!("{}.kubevirt.io \"{name}\" not found", res.plural()),
+    )
+}
+
+pub(crate) async fn get_object(
+    State(inner): State<Arc<Inner>>,
+    UrlPath((ns, plural, name)): UrlPath<(String, String, String)>,
+) -> Response {
+    let Some(res) = Res::from_plural(&plural) else {
+        return status(404, "NotFound", "the server could not find the requested resource");
+    };
+    match inner.get(res, &ns, &name) {
+        Some(object) => axum::Json(object).into_response(),
+        None => not_found(res, &name),
+    }
+}
+
+pub(crate) async fn delete_object(
+    State(inner): State<Arc<Inner>>,
+    UrlPath((ns, plural, name)): UrlPath<(String, String, String)>,
+) -> Response {
+    let Some(res) = Res::from_plural(&plural) else {
+        return status(404, "NotFound", "the server could not find the requested resource");
+    };
+    match inner.write(res, &ns, &name, None) {
+        Some(object) => axum::Json(object).into_response(),
+        None => not_found(res, &name),
+    }
+}
+
+pub(crate) async fn patch_object(
+    State(inner): State<Arc<Inner>>,
+    UrlPath((ns, plural, name)): UrlPath<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(res) = Res::from_plural(&plural) else {
+        return status(404, "NotFound", "the server could not find the requested resource");
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if media == "application/strategic-merge-patch+json" {
+        return status(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+        );
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "the body of the request is not valid JSON");
+    };
+    // Read, patch and write under one lock so concurrent patches serialise as in etcd.
+    let _serial = PATCH_LOCK.lock().await;
+    let Some(mut object) = inner.get(res, &ns, &name) else {
+        return not_found(res, &name);
+    };
+    let original_rv = object["metadata"]["resourceVersion"].clone();
+    match media {
+        "application/merge-patch+json" => {
+            if let Some(wanted) = patch.pointer("/metadata/resourceVersion") {
+                if *wanted != original_rv {
+                    return status(
+                        409,
+                        "Conflict",
+                        &format!("Operation cannot be fulfilled on {}.kubevirt.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again", res.plural()),
+                    );
+                }
+            }
+            json_patch::merge(&mut object, &patch);
+        }
+        "application/json-patch+json" => {
+            let ops: json_patch::Patch = match serde_json::from_value(patch) {
+                Ok(ops) => ops,
+                Err(e) => return status(400, "BadRequest", &format!("invalid JSON patch: {e}")),
+            };
+            if let Err(e) = json_patch::patch(&mut object, &ops) {
+                return status(
+                    422,
+                    "Invalid",
+                    &format!("the server rejected our request due to an error in our request: {e}"),
+                );
+            }
+        }
+        _ => {
+            return status(
+                415,
+                "UnsupportedMediaType",
+                &format!("unsupported patch content type {content_type:?}"),
+            )
+        }
+    }
+    if object["metadata"]["name"] != name.as_str() || object["metadata"]["namespace"] != ns.as_str() {
+        return status(422, "Invalid", "metadata.name and metadata.namespace cannot be changed");
+    }
+    // KubeVirt's admission webhook.
+    if res == Res::Vm
+        && object["spec"].get("running").is_some_and(|r| !r.is_null())
+        && object["spec"].get("runStrategy").is_some_and(|r| !r.is_null())
+    {
+        return status(
+            422,
+            "Invalid",
+            "admission webhook \"virtualmachine-validator.kubevirt.io\" denied the request: Running and RunStrategy are mutually exclusive",
+        );
+    }
+    strip_nulls(&mut object);
+    match inner.write(res, &ns, &name, Some(object)) {
+        Some(written) => axum::Json(written).into_response(),
+        None => not_found(res, &name),
+    }
+}
+
+pub(crate) static PATCH_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub(crate) fn strip_nulls(value: &mut Value) {
+    if let Value::Object(map) = value {
+        map.retain(|_, v| !v.is_null());
+        for v in map.values_mut() {
+            strip_nulls(v);
+        }
+    }
+}
+
+pub(crate) async fn vmi_subresource(
+    State(inner): State<Arc<Inner>>,
+    UrlPath((ns, name, action)): UrlPath<(String, String, String)>,
+) -> Response {
+    let Some(mut vmi) = inner.get(Res::Vmi, &ns, &name) else {
+        return not_found(Res::Vmi, &name);
+    };
+    let paused = vmi["status"]["conditions"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["type"] == "Paused"));
+    match (action.as_str(), paused) {
+        ("pause", false) => {
+            let conditions = vmi["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            let mut conditions = conditions;
+            conditions.push(json!({"type": "Paused", "status": "True"}));
+            vmi["status"]["conditions"] = json!(conditions);
+        }
+        ("unpause", true) => {
+            let conditions: Vec<Value> = vmi["status"]["conditions"]
+                .as_array()
+                .map(|c| c.iter().filter(|c| c["type"] != "Paused").cloned().collect())
+                .unwrap_or_default();
+            vmi["status"]["conditions"] = json!(conditions);
+        }
+        ("pause", true) => return status(409, "Conflict", "VMI is already paused"),
+        ("unpause", false) => return status(409, "Conflict", "VMI is not paused"),
+        _ => return status(404, "NotFound", "the server could not find the requested resource"),
+    }
+    inner.write(Res::Vmi, &ns, &name, Some(vmi));
+    StatusCode::OK.into_response()
+}
+
+/// Serves `router` on `listener`; aborting the task cuts every connection it accepted.
+pub(crate) async fn serve_router(listener: TcpListener, router: Router) {
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        connections.spawn(async move {
+            let service = hyper_service(router);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+pub(crate) fn hyper_service(router: Router) -> hyper_util::service::TowerToHyperService<Router> {
+    hyper_util::service::TowerToHyperService::new(router)
+}

@@ -1,0 +1,223 @@
+//! The simulated virt-controller: a VM whose `runStrategy` becomes `Always` (or
+//! `running: true`) gets a VMI that goes Pending → Scheduled → Running with an address
+//! on 127.0.0.0/8, where a guest HTTP server starts listening a little later; `Halted`
+//! (or deleting the VM) deletes the VMI and its guest.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::routing::get;
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use crate::api::serve_router;
+use crate::{Guest, GuestLog, Inner, Options, Res};
+
+/// Addresses handed to VMIs: 127.1.x.y (y in 1..=254), unique within the process.
+pub(crate) static NEXT_IP: AtomicU32 = AtomicU32::new(0);
+
+/// Binds (without listening) the next free VMI address on `port`, skipping any that
+/// another process holds.
+pub(crate) fn reserve_guest_socket(port: u16) -> Option<tokio::net::TcpSocket> {
+    for _ in 0..1024 {
+        let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
+        let ip = Ipv4Addr::new(127, 1, (n / 254 % 256) as u8, (n % 254 + 1) as u8);
+        let socket = tokio::net::TcpSocket::new_v4().ok()?;
+        socket.set_reuseaddr(true).ok()?;
+        if socket.bind(SocketAddr::new(IpAddr::V4(ip), port)).is_ok() {
+            return Some(socket);
+        }
+    }
+    None
+}
+
+pub(crate) fn wants_running(vm: &Value) -> bool {
+    match vm["spec"]["runStrategy"].as_str() {
+        Some("Always" | "RerunOnFailure" | "Once") => true,
+        Some(_) => false,
+        None => vm["spec"]["running"].as_bool() == Some(true),
+    }
+}
+
+pub(crate) async fn virt_controller(inner: std::sync::Weak<Inner>) {
+    let Some(mut changes) = inner.upgrade().map(|i| i.changes.subscribe()) else {
+        return;
+    };
+    loop {
+        let change = match changes.recv().await {
+            Ok(c) => c,
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if change.res != Res::Vm {
+            continue;
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let ns = change.object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = change.object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        reconcile(&inner, &ns, &name);
+    }
+}
+
+pub(crate) fn reconcile(inner: &Arc<Inner>, ns: &str, name: &str) {
+    let vm = inner.get(Res::Vm, ns, name);
+    let vmi = inner.get(Res::Vmi, ns, name);
+    let desired = vm.as_ref().is_some_and(wants_running);
+    let options = inner.options.lock().unwrap().clone();
+    match (desired, vmi) {
+        (true, None) => {
+            let vm = vm.expect("desired implies the VM exists");
+            let port = vm["metadata"]["annotations"]["vm-activator.io/port"]
+                .as_str()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(8080u16);
+            let vmi = json!({
+                "apiVersion": "kubevirt.io/v1",
+                "kind": "VirtualMachineInstance",
+                "metadata": {
+                    "name": name, "namespace": ns,
+                    "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": name, "uid": vm["metadata"]["uid"], "controller": true}],
+                },
+                "spec": {"domain": {"devices": {}}},
+                "status": {"phase": "Pending"},
+            });
+            let created = inner.write(Res::Vmi, ns, name, Some(vmi)).expect("created");
+            *inner
+                .vmi_creations
+                .lock()
+                .unwrap()
+                .entry((ns.to_string(), name.to_string()))
+                .or_default() += 1;
+            let uid = created["metadata"]["uid"].clone();
+            tokio::spawn(boot(
+                Arc::downgrade(inner),
+                ns.to_string(),
+                name.to_string(),
+                uid,
+                port,
+                options,
+            ));
+        }
+        (false, Some(_)) => {
+            let (inner, ns, name) = (Arc::downgrade(inner), ns.to_string(), name.to_string());
+            tokio::spawn(async move {
+                tokio::time::sleep(options.stop_delay).await;
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                if let Some(guest) = inner.guests.lock().unwrap().remove(&(ns.clone(), name.clone())) {
+                    guest.task.abort();
+                }
+                let still_halted = inner.get(Res::Vm, &ns, &name).is_none_or(|vm| !wants_running(&vm));
+                if still_halted {
+                    inner.write(Res::Vmi, &ns, &name, None);
+                }
+            });
+        }
+        _ => {}
+    }
+}
+
+/// Pending → Scheduled → Running (with an IP), then the guest starts listening.
+pub(crate) async fn boot(
+    inner: std::sync::Weak<Inner>,
+    ns: String,
+    name: String,
+    uid: Value,
+    port: u16,
+    options: Options,
+) {
+    let step = |phase: &str, ip: Option<IpAddr>| {
+        let Some(inner) = inner.upgrade() else {
+            return false;
+        };
+        let Some(mut vmi) = inner.get(Res::Vmi, &ns, &name) else {
+            return false;
+        };
+        if vmi["metadata"]["uid"] != uid {
+            return false;
+        }
+        vmi["status"]["phase"] = json!(phase);
+        if let Some(ip) = ip {
+            vmi["status"]["interfaces"] = json!([{"name": "default", "ipAddress": ip.to_string()}]);
+        }
+        inner.write(Res::Vmi, &ns, &name, Some(vmi));
+        true
+    };
+    tokio::time::sleep(options.schedule_delay).await;
+    if !step("Scheduled", None) {
+        return;
+    }
+    tokio::time::sleep(options.running_delay).await;
+    // The VMI's address is bound from now on (so no other server can answer for it), but
+    // refuses connections until the guest application listens after `guest_delay`.
+    let Some(socket) = reserve_guest_socket(port) else {
+        return;
+    };
+    let ip = socket.local_addr().expect("bound").ip();
+    if !step("Running", Some(ip)) {
+        return;
+    }
+    let Some(strong) = inner.upgrade() else {
+        return;
+    };
+    let log = strong.guest_log(&ns, &name);
+    let guest_delay = options.guest_delay;
+    let mut held = strong.guests_held.subscribe();
+    let task = tokio::spawn(async move {
+        tokio::time::sleep(guest_delay).await;
+        let _ = held.wait_for(|held| !*held).await;
+        let Ok(listener) = socket.listen(1024) else {
+            return;
+        };
+        serve_router(listener, guest_router(log)).await;
+    });
+    strong.guests.lock().unwrap().insert((ns, name), Guest { task });
+}
+
+/// The guest application: accepts CloudEvents with 202 and lists their ids.
+pub(crate) fn guest_router(log: GuestLog) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/events",
+            get({
+                let log = log.clone();
+                move || async move { log.lock().unwrap().join("\n") }
+            }),
+        )
+        .fallback(move |method: Method, headers: HeaderMap, body: Bytes| {
+            let log = log.clone();
+            async move {
+                if method != Method::POST {
+                    return StatusCode::OK;
+                }
+                let id = headers
+                    .get("ce-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .or_else(|| {
+                        serde_json::from_slice::<Value>(&body)
+                            .ok()?
+                            .get("id")?
+                            .as_str()
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_default();
+                log.lock().unwrap().push(id);
+                StatusCode::ACCEPTED
+            }
+        })
+}
