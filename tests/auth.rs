@@ -1,18 +1,15 @@
-//! Ingress authentication end to end: a loopback OIDC issuer (discovery + JWKS) with
-//! RS256 and ES256 keys (test-only fixtures in tests/fixtures), tokens as Knative would
-//! send them, and the bearer-token mode with its file re-read on change.
+//! Ingress authentication end to end: a loopback OIDC issuer (tests/support/oidc.rs)
+//! with RS256 and ES256 keys, tokens as Knative would send them, and the bearer-token
+//! mode with its file re-read on change.
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use axum::routing::get;
-use axum::{Json, Router};
-use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+use support::oidc::{issuer, jwk, now, Issuer, Token};
 use support::{policy, Harness};
 use vm_activator::backend::fake::FakeOptions;
 use vm_activator::config::{AuthMode, Config};
@@ -20,86 +17,6 @@ use vm_activator::vm::{Policy, VmKey};
 
 const AUDIENCE: &str = "vm-activator";
 const BROKER: &str = "system:serviceaccount:knative-eventing:mt-broker-filter";
-
-fn key(file: &str, alg: Algorithm) -> EncodingKey {
-    let pem = std::fs::read(format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
-    match alg {
-        Algorithm::ES256 => EncodingKey::from_ec_pem(&pem).unwrap(),
-        _ => EncodingKey::from_rsa_pem(&pem).unwrap(),
-    }
-}
-
-fn jwk(file: &str, alg: Algorithm, kid: &str) -> Jwk {
-    let mut jwk = Jwk::from_encoding_key(&key(file, alg), alg).unwrap();
-    jwk.common.key_id = Some(kid.to_string());
-    jwk
-}
-
-/// A loopback OIDC issuer whose key set can be changed and whose key fetches are counted.
-struct Issuer {
-    url: String,
-    keys: Arc<Mutex<Vec<Jwk>>>,
-    fetches: Arc<AtomicUsize>,
-}
-
-async fn issuer() -> Issuer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let keys = Arc::new(Mutex::new(vec![
-        jwk("rsa-test-key.pem", Algorithm::RS256, "rsa-1"),
-        jwk("ec-test-key.pem", Algorithm::ES256, "ec-1"),
-    ]));
-    let fetches = Arc::new(AtomicUsize::new(0));
-    let discovery = json!({"issuer": url, "jwks_uri": format!("{url}/openid/v1/jwks")});
-    let app = Router::new()
-        .route(
-            "/.well-known/openid-configuration",
-            get(move || async move { Json(discovery) }),
-        )
-        .route(
-            "/openid/v1/jwks",
-            get({
-                let (keys, fetches) = (keys.clone(), fetches.clone());
-                move || async move {
-                    fetches.fetch_add(1, Ordering::SeqCst);
-                    Json(JwkSet {
-                        keys: keys.lock().unwrap().clone(),
-                    })
-                }
-            }),
-        );
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Issuer { url, keys, fetches }
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
-struct Token<'a> {
-    alg: Algorithm,
-    kid: &'a str,
-    iss: &'a str,
-    aud: &'a str,
-    sub: &'a str,
-    exp: u64,
-    nbf: u64,
-}
-
-impl Token<'_> {
-    fn sign(&self) -> String {
-        let file = if self.alg == Algorithm::ES256 {
-            "ec-test-key.pem"
-        } else {
-            "rsa-test-key.pem"
-        };
-        let mut header = Header::new(self.alg);
-        header.kid = Some(self.kid.to_string());
-        let claims =
-            json!({"iss": self.iss, "aud": self.aud, "sub": self.sub, "exp": self.exp, "nbf": self.nbf, "iat": now()});
-        jsonwebtoken::encode(&header, &claims, &key(file, self.alg)).unwrap()
-    }
-}
 
 fn b64(value: &Value) -> String {
     use base64::Engine;

@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 pub mod binary;
+#[cfg(feature = "kubevirt")]
+pub mod kube;
+pub mod oidc;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,140 @@
+//! The KubeVirt backend when the API server is in trouble or large: outages at start-up
+//! and while running, expired watches, namespace scoping, paginated lists. The real
+//! binary against the fake kube-apiserver, as in `kubevirt.rs`.
+
+mod support;
+
+use std::time::Duration;
+
+use fake_kube::{FakeKube, Options, Recorded};
+use serde_json::json;
+use support::kube::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_down_means_503_and_readyz_false_then_recovery_without_restart() {
+    let c = cluster(Options::default(), |k| {
+        k.create_opted_in_vm(NS, "svc", annotations("1m"))
+    })
+    .await;
+    c.activator
+        .wait_vm_state(NS, "svc", "stopped", Duration::from_secs(5))
+        .await;
+
+    c.kube.set_down(true).await;
+    c.activator.wait_status("/readyz", 503, Duration::from_secs(10)).await;
+    let refused = tokio::time::timeout(Duration::from_secs(10), c.activator.send("/apps/svc", "while-down"))
+        .await
+        .expect("never a hang");
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+
+    c.kube.set_down(false).await;
+    c.activator.wait_status("/readyz", 200, Duration::from_secs(20)).await;
+    assert_eq!(c.activator.send_status("/apps/svc", "after").await, 202);
+    assert_eq!(c.kube.guest_events(NS, "svc"), vec!["after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_watch_recovers_without_losing_readiness() {
+    let c = cluster(Options::default(), |k| {
+        k.create_opted_in_vm(NS, "steady", annotations("10m"))
+    })
+    .await;
+    c.activator
+        .wait_vm_state(NS, "steady", "stopped", Duration::from_secs(5))
+        .await;
+    assert_eq!(c.activator.send_status("/apps/steady", "before").await, 202);
+    c.activator
+        .wait_vm_state(NS, "steady", "ready", Duration::from_secs(5))
+        .await;
+    let lists_before = c.kube.count(|r| r.method == "GET" && !r.is_watch());
+
+    c.kube.compact();
+    // The watcher resumes, gets 410 Gone, and re-lists.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.kube.count(|r| r.method == "GET" && !r.is_watch()) < lists_before + 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no re-list after 410");
+        assert_eq!(c.activator.get_status("/readyz").await, 200, "a 410 is not an outage");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(c.activator.get_status("/readyz").await, 200);
+    assert_eq!(c.activator.vm(NS, "steady").await.unwrap()["state"], "ready");
+    assert_eq!(c.activator.send_status("/apps/steady", "after").await, 202);
+    assert_eq!(c.kube.count(start_patch("steady")), 1, "no restart");
+    assert_eq!(c.kube.guest_events(NS, "steady"), vec!["before", "after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_down_at_start_up_is_waited_for() {
+    let kube = FakeKube::start(Options::default()).await;
+    kube.create_opted_in_vm(NS, "early", annotations("1m"));
+    kube.set_down(true).await;
+    let (_dir, activator) = spawn_with_kubeconfig(&kube).await;
+    assert_eq!(activator.get_status("/readyz").await, 503);
+    // Nothing listed yet: the activator cannot tell "unknown" from "not synced", so 503.
+    let early = activator.send("/apps/early", "too-early").await;
+    assert_eq!(early.status(), 503);
+    assert!(early.headers().contains_key("retry-after"));
+    assert_eq!(
+        early.json::<serde_json::Value>().await.unwrap()["error"],
+        "backend_unavailable"
+    );
+
+    kube.set_down(false).await;
+    activator.wait_status("/readyz", 200, Duration::from_secs(20)).await;
+    assert_eq!(activator.send_status("/apps/early", "in-time").await, 202);
+    assert_eq!(kube.guest_events(NS, "early"), vec!["in-time"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_namespaces_limit_what_the_activator_manages() {
+    let kube = FakeKube::start(Options::default()).await;
+    kube.create_opted_in_vm(NS, "inside", annotations("1m"));
+    kube.create_opted_in_vm("elsewhere", "outside", annotations("1m"));
+    let (_dir, activator) = spawn_with_kubevirt_config(&kube, "namespaces: [apps]").await;
+    activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
+    activator
+        .wait_vm_state(NS, "inside", "stopped", Duration::from_secs(5))
+        .await;
+    assert_eq!(activator.send_status("/elsewhere/outside", "x").await, 404);
+    assert_eq!(activator.send_status("/apps/inside", "y").await, 202);
+    // Only namespaced requests: a RoleBinding per namespace is enough.
+    for r in kube.requests() {
+        assert!(r.path.starts_with("/apis/kubevirt.io/v1/namespaces/apps/"), "{r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_larger_than_one_page_is_listed_completely_through_paginated_lists() {
+    // 1,200 VMs: three pages of the watcher's 500. Each carries the kind of foreign
+    // annotation real clusters have (kubectl's copy of the object), which the activator
+    // must ignore.
+    let c = cluster(Options::default(), |k| {
+        for i in 0..1200 {
+            let mut a = annotations("1m");
+            a["kubectl.kubernetes.io/last-applied-configuration"] = json!("{\"kind\":\"VirtualMachine\"}");
+            k.create_opted_in_vm(NS, &format!("vm-{i:04}"), a);
+        }
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while c.activator.vms().await.as_array().map_or(0, Vec::len) < 1200 {
+        assert!(tokio::time::Instant::now() < deadline, "not every VM was listed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lists: Vec<Recorded> = c
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/virtualmachines") && !r.is_watch())
+        .collect();
+    assert!(lists.len() >= 3, "expected paginated lists, got {lists:#?}");
+    assert!(lists.iter().all(|r| r.query.contains("limit=500")), "{lists:#?}");
+    assert!(
+        lists.iter().skip(1).any(|r| r.query.contains("continue=")),
+        "{lists:#?}"
+    );
+    // The last VM of the last page works like the first.
+    assert_eq!(c.activator.send_status("/apps/vm-1199", "last").await, 202);
+    assert_rbac_covers_every_request(&c.kube);
+}
