@@ -2,7 +2,7 @@
 //! back. Strips hop-by-hop headers (RFC 9110 §7.6.1); forwards `traceparent` and all
 //! CloudEvents headers untouched; bounds the wait for the guest's response headers.
 //!
-//! Owns: the connection pool and header hygiene. Must not import the gate, activator,
+//! Owns: the connection pool and header hygiene. Must not import the lifecycle, activator,
 //! backend or ingress.
 
 use std::pin::Pin;

@@ -1,5 +1,5 @@
 //! Formatting: percentiles, units, the machine description, and the closing table of
-//! DESIGN §5 targets against what this run measured.
+//! The performance targets (docs/architecture.md) against what this run measured.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -29,7 +29,7 @@ pub fn mib(kib: u64) -> String {
 
 /// One line of the closing table.
 pub struct Target {
-    /// What DESIGN §5 asks.
+    /// What the target asks.
     pub target: String,
     /// What this run measured.
     pub measured: String,
@@ -51,7 +51,7 @@ pub fn target(target: impl Into<String>, measured: impl Into<String>, met: bool)
 /// Prints the closing table.
 pub fn print_targets() {
     let targets = TARGETS.lock().expect("targets");
-    println!("\n## DESIGN §5 targets in this run\n");
+    println!("\n## Targets (docs/architecture.md) in this run\n");
     println!("| target | measured | met |");
     println!("|---|---|---|");
     for t in targets.iter() {

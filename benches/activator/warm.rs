@@ -148,9 +148,9 @@ pub async fn run(mode: Mode, generator: &Generator) {
     let (_, direct, through, _) = ratios[0];
     let added = through.p50.saturating_sub(direct.p50);
     target(
-        "added p50 latency ≤ 100 µs",
+        "added p50 latency ≤ 50 µs",
         format!("{} µs at concurrency 1", us(added)),
-        added <= Duration::from_micros(100),
+        added <= Duration::from_micros(50),
     );
 }
 

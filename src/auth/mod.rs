@@ -3,7 +3,7 @@
 //! JWT signed by the issuer, for our audience) — and authorization of its subject,
 //! globally and per VM, with Knative EventPolicy's `*` suffix wildcard.
 //!
-//! Owns: credentials checks. Must not import the activator, gate, backend or axum (it
+//! Owns: credentials checks. Must not import the activator, lifecycle, backend or axum (it
 //! takes `http` headers only).
 
 mod bearer;

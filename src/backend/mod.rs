@@ -1,9 +1,9 @@
-//! The `Backend` trait: what runs VMs. Everything above it (gate, activator, ingress,
-//! idle) is shared and knows nothing of QEMU or Kubernetes.
+//! The `Backend` trait: what runs VMs. Everything above it (lifecycle, activator,
+//! ingress) is shared and knows nothing of QEMU or Kubernetes.
 //!
 //! A backend publishes a *catalog* (which VMs exist and their policies) and, per VM,
-//! a *status* stream of `{phase, endpoint}`; the activator drives starts and stops
-//! and decides readiness itself by probing the guest.
+//! a *status* stream of `{phase, endpoint}`; each VM's owner (`lifecycle`) drives starts
+//! and stops and decides readiness itself by probing the guest.
 //!
 //! Implementations: `qemu` (local processes, always built), `kubevirt` (cargo feature
 //! `kubevirt`, on by default) and `fake` (feature `test-support`: tests and benches only,
@@ -11,7 +11,7 @@
 //!
 //! Owns: the trait, [`BackendStatus`], [`BackendError`].
 //! Implementations depend on this module, `vm` and their config section only —
-//! never on `activator`, `ingress` or `server`.
+//! never on `lifecycle`, `activator`, `ingress` or `server`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

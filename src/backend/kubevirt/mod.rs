@@ -12,7 +12,7 @@
 //! `writes.rs` every write (run strategy, pause, the activity record, compare-and-stop).
 //!
 //! Owns: everything Kubernetes. The only module that imports kube.
-//! Must not import `activator`, `ingress`, `server`, `gate`.
+//! Must not import `activator`, `lifecycle`, `ingress`, `server`.
 
 mod resources;
 mod status;

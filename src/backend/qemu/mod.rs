@@ -14,7 +14,7 @@
 //! choice of KVM or TCG.
 //!
 //! Owns: QEMU processes, QMP. The only module that spawns processes.
-//! Must not import `activator`, `ingress`, `server`, `gate`.
+//! Must not import `activator`, `lifecycle`, `ingress`, `server`.
 
 mod accel;
 mod process;

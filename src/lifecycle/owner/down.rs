@@ -15,7 +15,7 @@ use crate::vm::{Endpoint, VmPhase};
 impl Owner {
     /// The idle deadline passed: scale down if the VM is still idle (here and at every
     /// replica) and nothing is in flight or held; otherwise set the next deadline.
-    pub(super) fn on_idle_timer(&mut self) {
+    pub(super) fn on_idle_expired(&mut self) {
         let policy = self.policy();
         let Some((action, idle_for)) = idle::plan(self.life.phase(), policy.scale_down, policy.idle_timeout) else {
             self.idle_at = None;

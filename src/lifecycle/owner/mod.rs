@@ -3,14 +3,14 @@
 //!
 //! Events are the commands sent through the `VmHandle`, the backend's status stream,
 //! the start deadline, the idle timer, concurrency slots freeing up, and the results of
-//! the one backend call or probe the owner runs at a time (`Op`). A start is: start call
+//! the one backend call or probe the owner runs at a time (`Done`). A start is: start call
 //! → the backend reports the VM running with an endpoint → the guest answers a probe →
 //! Ready, and the held requests are released in arrival order through the VM's
 //! concurrency limit. Whatever goes wrong on the way answers the held requests and
 //! stops the half-started VM; requests that arrive meanwhile start it again afterwards.
 //!
-//! This file has the loop and the dispatch; `up.rs` the way up (start, probe, release,
-//! failure), `down.rs` the way down (idle timer, scale-down).
+//! This file has the loop and the dispatch; `up.rs` the way up (start, status, probe,
+//! release, failure, loss), `down.rs` the way down (idle timer, scale-down).
 //!
 //! Owns: the phase transitions, the queue of held requests, starts, probes,
 //! scale-downs. Must not import HTTP, `ingress`, `server`, `activator`, or backend
@@ -18,8 +18,6 @@
 
 mod down;
 mod up;
-
-use up::stopped_message;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -31,7 +29,7 @@ use tokio::time::Instant;
 
 use super::gate::GateTx;
 use super::{AdmitError, Command, VmHandle, Waiter};
-use crate::backend::{BackendError, BackendPhase, BackendStatus};
+use crate::backend::{BackendError, BackendStatus};
 use crate::metrics::ColdStartPhase;
 use crate::vm::{Endpoint, Policy, VmPhase};
 
@@ -116,13 +114,22 @@ enum ScaledDown {
     PeerActive,
 }
 
+/// One input of the owner: a command from outside, or something it waited for.
 enum Event {
+    /// From a `VmHandle`: `Activate`, `Unreachable`, `ScaleDown` (Stop, Pause),
+    /// `CatalogChanged`, `Removed`, `RejectHeld`.
     Command(Command),
-    Status,
+    /// The backend's status stream has news.
+    BackendStatus,
+    /// The backend dropped the VM's status stream.
     StatusGone,
+    /// The start (or re-probe) took longer than `start_timeout`.
     StartDeadline,
-    IdleTimer,
+    /// The idle timer fired.
+    IdleExpired,
+    /// The backend call or probe in progress finished.
     Done(Done),
+    /// A concurrency slot freed up for the first held request.
     Slot(OwnedSemaphorePermit),
 }
 
@@ -221,21 +228,21 @@ impl Owner {
         tokio::select! {
             biased;
             changed = maybe(self.status.as_mut().map(|s| s.changed())) => match changed {
-                Ok(()) => Event::Status,
+                Ok(()) => Event::BackendStatus,
                 Err(_) => Event::StatusGone,
             },
             done = maybe(self.op.as_mut()) => Event::Done(done),
             _ = sleep_until(start_deadline) => Event::StartDeadline,
             Some(command) = self.inbox.recv() => Event::Command(command),
             slot = maybe(self.slot_wait.as_mut()) => Event::Slot(slot),
-            _ = sleep_until(idle_at) => Event::IdleTimer,
+            _ = sleep_until(idle_at) => Event::IdleExpired,
         }
     }
 
     fn on(&mut self, event: Event) -> Flow {
         match event {
             Event::Command(command) => return self.on_command(command),
-            Event::Status => {
+            Event::BackendStatus => {
                 let status = match &mut self.status {
                     Some(status) => status.borrow_and_update().clone(),
                     None => return Flow::Continue,
@@ -255,7 +262,7 @@ impl Owner {
                     self.fail(AdmitError::StartTimeout(timeout), true);
                 }
             }
-            Event::IdleTimer => self.on_idle_timer(),
+            Event::IdleExpired => self.on_idle_expired(),
             Event::Done(done) => {
                 self.op = None;
                 self.on_done(done);
@@ -336,39 +343,6 @@ impl Owner {
                     self.apply_pending_policy();
                 }
             }
-        }
-    }
-
-    /// The backend's news about the VM: running (on its way up), stopped while starting
-    /// (failed), stopped while Ready (lost), or running at a new address (re-probe).
-    fn on_status(&mut self, status: BackendStatus) {
-        match self.life {
-            Life::Starting {
-                ref mut left_stopped,
-                returned_at,
-                ..
-            } => {
-                if status.phase != BackendPhase::Stopped {
-                    *left_stopped = true;
-                }
-                if returned_at.is_some() || (status.phase == BackendPhase::Stopped && *left_stopped) {
-                    self.check_running();
-                }
-            }
-            Life::Probing { .. } if status.phase == BackendPhase::Stopped => {
-                self.fail(AdmitError::Stopped(stopped_message(&status).into()), true);
-            }
-            Life::Ready { endpoint } => match (status.phase, status.endpoint) {
-                (BackendPhase::Stopped, _) => self.lost(stopped_message(&status)),
-                // The guest moved (a new VMI, a new address): probe it there.
-                (BackendPhase::Running, Some(moved)) if moved != endpoint => {
-                    tracing::info!(vm = %self.handle.key(), %moved, "the guest has a new address; probing it");
-                    self.probe(moved, false);
-                }
-                _ => {}
-            },
-            // Stopping: the stop we asked for. Stopped, Failed, Paused: not running.
-            _ => {}
         }
     }
 

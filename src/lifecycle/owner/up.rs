@@ -77,6 +77,39 @@ impl Owner {
         );
     }
 
+    /// The backend's news about the VM: running (on its way up), stopped while starting
+    /// (failed), stopped while Ready (lost), or running at a new address (re-probe).
+    pub(super) fn on_status(&mut self, status: BackendStatus) {
+        match self.life {
+            Life::Starting {
+                ref mut left_stopped,
+                returned_at,
+                ..
+            } => {
+                if status.phase != BackendPhase::Stopped {
+                    *left_stopped = true;
+                }
+                if returned_at.is_some() || (status.phase == BackendPhase::Stopped && *left_stopped) {
+                    self.check_running();
+                }
+            }
+            Life::Probing { .. } if status.phase == BackendPhase::Stopped => {
+                self.fail(AdmitError::Stopped(stopped_message(&status).into()), true);
+            }
+            Life::Ready { endpoint } => match (status.phase, status.endpoint) {
+                (BackendPhase::Stopped, _) => self.lost(stopped_message(&status)),
+                // The guest moved (a new VMI, a new address): probe it there.
+                (BackendPhase::Running, Some(moved)) if moved != endpoint => {
+                    tracing::info!(vm = %self.handle.key(), %moved, "the guest has a new address; probing it");
+                    self.probe(moved, false);
+                }
+                _ => {}
+            },
+            // Stopping: the stop we asked for. Stopped, Failed, Paused: not running.
+            _ => {}
+        }
+    }
+
     /// Starting: whether the backend reports the VM running (→ probe) or dead.
     pub(super) fn check_running(&mut self) {
         let Life::Starting {
@@ -240,6 +273,6 @@ impl Owner {
 }
 
 /// The backend's reason for a stop, or a generic one.
-pub(super) fn stopped_message(status: &BackendStatus) -> String {
+fn stopped_message(status: &BackendStatus) -> String {
     status.message.clone().unwrap_or_else(|| "the VM stopped".into())
 }
