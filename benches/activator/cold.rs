@@ -40,6 +40,24 @@ fn event(uri: &str, id: u64) -> hyper::Request<Full<Bytes>> {
         .expect("valid request")
 }
 
+/// The i-th of evenly spread offsets within one readiness probe interval (the
+/// interval of `Config::for_tests`), in a fixed order that does not follow `i`.
+fn spread_over_probe_interval(i: usize) -> Duration {
+    let interval = Config::for_tests().readiness.interval;
+    let steps = 20;
+    interval * ((i * 7) % steps) as u32 / steps as u32
+}
+
+/// Waits `wait` on a thread of its own, so the wake-up is not on the timer grid.
+async fn pause_off_grid(wait: Duration) {
+    let (done, woken) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        std::thread::sleep(wait);
+        let _ = done.send(());
+    });
+    let _ = woken.await;
+}
+
 /// Cold starts through the fake backend: overhead and start signal.
 pub async fn fake_backend(mode: Mode) {
     let quick = mode.quick;
@@ -54,6 +72,7 @@ pub async fn fake_backend(mode: Mode) {
         keys.iter().map(|k| (k.clone(), policy.clone())),
         FakeOptions {
             boot_delay: boot,
+            precise_boot: true,
             ..FakeOptions::default()
         },
     );
@@ -64,7 +83,15 @@ pub async fn fake_backend(mode: Mode) {
     let mut overheads = Vec::new();
     let mut signals = Vec::new();
     let mut totals = Vec::new();
-    for key in &keys {
+    for (i, key) in keys.iter().enumerate() {
+        // Spread the guests' boot times over one probe interval: with one fixed boot
+        // time, the wait for the first probe after the guest listens would depend on
+        // when probing began modulo the interval, not on the activator.
+        let spread = spread_over_probe_interval(i);
+        backend.set_options(|o| o.boot_delay = boot + spread);
+        // And start each cold start at another phase of the runtime's 1 ms timer grid
+        // (the probe's ticks sit on it): back to back, every start would have the same.
+        pause_off_grid(spread_over_probe_interval(i * 3 + 1)).await;
         let uri = format!("http://{}/{}/{}", server.ingress_addr, key.namespace, key.name);
         let sent = Instant::now();
         let response = client.request(event(&uri, 1)).await.expect("cold start");
@@ -97,7 +124,10 @@ pub async fn fake_backend(mode: Mode) {
             ms(*v.last().expect("non-empty"))
         );
     };
-    println!("\n## Cold start ({n} cold starts, fake guest listening {boot:?} after the start call)\n");
+    println!(
+        "\n## Cold start ({n} cold starts, fake guest listening {boot:?} to {:?} after the start call)\n",
+        boot + Config::for_tests().readiness.interval
+    );
     println!("| measure | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|");
     row("client-observed cold start", &totals);

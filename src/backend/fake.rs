@@ -37,6 +37,11 @@ pub struct FakeOptions {
     pub response_status: u16,
     /// Make the start call fail with this message.
     pub start_error: Option<String>,
+    /// Start listening at the exact boot instant (a thread's sleep) instead of on the
+    /// runtime's 1 ms timer grid — where the activator's own probe timers are, so that
+    /// which of the two runs first in a shared tick would decide the measured overhead.
+    /// A real guest boots off that grid. For benchmarks; costs a thread per boot.
+    pub precise_boot: bool,
 }
 
 impl Default for FakeOptions {
@@ -47,6 +52,7 @@ impl Default for FakeOptions {
             response_delay: Duration::ZERO,
             response_status: 202,
             start_error: None,
+            precise_boot: false,
         }
     }
 }
@@ -251,7 +257,11 @@ impl Backend for FakeBackend {
                 endpoint: Some(endpoint),
                 message: None,
             });
-            tokio::time::sleep_until(started + options.boot_delay).await;
+            if options.precise_boot {
+                sleep_precisely_until(started + options.boot_delay).await;
+            } else {
+                tokio::time::sleep_until(started + options.boot_delay).await;
+            }
             let listener = match socket.listen(1024) {
                 Ok(l) => l,
                 Err(e) => {
@@ -279,6 +289,18 @@ impl Backend for FakeBackend {
         });
         Ok(())
     }
+}
+
+/// Waits until `at` on a thread of its own (so not on the runtime's timer grid). The
+/// thread is detached: a VM stopped meanwhile only leaves it to finish its sleep.
+async fn sleep_precisely_until(at: Instant) {
+    let wait = at.saturating_duration_since(Instant::now());
+    let (done, woken) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        std::thread::sleep(wait);
+        let _ = done.send(());
+    });
+    let _ = woken.await;
 }
 
 /// Guest addresses handed out so far in this process.

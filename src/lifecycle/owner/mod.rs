@@ -21,11 +21,12 @@ mod up;
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::gate::GateTx;
 use super::{AdmitError, Command, VmHandle, Waiter};
@@ -158,6 +159,8 @@ pub(super) struct Owner {
     /// Waiting for a concurrency slot for the first held request.
     slot_wait: Option<BoxFuture<'static, OwnedSemaphorePermit>>,
     idle_at: Option<Instant>,
+    start_timer: Timer,
+    idle_timer: Timer,
 }
 
 /// Awaits `future` if there is one; never resolves otherwise (a disabled `select!` arm).
@@ -168,10 +171,39 @@ async fn maybe<F: Future>(future: Option<F>) -> F::Output {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// A timer that stays registered across the owner's events and moves only when its
+/// deadline changes: a `Sleep` made anew for every event would be registered anew in
+/// the runtime's timer wheel every time (a burst release is thousands of events).
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
+}
+
+impl Timer {
+    fn new() -> Timer {
+        Timer {
+            sleep: Box::pin(tokio::time::sleep_until(Instant::now())),
+            armed: None,
+        }
+    }
+
+    /// Fires at `at`; never if `None`.
+    fn set(&mut self, at: Option<Instant>) {
+        if at != self.armed {
+            if let Some(at) = at {
+                self.sleep.as_mut().reset(at);
+            }
+            self.armed = at;
+        }
+    }
+
+    /// Resolves when the armed deadline passes (and disarms); never if disarmed.
+    async fn fired(&mut self) {
+        if self.armed.is_none() {
+            return std::future::pending().await;
+        }
+        self.sleep.as_mut().await;
+        self.armed = None;
     }
 }
 
@@ -196,6 +228,8 @@ impl Owner {
             op: None,
             slot_wait: None,
             idle_at: None,
+            start_timer: Timer::new(),
+            idle_timer: Timer::new(),
         };
         owner.arm_idle_timer();
         owner
@@ -223,8 +257,8 @@ impl Owner {
     }
 
     async fn next_event(&mut self) -> Event {
-        let start_deadline = self.life.start_deadline();
-        let idle_at = self.idle_at;
+        self.start_timer.set(self.life.start_deadline());
+        self.idle_timer.set(self.idle_at);
         tokio::select! {
             biased;
             changed = maybe(self.status.as_mut().map(|s| s.changed())) => match changed {
@@ -232,10 +266,10 @@ impl Owner {
                 Err(_) => Event::StatusGone,
             },
             done = maybe(self.op.as_mut()) => Event::Done(done),
-            _ = sleep_until(start_deadline) => Event::StartDeadline,
+            _ = self.start_timer.fired() => Event::StartDeadline,
             Some(command) = self.inbox.recv() => Event::Command(command),
             slot = maybe(self.slot_wait.as_mut()) => Event::Slot(slot),
-            _ = sleep_until(idle_at) => Event::IdleExpired,
+            _ = self.idle_timer.fired() => Event::IdleExpired,
         }
     }
 
