@@ -17,22 +17,22 @@
 //! implementations.
 
 mod down;
+mod timer;
 mod up;
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::gate::GateTx;
 use super::{AdmitError, Command, VmHandle, Waiter};
 use crate::backend::{BackendError, BackendStatus};
 use crate::metrics::ColdStartPhase;
 use crate::vm::{Endpoint, Policy, VmPhase};
+use timer::{maybe, Timer};
 
 /// What kind of start the VM needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,50 +161,6 @@ pub(super) struct Owner {
     idle_at: Option<Instant>,
     start_timer: Timer,
     idle_timer: Timer,
-}
-
-/// Awaits `future` if there is one; never resolves otherwise (a disabled `select!` arm).
-async fn maybe<F: Future>(future: Option<F>) -> F::Output {
-    match future {
-        Some(future) => future.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// A timer that stays registered across the owner's events and moves only when its
-/// deadline changes: a `Sleep` made anew for every event would be registered anew in
-/// the runtime's timer wheel every time (a burst release is thousands of events).
-struct Timer {
-    sleep: Pin<Box<Sleep>>,
-    armed: Option<Instant>,
-}
-
-impl Timer {
-    fn new() -> Timer {
-        Timer {
-            sleep: Box::pin(tokio::time::sleep_until(Instant::now())),
-            armed: None,
-        }
-    }
-
-    /// Fires at `at`; never if `None`.
-    fn set(&mut self, at: Option<Instant>) {
-        if at != self.armed {
-            if let Some(at) = at {
-                self.sleep.as_mut().reset(at);
-            }
-            self.armed = at;
-        }
-    }
-
-    /// Resolves when the armed deadline passes (and disarms); never if disarmed.
-    async fn fired(&mut self) {
-        if self.armed.is_none() {
-            return std::future::pending().await;
-        }
-        self.sleep.as_mut().await;
-        self.armed = None;
-    }
 }
 
 impl Owner {

@@ -7,11 +7,9 @@ use super::*;
 async fn the_idle_timer_stops_a_vm_only_after_its_idle_timeout() {
     let w = world(policy());
     drop(w.bring_up().await);
-    tokio::time::advance(IDLE - Duration::from_secs(1)).await;
-    settle().await;
+    pass(IDLE - Duration::from_secs(1)).await;
     assert_eq!(w.phase(), VmPhase::Ready);
-    tokio::time::advance(Duration::from_secs(2)).await;
-    settle().await;
+    pass(Duration::from_secs(2)).await;
     assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
     assert_eq!(w.phase(), VmPhase::Stopped);
     assert!(w.scale_downs("stop"));
@@ -22,15 +20,12 @@ async fn the_idle_timer_stops_a_vm_only_after_its_idle_timeout() {
 async fn the_idle_timer_never_stops_a_vm_with_a_request_in_flight() {
     let w = world(policy());
     let permit = w.bring_up().await;
-    tokio::time::advance(IDLE * 4).await;
-    settle().await;
+    pass(IDLE * 4).await;
     assert_eq!(w.phase(), VmPhase::Ready);
     drop(permit);
-    tokio::time::advance(IDLE - Duration::from_secs(1)).await;
-    settle().await;
+    pass(IDLE - Duration::from_secs(1)).await;
     assert_eq!(w.phase(), VmPhase::Ready, "idle counts from the request's end");
-    tokio::time::advance(Duration::from_secs(2)).await;
-    settle().await;
+    pass(Duration::from_secs(2)).await;
     assert_eq!(w.phase(), VmPhase::Stopped);
 }
 
@@ -39,8 +34,7 @@ async fn a_peer_s_activity_calls_the_stop_off_and_the_vm_stays_warm() {
     let w = world(policy());
     drop(w.bring_up().await);
     *w.backend.stop_outcome.lock().unwrap() = StopOutcome::PeerActive;
-    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
-    settle().await;
+    pass(IDLE + Duration::from_secs(1)).await;
     assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
     assert_eq!(w.phase(), VmPhase::Ready);
     assert!(w.vm.gate().try_enter().is_some(), "warm again");
@@ -53,18 +47,15 @@ async fn pause_then_stop_pauses_then_stops_and_a_called_off_stop_stays_paused() 
         ..policy()
     });
     drop(w.bring_up().await);
-    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
-    settle().await;
+    pass(IDLE + Duration::from_secs(1)).await;
     assert_eq!(w.phase(), VmPhase::Paused);
     assert!(w.scale_downs("pause"));
     *w.backend.stop_outcome.lock().unwrap() = StopOutcome::PeerActive;
-    tokio::time::advance(IDLE * 2).await;
-    settle().await;
+    pass(IDLE * 2).await;
     assert_eq!(w.backend.calls(), ["start", "pause", "stop_if_idle"]);
     assert_eq!(w.phase(), VmPhase::Paused, "back to Paused, not stuck in Stopping");
     *w.backend.stop_outcome.lock().unwrap() = StopOutcome::Stopped;
-    tokio::time::advance(IDLE * 2).await;
-    settle().await;
+    pass(IDLE * 2).await;
     assert_eq!(w.phase(), VmPhase::Stopped);
 }
 
@@ -75,8 +66,7 @@ async fn a_paused_vm_resumes_instead_of_booting() {
         ..policy()
     });
     drop(w.bring_up().await);
-    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
-    settle().await;
+    pass(IDLE + Duration::from_secs(1)).await;
     assert_eq!(w.phase(), VmPhase::Paused);
     assert!(!w.vm.owner_running(), "nothing to do while paused for good");
     let held = w.admit();
@@ -94,8 +84,7 @@ async fn pause_falls_back_to_stop_when_the_backend_cannot_pause() {
     });
     *w.backend.pause_supported.lock().unwrap() = false;
     drop(w.bring_up().await);
-    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
-    settle().await;
+    pass(IDLE + Duration::from_secs(1)).await;
     assert_eq!(w.backend.calls(), ["start", "stop"]);
     assert_eq!(w.phase(), VmPhase::Stopped);
     assert!(w.scale_downs("stop"));
@@ -106,8 +95,7 @@ async fn a_request_during_a_stop_starts_the_vm_again_once_it_is_stopped() {
     let w = world(policy());
     drop(w.bring_up().await);
     w.backend.stops_blocked.send_replace(true);
-    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
-    settle().await;
+    pass(IDLE + Duration::from_secs(1)).await;
     assert_eq!(w.phase(), VmPhase::Stopping);
     let held = w.admit();
     settle().await;
@@ -160,8 +148,7 @@ async fn a_changed_policy_waits_for_the_vm_to_stop() {
     }));
     settle().await;
     assert_eq!(w.vm.gate().policy().concurrency, 0, "a running VM keeps its policy");
-    tokio::time::advance(IDLE + Duration::from_secs(1)).await;
-    settle().await;
+    pass(IDLE + Duration::from_secs(1)).await;
     assert_eq!(w.phase(), VmPhase::Stopped);
     assert_eq!(w.vm.gate().policy().concurrency, 7);
 }

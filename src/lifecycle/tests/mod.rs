@@ -166,6 +166,12 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
+/// Moves the paused clock by `time`, then lets every task run.
+async fn pass(time: Duration) {
+    tokio::time::advance(time).await;
+    settle().await;
+}
+
 impl World {
     fn admit(&self) -> JoinHandle<Result<Permit, AdmitError>> {
         let vm = self.vm.clone();
