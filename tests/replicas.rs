@@ -1,65 +1,75 @@
-//! Three activator processes against one fake kube-apiserver, as a Deployment with three
-//! replicas behind one Service: shared idleness through the `vm-activator.io/last-activity`
-//! annotation, compare-and-stop, no leader, and a drain that loses nothing.
+//! Three activator processes against one cluster — the fake kube-apiserver, and the real
+//! one where ../shared/k8s is present — as a Deployment with three replicas behind one
+//! Service: shared idleness through the `vm-activator.io/last-activity` annotation,
+//! compare-and-stop, no leader, and a drain that loses nothing.
 
 mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use fake_kube::{FakeKube, Options};
 use futures_util::future::join_all;
 use serde_json::json;
 use support::binary::Activator;
+use support::kube::Kube;
 use tokio::time::Instant;
 
-const NS: &str = "apps";
 const VM: &str = "shared";
 
-struct Replicas {
-    kube: FakeKube,
-    _dir: tempfile::TempDir,
+on_fake_and_real!(
+    a_vm_fed_by_any_replica_is_never_stopped_and_exactly_one_replica_stops_it_after,
+    a_burst_at_all_three_replicas_during_a_cold_start_starts_the_vm_once,
+    // A slow guest, so the burst is held during the cold start when SIGTERM arrives.
+    sigterm_to_one_replica_mid_burst_loses_no_acknowledged_event with Timings {
+        guest: Duration::from_millis(800),
+        ..Timings::default()
+    },
+    held_events_past_the_drain_deadline_get_503_not_silence with Timings {
+        guest: Duration::from_secs(60),
+        ..Timings::default()
+    },
+);
+
+struct Replicas<K> {
+    kube: K,
+    ns: String,
     replicas: Vec<Activator>,
 }
 
-async fn replicas(options: Options, idle_timeout: &str, extra: &[&str]) -> Replicas {
-    let kube = FakeKube::start(options).await;
+async fn replicas<K: Kube>(kube: K, idle_timeout: &str, extra: &[&str]) -> Replicas<K> {
     kube.create_opted_in_vm(
-        NS,
         VM,
         json!({
             "vm-activator.io/readiness": "http:/healthz",
             "vm-activator.io/idle-timeout": idle_timeout,
             "vm-activator.io/start-timeout": "30s",
         }),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kube.write_kubeconfig(dir.path());
-    let replicas = join_all((0..3).map(|_| Activator::spawn_kubevirt(&kubeconfig, extra))).await;
+    )
+    .await;
+    let ns = kube.ns().to_string();
+    let replicas = join_all((0..3).map(|_| kube.spawn_activator(extra))).await;
     for r in &replicas {
-        r.wait_status("/readyz", 200, Duration::from_secs(10)).await;
-        r.wait_vm_state(NS, VM, "stopped", Duration::from_secs(5)).await;
+        r.wait_status("/readyz", 200, Duration::from_secs(20)).await;
+        r.wait_vm_state(&ns, VM, "stopped", Duration::from_secs(5)).await;
     }
-    Replicas {
-        kube,
-        _dir: dir,
-        replicas,
-    }
+    Replicas { kube, ns, replicas }
 }
 
-impl Replicas {
+impl<K: Kube> Replicas<K> {
     fn applied_stops(&self) -> usize {
-        self.kube.count(|r| r.is_applied_stop(NS, VM))
+        self.kube.count(|r| r.is_applied_stop(&self.ns, VM))
     }
     fn activity_writes(&self) -> usize {
-        self.kube.count(|r| r.is_activity_write(NS, VM))
+        self.kube.count(|r| r.is_activity_write(&self.ns, VM))
+    }
+    fn path(&self) -> String {
+        self.kube.path(VM)
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_fed_by_any_replica_is_never_stopped_and_exactly_one_replica_stops_it_after() {
-    let c = replicas(Options::default(), "2s", &[]).await;
-    let path = format!("/{NS}/{VM}");
+async fn a_vm_fed_by_any_replica_is_never_stopped_and_exactly_one_replica_stops_it_after(kube: impl Kube) {
+    let c = replicas(kube, "2s", &[]).await;
+    let path = c.path();
 
     // Round-robin across the three, then only replica 0 for longer than the idle
     // timeout: replicas 1 and 2 see nothing, yet must not stop the VM.
@@ -76,7 +86,7 @@ async fn a_vm_fed_by_any_replica_is_never_stopped_and_exactly_one_replica_stops_
         assert_eq!(c.applied_stops(), 0, "stopped while replica {target} was feeding it");
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    assert_eq!(c.kube.vmi_creations(NS, VM), 1, "never stopped, so started once");
+    assert_eq!(c.kube.vmi_creations(VM), 1, "never stopped, so started once");
     let writes = c.activity_writes();
     eprintln!(
         "activity annotation writes under steady traffic: {writes} in {:?} with idle-timeout 2s ({:.2}/s)",
@@ -94,29 +104,29 @@ async fn a_vm_fed_by_any_replica_is_never_stopped_and_exactly_one_replica_stops_
 
     // All traffic stops: exactly one replica's stop lands.
     c.kube
-        .expect_request("a stop", Duration::from_secs(10), |r| r.is_applied_stop(NS, VM))
+        .expect_request("a stop", Duration::from_secs(10), |r| r.is_applied_stop(&c.ns, VM))
         .await;
     for r in &c.replicas {
-        r.wait_vm_state(NS, VM, "stopped", Duration::from_secs(10)).await;
+        r.wait_vm_state(&c.ns, VM, "stopped", Duration::from_secs(10)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(c.applied_stops(), 1, "exactly one stop patch took effect");
-    let delivered = c.kube.guest_events(NS, VM);
+    let delivered = c.kube.guest_events(VM);
     assert_eq!(delivered.len(), sent, "every event delivered once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_at_all_three_replicas_during_a_cold_start_starts_the_vm_once() {
-    let c = replicas(Options::default(), "1m", &[]).await;
+async fn a_burst_at_all_three_replicas_during_a_cold_start_starts_the_vm_once(kube: impl Kube) {
+    let c = replicas(kube, "1m", &[]).await;
+    let path = c.path();
     let ids: Vec<String> = (0..60).map(|i| format!("b-{i}")).collect();
     let sends = ids
         .iter()
         .enumerate()
-        .map(|(i, id)| c.replicas[i % 3].send_status("/apps/shared", id));
+        .map(|(i, id)| c.replicas[i % 3].send_status(&path, id));
     let codes = join_all(sends).await;
     assert!(codes.iter().all(|c| *c == 202), "{codes:?}");
-    assert_eq!(c.kube.vmi_creations(NS, VM), 1, "one start");
-    let delivered = c.kube.guest_events(NS, VM);
+    assert_eq!(c.kube.vmi_creations(VM), 1, "one start");
+    let delivered = c.kube.guest_events(VM);
     assert_eq!(delivered.len(), 60, "each exactly once");
     assert_eq!(
         delivered.iter().collect::<HashSet<_>>(),
@@ -124,14 +134,8 @@ async fn a_burst_at_all_three_replicas_during_a_cold_start_starts_the_vm_once() 
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_to_one_replica_mid_burst_loses_no_acknowledged_event() {
-    // A slow guest, so the burst is held during the cold start when SIGTERM arrives.
-    let options = Options {
-        guest_delay: Duration::from_millis(800),
-        ..Options::default()
-    };
-    let mut c = replicas(options, "1m", &[]).await;
+async fn sigterm_to_one_replica_mid_burst_loses_no_acknowledged_event(kube: impl Kube) {
+    let mut c = replicas(kube, "1m", &[]).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -139,7 +143,7 @@ async fn sigterm_to_one_replica_mid_burst_loses_no_acknowledged_event() {
     let urls: Vec<String> = c
         .replicas
         .iter()
-        .map(|r| format!("{}/apps/shared", r.ingress))
+        .map(|r| format!("{}{}", r.ingress, c.path()))
         .collect();
     let send = |i: usize| {
         let (client, url) = (client.clone(), urls[i % 3].clone());
@@ -173,7 +177,7 @@ async fn sigterm_to_one_replica_mid_burst_loses_no_acknowledged_event() {
     let (_terminated, exit) = stop.await.unwrap();
     assert!(exit.success(), "the draining replica exits 0: {exit}");
 
-    let delivered: HashSet<String> = c.kube.guest_events(NS, VM).into_iter().collect();
+    let delivered: HashSet<String> = c.kube.guest_events(VM).into_iter().collect();
     let mut by_status: HashMap<u16, usize> = HashMap::new();
     for (id, status) in &results {
         *by_status.entry(*status).or_default() += 1;
@@ -192,17 +196,12 @@ async fn sigterm_to_one_replica_mid_burst_loses_no_acknowledged_event() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn held_events_past_the_drain_deadline_get_503_not_silence() {
-    let options = Options {
-        guest_delay: Duration::from_secs(60),
-        ..Options::default()
-    };
-    let mut c = replicas(options, "1m", &["--drain-timeout", "1s"]).await;
-    let url = format!("{}/apps/shared", c.replicas[0].ingress);
+async fn held_events_past_the_drain_deadline_get_503_not_silence(kube: impl Kube) {
+    let mut c = replicas(kube, "1m", &["--drain-timeout", "1s"]).await;
+    let url = format!("{}{}", c.replicas[0].ingress, c.path());
     let held = tokio::spawn(async move { support::post_event(&reqwest::Client::new(), &url, "stuck").await });
     c.replicas[0]
-        .wait_vm_state(NS, VM, "probing", Duration::from_secs(5))
+        .wait_vm_state(&c.ns, VM, "probing", Duration::from_secs(5))
         .await;
     let started = Instant::now();
     let exit = c.replicas[0].terminate(Duration::from_secs(10)).await;
@@ -212,5 +211,5 @@ async fn held_events_past_the_drain_deadline_get_503_not_silence() {
         "bounded by the drain timeout"
     );
     assert_eq!(held.await.unwrap(), 503);
-    assert!(c.kube.guest_events(NS, VM).is_empty());
+    assert!(c.kube.guest_events(VM).is_empty());
 }

@@ -1,13 +1,207 @@
-//! Test support for the KubeVirt backend: the fake API server with the binary pointed
-//! at it, the RBAC check every scenario ends with, and matchers for the patches the
-//! activator sends.
+//! Test support for the KubeVirt backend: [`Kube`], what a scenario needs of a cluster —
+//! the fake API server ([`FakeCluster`]) or a slice of the real one
+//! ([`super::real_kube::RealKube`]) — and [`on_fake_and_real!`], which runs a scenario on
+//! both; the fake API server with the binary pointed at it for fake-only scenarios (API
+//! outages, compaction, the pause subresource); the RBAC check; matchers for the patches
+//! the activator sends.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fake_kube::{FakeKube, Options, Recorded};
-use serde_json::json;
+use serde_json::{json, Value};
+use tokio::time::Instant;
 
 use super::binary::Activator;
+use super::real_kube::{RealKube, Timings};
+
+/// What a KubeVirt scenario needs of a cluster. Objects live in [`Kube::ns`].
+#[allow(async_fn_in_trait)]
+pub trait Kube {
+    /// The namespace this scenario's objects are in.
+    fn ns(&self) -> &str;
+    /// The binary with the kubevirt backend pointed at this cluster, plus `extra` flags.
+    async fn spawn_activator(&self, extra: &[&str]) -> Activator;
+    /// Creates a VirtualMachine (halted unless `spec` says otherwise).
+    async fn create_vm(&self, name: &str, labels: Value, annotations: Value, spec: Value);
+    /// The VirtualMachine as JSON.
+    async fn vm(&self, name: &str) -> Option<Value>;
+    /// The VirtualMachineInstance as JSON.
+    async fn vmi(&self, name: &str) -> Option<Value>;
+    /// Sets `spec.runStrategy` as an operator would.
+    async fn set_run_strategy(&self, name: &str, strategy: &str);
+    /// Applies a JSON merge patch to a VirtualMachine, as an operator would.
+    async fn patch_vm(&self, name: &str, patch: Value);
+    /// Deletes a VirtualMachine.
+    async fn delete_vm(&self, name: &str);
+    /// Event ids the VM's guest accepted, over all its boots.
+    fn guest_events(&self, name: &str) -> Vec<String>;
+    /// Every request the activator(s) made.
+    fn requests(&self) -> Vec<Recorded>;
+    /// How many VMIs the VM got (one per boot).
+    fn vmi_creations(&self, name: &str) -> usize;
+
+    /// An opted-in VM with these annotations, halted.
+    async fn create_opted_in_vm(&self, name: &str, annotations: Value) {
+        self.create_vm(name, json!({"vm-activator.io/enabled": "true"}), annotations, json!({}))
+            .await
+    }
+
+    /// How many requests match.
+    fn count(&self, predicate: impl Fn(&Recorded) -> bool) -> usize {
+        self.requests().iter().filter(|r| predicate(r)).count()
+    }
+
+    /// Waits until a request matches; panics after `limit` naming `what`.
+    async fn expect_request(&self, what: &str, limit: Duration, predicate: impl Fn(&Recorded) -> bool) -> Recorded {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(found) = self.requests().into_iter().find(|r| predicate(r)) {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "expected request never came: {what}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The ingress path of VM `name`.
+    fn path(&self, name: &str) -> String {
+        format!("/{}/{name}", self.ns())
+    }
+}
+
+/// The fake API server, with a kubeconfig for it.
+pub struct FakeCluster {
+    /// The fake.
+    pub kube: FakeKube,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl FakeCluster {
+    /// A fake API server booting guests at these timings.
+    pub async fn start(timings: Timings) -> FakeCluster {
+        let kube = FakeKube::start(Options {
+            schedule_delay: timings.schedule,
+            running_delay: timings.running,
+            guest_delay: timings.guest,
+            ..Options::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = kube.write_kubeconfig(dir.path());
+        FakeCluster {
+            kube,
+            _dir: dir,
+            kubeconfig,
+        }
+    }
+}
+
+impl Kube for FakeCluster {
+    fn ns(&self) -> &str {
+        NS
+    }
+    async fn spawn_activator(&self, extra: &[&str]) -> Activator {
+        Activator::spawn_kubevirt(&self.kubeconfig, extra).await
+    }
+    async fn create_vm(&self, name: &str, labels: Value, annotations: Value, spec: Value) {
+        self.kube.create_vm(NS, name, labels, annotations, spec);
+    }
+    async fn vm(&self, name: &str) -> Option<Value> {
+        self.kube.vm(NS, name)
+    }
+    async fn vmi(&self, name: &str) -> Option<Value> {
+        self.kube.vmi(NS, name)
+    }
+    async fn set_run_strategy(&self, name: &str, strategy: &str) {
+        self.kube.set_run_strategy(NS, name, strategy);
+    }
+    async fn patch_vm(&self, name: &str, patch: Value) {
+        self.kube.patch_vm(NS, name, &patch);
+    }
+    async fn delete_vm(&self, name: &str) {
+        self.kube.delete_vm(NS, name);
+    }
+    fn guest_events(&self, name: &str) -> Vec<String> {
+        self.kube.guest_events(NS, name)
+    }
+    fn requests(&self) -> Vec<Recorded> {
+        self.kube.requests()
+    }
+    fn vmi_creations(&self, name: &str) -> usize {
+        self.kube.vmi_creations(NS, name)
+    }
+}
+
+impl Kube for RealKube {
+    fn ns(&self) -> &str {
+        self.namespace()
+    }
+    async fn spawn_activator(&self, extra: &[&str]) -> Activator {
+        RealKube::spawn_activator(self, extra).await
+    }
+    async fn create_vm(&self, name: &str, labels: Value, annotations: Value, spec: Value) {
+        RealKube::create_vm(self, name, labels, annotations, spec).await
+    }
+    async fn vm(&self, name: &str) -> Option<Value> {
+        RealKube::vm(self, name).await
+    }
+    async fn vmi(&self, name: &str) -> Option<Value> {
+        RealKube::vmi(self, name).await
+    }
+    async fn set_run_strategy(&self, name: &str, strategy: &str) {
+        RealKube::set_run_strategy(self, name, strategy).await
+    }
+    async fn patch_vm(&self, name: &str, patch: Value) {
+        RealKube::patch_vm(self, name, patch).await
+    }
+    async fn delete_vm(&self, name: &str) {
+        RealKube::delete_vm(self, name).await
+    }
+    fn guest_events(&self, name: &str) -> Vec<String> {
+        RealKube::guest_events(self, name)
+    }
+    fn requests(&self) -> Vec<Recorded> {
+        RealKube::requests(self)
+    }
+    fn vmi_creations(&self, name: &str) -> usize {
+        RealKube::vmi_creations(self, name)
+    }
+}
+
+/// For each scenario `async fn name(kube: impl Kube, timings: Timings)` listed, a module
+/// `name` with two tests: `fake` (the fake API server) and `real` (a slice of the real
+/// one from ../shared/k8s; skipped with a message where that bundle is absent).
+#[macro_export]
+macro_rules! on_fake_and_real {
+    (@timings) => { Timings::default() };
+    (@timings $timings:expr) => { $timings };
+    ($($scenario:ident $(with $timings:expr)?),* $(,)?) => {$(
+        mod $scenario {
+            #[allow(unused_imports)]
+            use super::*;
+            use super::support::kube::FakeCluster;
+            use super::support::real_kube::{RealKube, Timings};
+
+            fn timings() -> Timings {
+                $crate::on_fake_and_real!(@timings $($timings)?)
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn fake() {
+                super::$scenario(FakeCluster::start(timings()).await).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn real() {
+                if let Some(kube) = RealKube::start(timings()).await {
+                    super::$scenario(kube).await
+                }
+            }
+        }
+    )*};
+}
 
 /// The namespace the scenarios use.
 pub const NS: &str = "apps";
@@ -44,10 +238,12 @@ pub async fn cluster(options: Options, setup: impl FnOnce(&FakeKube)) -> Cluster
 }
 
 /// Every request the activator made is allowed by the RBAC it ships with
-/// (`API_ACCESS`, which tests/manifests.rs checks against deploy/base/rbac.yaml).
-pub fn assert_rbac_covers_every_request(kube: &FakeKube) {
+/// (`API_ACCESS`, which tests/manifests.rs checks against deploy/base/rbac.yaml). Against
+/// the real API server the RBAC authorizer checks it too: nothing may have been 403.
+pub fn assert_rbac_covers_every_request(requests: Vec<Recorded>) {
     use vm_activator::backend::kubevirt::API_ACCESS;
-    for r in kube.requests() {
+    for r in requests {
+        assert_ne!(r.status, 403, "refused by the API server's RBAC: {r:?}");
         let parts: Vec<&str> = r.path.trim_start_matches('/').split('/').collect();
         assert_eq!(parts[0], "apis", "{r:?}");
         let group = parts[1];
@@ -101,16 +297,16 @@ pub async fn spawn_with_kubevirt_config(kube: &FakeKube, kubevirt_key: &str) -> 
     (dir, activator)
 }
 
-/// The merge patch that starts VM `name`.
-pub fn start_patch(name: &'static str) -> impl Fn(&Recorded) -> bool {
+/// The merge patch that starts VM `name` in namespace `ns`.
+pub fn start_patch<'a>(ns: &'a str, name: &'a str) -> impl Fn(&Recorded) -> bool + 'a {
     move |r| {
-        r.is_vm_patch(NS, name)
+        r.is_vm_patch(ns, name)
             && r.content_type.starts_with("application/merge-patch+json")
             && r.body.contains("\"runStrategy\":\"Always\"")
     }
 }
 
-/// A patch that halts VM `name`.
-pub fn stop_patch(name: &'static str) -> impl Fn(&Recorded) -> bool {
-    move |r| r.is_vm_patch(NS, name) && r.body.contains("\"Halted\"")
+/// A patch that halts VM `name` in namespace `ns`.
+pub fn stop_patch<'a>(ns: &'a str, name: &'a str) -> impl Fn(&Recorded) -> bool + 'a {
+    move |r| r.is_vm_patch(ns, name) && r.body.contains("\"Halted\"")
 }

@@ -6,6 +6,8 @@ pub mod binary;
 #[cfg(feature = "kubevirt")]
 pub mod kube;
 pub mod oidc;
+#[cfg(feature = "kubevirt")]
+pub mod real_kube;
 
 use std::sync::Arc;
 use std::time::Duration;

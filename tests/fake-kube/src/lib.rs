@@ -21,12 +21,14 @@
 //! the simulated virt-controller and the guests it boots.
 
 mod api;
+pub mod guest;
 mod list_watch;
 mod selector;
 mod store;
 mod virt_controller;
 
 use api::{router, serve_router};
+use guest::GuestLog;
 use store::{Change, Store};
 use virt_controller::virt_controller;
 
@@ -141,9 +143,6 @@ impl Recorded {
             && self.path == format!("/apis/kubevirt.io/v1/namespaces/{namespace}/virtualmachines/{name}")
     }
 }
-
-/// Event ids one VM's guest accepted, over all its boots.
-pub(crate) type GuestLog = Arc<Mutex<Vec<String>>>;
 
 pub(crate) struct Guest {
     task: JoinHandle<()>,
@@ -261,6 +260,13 @@ impl FakeKube {
             annotations,
             json!({}),
         );
+    }
+
+    /// Applies a JSON merge patch to a VirtualMachine, as a client's PATCH would.
+    pub fn patch_vm(&self, namespace: &str, name: &str, patch: &Value) {
+        let mut vm = self.vm(namespace, name).expect("the VM exists");
+        json_patch::merge(&mut vm, patch);
+        self.inner.write(Res::Vm, namespace, name, Some(vm));
     }
 
     /// Deletes a VirtualMachine (its VMI follows, as with KubeVirt).

@@ -3,37 +3,14 @@
 //! on 127.0.0.0/8, where a guest HTTP server starts listening a little later; `Halted`
 //! (or deleting the VM) deletes the VMI and its guest.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::http::{HeaderMap, Method, StatusCode};
-use axum::routing::get;
-use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::api::serve_router;
-use crate::{Guest, GuestLog, Inner, Options, Res};
-
-/// Addresses handed to VMIs: 127.1.x.y (y in 1..=254), unique within the process.
-pub(crate) static NEXT_IP: AtomicU32 = AtomicU32::new(0);
-
-/// Binds (without listening) the next free VMI address on `port`, skipping any that
-/// another process holds.
-pub(crate) fn reserve_guest_socket(port: u16) -> Option<tokio::net::TcpSocket> {
-    for _ in 0..1024 {
-        let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
-        let ip = Ipv4Addr::new(127, 1, (n / 254 % 256) as u8, (n % 254 + 1) as u8);
-        let socket = tokio::net::TcpSocket::new_v4().ok()?;
-        socket.set_reuseaddr(true).ok()?;
-        if socket.bind(SocketAddr::new(IpAddr::V4(ip), port)).is_ok() {
-            return Some(socket);
-        }
-    }
-    None
-}
+use crate::guest::reserve_socket;
+use crate::{Guest, Inner, Options, Res};
 
 pub(crate) fn wants_running(vm: &Value) -> bool {
     match vm["spec"]["runStrategy"].as_str() {
@@ -163,7 +140,7 @@ pub(crate) async fn boot(
     tokio::time::sleep(options.running_delay).await;
     // The VMI's address is bound from now on (so no other server can answer for it), but
     // refuses connections until the guest application listens after `guest_delay`.
-    let Some(socket) = reserve_guest_socket(port) else {
+    let Some(socket) = reserve_socket(port) else {
         return;
     };
     let ip = socket.local_addr().expect("bound").ip();
@@ -182,42 +159,7 @@ pub(crate) async fn boot(
         let Ok(listener) = socket.listen(1024) else {
             return;
         };
-        serve_router(listener, guest_router(log)).await;
+        crate::guest::serve(listener, log).await;
     });
     strong.guests.lock().unwrap().insert((ns, name), Guest { task });
-}
-
-/// The guest application: accepts CloudEvents with 202 and lists their ids.
-pub(crate) fn guest_router(log: GuestLog) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/events",
-            get({
-                let log = log.clone();
-                move || async move { log.lock().unwrap().join("\n") }
-            }),
-        )
-        .fallback(move |method: Method, headers: HeaderMap, body: Bytes| {
-            let log = log.clone();
-            async move {
-                if method != Method::POST {
-                    return StatusCode::OK;
-                }
-                let id = headers
-                    .get("ce-id")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-                    .or_else(|| {
-                        serde_json::from_slice::<Value>(&body)
-                            .ok()?
-                            .get("id")?
-                            .as_str()
-                            .map(str::to_string)
-                    })
-                    .unwrap_or_default();
-                log.lock().unwrap().push(id);
-                StatusCode::ACCEPTED
-            }
-        })
 }

@@ -1,0 +1,548 @@
+//! A real kube-apiserver for the KubeVirt scenarios: the bundle in `../shared/k8s` (started
+//! once per test binary with its audit log on), a namespace per test, the activator under
+//! a ServiceAccount of its own bound to the shipped ClusterRole (so the real RBAC
+//! authorizer checks what we ship), and the test playing virt-controller — a VM asked to
+//! run gets a VMI that goes Scheduled → Running with an address where fake-kube's guest
+//! application listens a little later; a VM halted or deleted loses its VMI and guest.
+//!
+//! The requests the activator made are read back from the audit log (by its user), so
+//! scenarios count and expect them as they do against the fake.
+//!
+//! Where the bundle is absent the scenarios are skipped with a message; in CI
+//! (`CI=true`), where it is always present, its absence is a failure.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use fake_kube::guest::{self, GuestLog};
+use fake_kube::Recorded;
+use futures_util::StreamExt;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::runtime::watcher;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+use super::binary::Activator;
+
+/// The running test cluster, as `up.sh` printed it.
+pub struct Env {
+    /// `https://127.0.0.1:16443`.
+    pub server: String,
+    /// The run directory (kubeconfig, pki, logs).
+    pub dir: PathBuf,
+    /// The admin user's bearer token.
+    pub admin_token: String,
+}
+
+static ENV: OnceLock<Option<Env>> = OnceLock::new();
+
+/// The bundle's folder, if this machine has it (`K8S_BUNDLE` overrides the default
+/// `../shared/k8s` next to the repository).
+fn bundle() -> Option<PathBuf> {
+    let dir = std::env::var_os("K8S_BUNDLE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/k8s"));
+    dir.join("up.sh").is_file().then_some(dir)
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The test cluster, started on first use (a few seconds; already up: 0.1 s). `None`
+/// where the bundle is absent.
+pub fn env() -> Option<&'static Env> {
+    ENV.get_or_init(|| {
+        let Some(bundle) = bundle() else {
+            assert!(
+                !in_ci(),
+                "CI must run the real-API-server tests: no Kubernetes test bundle at ../shared/k8s"
+            );
+            return None;
+        };
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/k8s");
+        let out = Command::new(bundle.join("up.sh"))
+            .arg("--audit")
+            .arg(&dir)
+            .output()
+            .expect("up.sh runs");
+        assert!(
+            out.status.success(),
+            "up.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let exports: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').trim_matches('"').to_string()))
+            .collect();
+        Some(Env {
+            server: exports["K8S_TEST_APISERVER"].clone(),
+            dir: PathBuf::from(&exports["K8S_TEST_DIR"]),
+            admin_token: exports["K8S_TEST_ADMIN_TOKEN"].clone(),
+        })
+    })
+    .as_ref()
+}
+
+/// How the simulated virt-controller paces a boot (as fake-kube's `Options`).
+#[derive(Clone, Copy)]
+pub struct Timings {
+    /// VMI created → Scheduled.
+    pub schedule: Duration,
+    /// Scheduled → Running with an address.
+    pub running: Duration,
+    /// Running → the guest application listens.
+    pub guest: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings {
+            schedule: Duration::from_millis(20),
+            running: Duration::from_millis(30),
+            guest: Duration::from_millis(100),
+        }
+    }
+}
+
+fn vm_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachine"),
+        "virtualmachines",
+    )
+}
+
+fn vmi_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstance"),
+        "virtualmachineinstances",
+    )
+}
+
+/// Whether a VirtualMachine asks to run (as virt-controller reads it).
+fn wants_running(vm: &Value) -> bool {
+    match vm["spec"]["runStrategy"].as_str() {
+        Some("Always" | "RerunOnFailure" | "Once") => true,
+        Some(_) => false,
+        None => vm["spec"]["running"].as_bool() == Some(true),
+    }
+}
+
+/// One test's slice of the real cluster. Dropping it ends its virt-controller and
+/// guests and deletes its namespace.
+pub struct RealKube {
+    env: &'static Env,
+    client: kube::Client,
+    namespace: String,
+    /// The activator's user name in the audit log.
+    user: String,
+    dir: tempfile::TempDir,
+    activator_kubeconfig: PathBuf,
+    logs: Arc<Mutex<HashMap<String, GuestLog>>>,
+    /// VMIs created per VM.
+    boots: Arc<Mutex<HashMap<String, usize>>>,
+    controller: JoinHandle<()>,
+    audit: Mutex<AuditReader>,
+}
+
+impl RealKube {
+    /// A fresh namespace with the activator's ServiceAccount, and virt-controller played
+    /// in it. `None` where the bundle is absent.
+    pub async fn start(timings: Timings) -> Option<RealKube> {
+        let Some(env) = env() else {
+            let test = std::thread::current().name().unwrap_or("this test").to_string();
+            eprintln!("skipped: {test} needs the Kubernetes test bundle (../shared/k8s/up.sh)");
+            return None;
+        };
+        let kubeconfig = kube::config::Kubeconfig::read_from(env.dir.join("kubeconfig")).expect("admin kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("admin config");
+        let client = kube::Client::try_from(config).expect("client");
+        let namespace = unique_namespace();
+        let audit = AuditReader::at_end(env.dir.join("logs/audit.log"));
+        let api = |path: &str| format!("/api/v1{path}");
+        post(&client, &api("/namespaces"), json!({"metadata": {"name": namespace}})).await;
+        ensure_cluster_role(&client).await;
+        post(
+            &client,
+            &api(&format!("/namespaces/{namespace}/serviceaccounts")),
+            json!({"metadata": {"name": "vm-activator"}}),
+        )
+        .await;
+        post(
+            &client,
+            &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings"),
+            json!({
+                "metadata": {"name": "vm-activator"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "vm-activator"},
+                "subjects": [{"kind": "ServiceAccount", "name": "vm-activator", "namespace": namespace}],
+            }),
+        )
+        .await;
+        let token = post(
+            &client,
+            &api(&format!("/namespaces/{namespace}/serviceaccounts/vm-activator/token")),
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}}),
+        )
+        .await["status"]["token"]
+            .as_str()
+            .expect("a token")
+            .to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let activator_kubeconfig = dir.path().join("kubeconfig");
+        write_kubeconfig(&activator_kubeconfig, env, &token);
+        let logs: Arc<Mutex<HashMap<String, GuestLog>>> = Arc::default();
+        let boots: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let controller = tokio::spawn(virt_controller(
+            client.clone(),
+            namespace.clone(),
+            logs.clone(),
+            boots.clone(),
+            timings,
+        ));
+        Some(RealKube {
+            env,
+            client,
+            user: format!("system:serviceaccount:{namespace}:vm-activator"),
+            namespace,
+            dir,
+            activator_kubeconfig,
+            logs,
+            boots,
+            controller,
+            audit: Mutex::new(audit),
+        })
+    }
+
+    /// This test's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The binary with the kubevirt backend, scoped to this namespace, under the
+    /// activator's ServiceAccount; `extra` flags added.
+    pub async fn spawn_activator(&self, extra: &[&str]) -> Activator {
+        let config = self.dir.path().join(format!("activator-{}.yaml", unique_suffix()));
+        let text = format!(
+            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  namespaces: [{}]\n",
+            self.activator_kubeconfig.display(),
+            self.namespace
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut args = vec!["--config", config.to_str().unwrap(), "--auth", "none"];
+        args.extend_from_slice(extra);
+        Activator::spawn(&args).await
+    }
+
+    fn vms(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.namespace, &vm_resource())
+    }
+
+    fn vmis(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.namespace, &vmi_resource())
+    }
+
+    /// Creates a VirtualMachine (halted unless `spec` says otherwise) in this namespace.
+    pub async fn create_vm(&self, name: &str, labels: Value, annotations: Value, spec: Value) {
+        let mut full_spec = if spec.get("running").is_some() {
+            json!({})
+        } else {
+            json!({"runStrategy": "Halted"})
+        };
+        json_patch::merge(&mut full_spec, &spec);
+        full_spec["template"] = json!({"spec": {"domain": {"devices": {}}}});
+        let object = json!({
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachine",
+            "metadata": {"name": name, "labels": labels, "annotations": annotations},
+            "spec": full_spec,
+        });
+        let object: DynamicObject = serde_json::from_value(object).unwrap();
+        self.vms()
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("VM created");
+    }
+
+    /// The VirtualMachine as JSON.
+    pub async fn vm(&self, name: &str) -> Option<Value> {
+        let vm = self.vms().get_opt(name).await.expect("get VM")?;
+        Some(serde_json::to_value(vm).unwrap())
+    }
+
+    /// The VirtualMachineInstance as JSON.
+    pub async fn vmi(&self, name: &str) -> Option<Value> {
+        let vmi = self.vmis().get_opt(name).await.expect("get VMI")?;
+        Some(serde_json::to_value(vmi).unwrap())
+    }
+
+    /// Sets `spec.runStrategy` as an operator would.
+    pub async fn set_run_strategy(&self, name: &str, strategy: &str) {
+        self.patch_vm(name, json!({"spec": {"runStrategy": strategy}})).await;
+    }
+
+    /// Applies a JSON merge patch to a VirtualMachine.
+    pub async fn patch_vm(&self, name: &str, patch: Value) {
+        self.vms()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("patch VM");
+    }
+
+    /// Deletes a VirtualMachine (its VMI follows).
+    pub async fn delete_vm(&self, name: &str) {
+        self.vms()
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete VM");
+    }
+
+    /// Event ids the VM's guest accepted, over all its boots.
+    pub fn guest_events(&self, name: &str) -> Vec<String> {
+        let logs = self.logs.lock().unwrap();
+        logs.get(name).map(|l| l.lock().unwrap().clone()).unwrap_or_default()
+    }
+
+    /// How many VMIs the VM got (boots).
+    pub fn vmi_creations(&self, name: &str) -> usize {
+        self.boots.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+
+    /// Every request the activator made since this slice started, from the audit log
+    /// (kubevirt.io requests; core resources are not audited).
+    pub fn requests(&self) -> Vec<Recorded> {
+        let mut audit = self.audit.lock().unwrap();
+        audit.read_new();
+        audit.by_user.get(&self.user).cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for RealKube {
+    fn drop(&mut self) {
+        self.controller.abort();
+        // Deleting a namespace takes the API server a few seconds; nobody waits for it.
+        let _ = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-X", "DELETE", "-H"])
+            .arg(format!("Authorization: Bearer {}", self.env.admin_token))
+            .arg(format!("{}/api/v1/namespaces/{}", self.env.server, self.namespace))
+            .spawn();
+    }
+}
+
+/// `t-` plus a suffix unique across processes and time.
+fn unique_namespace() -> String {
+    format!("t-{}", unique_suffix())
+}
+
+fn unique_suffix() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{:x}{:x}{n}", std::process::id(), nanos)
+}
+
+/// POSTs `body` to `path` as the admin; 409 (already there) counts as done.
+async fn post(client: &kube::Client, path: &str, body: Value) -> Value {
+    let request = http::Request::post(path)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&body).unwrap())
+        .unwrap();
+    match client.request::<Value>(request).await {
+        Ok(value) => value,
+        Err(kube::Error::Api(status)) if status.code == 409 => Value::Null,
+        Err(e) => panic!("POST {path}: {e}"),
+    }
+}
+
+/// The ClusterRole `deploy/base/rbac.yaml` ships, created once per cluster.
+async fn ensure_cluster_role(client: &kube::Client) {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/rbac.yaml")).unwrap();
+    let role = text
+        .split("\n---")
+        .map(|doc| serde_norway::from_str::<Value>(doc).unwrap())
+        .find(|doc| doc["kind"] == "ClusterRole")
+        .expect("deploy/base/rbac.yaml has a ClusterRole");
+    assert_eq!(role["metadata"]["name"], "vm-activator");
+    post(client, "/apis/rbac.authorization.k8s.io/v1/clusterroles", role).await;
+}
+
+fn write_kubeconfig(path: &Path, env: &Env, token: &str) {
+    use base64::Engine;
+    let ca = std::fs::read(env.dir.join("pki/ca.crt")).expect("CA");
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca);
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\n\
+         users:\n- name: activator\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: activator\n\
+         current-context: test\n",
+        env.server
+    );
+    std::fs::write(path, text).unwrap();
+}
+
+/// Plays virt-controller in `namespace` until aborted.
+async fn virt_controller(
+    client: kube::Client,
+    namespace: String,
+    logs: Arc<Mutex<HashMap<String, GuestLog>>>,
+    boot_counts: Arc<Mutex<HashMap<String, usize>>>,
+    timings: Timings,
+) {
+    let vms: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &vm_resource());
+    let vmis: Api<DynamicObject> = Api::namespaced_with(client, &namespace, &vmi_resource());
+    let mut boots: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut events = watcher(vms, watcher::Config::default()).boxed();
+    while let Some(event) = events.next().await {
+        let (vm, deleted) = match event {
+            Ok(watcher::Event::Apply(vm) | watcher::Event::InitApply(vm)) => (vm, false),
+            Ok(watcher::Event::Delete(vm)) => (vm, true),
+            _ => continue,
+        };
+        let name = vm.metadata.name.clone().unwrap_or_default();
+        let run = !deleted && wants_running(&serde_json::to_value(&vm).unwrap());
+        let booted = boots.contains_key(&name);
+        if run && !booted {
+            *boot_counts.lock().unwrap().entry(name.clone()).or_default() += 1;
+            let log = logs.lock().unwrap().entry(name.clone()).or_default().clone();
+            boots.insert(name.clone(), tokio::spawn(boot(vmis.clone(), name, log, timings)));
+        } else if !run && booted {
+            if let Some(task) = boots.remove(&name) {
+                task.abort();
+            }
+            let _ = vmis.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+}
+
+/// One VMI's life: created, Scheduled, Running with an address, then the guest listens.
+/// Aborting the task ends the guest.
+async fn boot(vmis: Api<DynamicObject>, name: String, log: GuestLog, timings: Timings) {
+    let vmi: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstance",
+        "metadata": {"name": name},
+        "spec": {"domain": {"devices": {}}},
+    }))
+    .unwrap();
+    if vmis.create(&PostParams::default(), &vmi).await.is_err() {
+        return;
+    }
+    let status = |status: Value| {
+        let vmis = vmis.clone();
+        let name = name.clone();
+        async move {
+            vmis.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": status})),
+            )
+            .await
+            .is_ok()
+        }
+    };
+    tokio::time::sleep(timings.schedule).await;
+    if !status(json!({"phase": "Scheduled"})).await {
+        return;
+    }
+    tokio::time::sleep(timings.running).await;
+    let socket = guest::reserve_socket(8080).expect("a guest address");
+    let ip = socket.local_addr().expect("bound").ip();
+    if !status(json!({"phase": "Running", "interfaces": [{"name": "default", "ipAddress": ip.to_string()}]})).await {
+        return;
+    }
+    tokio::time::sleep(timings.guest).await;
+    let listener = socket.listen(1024).expect("listen");
+    guest::serve(listener, log).await;
+}
+
+/// Reads the audit log incrementally and keeps the requests of each user.
+struct AuditReader {
+    path: PathBuf,
+    offset: u64,
+    by_user: HashMap<String, Vec<Recorded>>,
+}
+
+impl AuditReader {
+    fn at_end(path: PathBuf) -> AuditReader {
+        let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        AuditReader {
+            path,
+            offset,
+            by_user: HashMap::new(),
+        }
+    }
+
+    fn read_new(&mut self) {
+        let Ok(mut file) = std::fs::File::open(&self.path) else {
+            return;
+        };
+        if file.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut reader = BufReader::new(file);
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+            if !line.ends_with('\n') {
+                break; // half-written: read it next time
+            }
+            self.offset += line.len() as u64;
+            if let Some((user, recorded)) = parse_audit_event(&line) {
+                self.by_user.entry(user).or_default().push(recorded);
+            }
+            line.clear();
+        }
+    }
+}
+
+/// One completed (or, for a watch, started) request as `Recorded`. The audit log has no
+/// content type: a JSON array body is a JSON patch, an object a merge patch (the only
+/// two kinds the activator sends).
+fn parse_audit_event(line: &str) -> Option<(String, Recorded)> {
+    let event: Value = serde_json::from_str(line).ok()?;
+    let verb = event["verb"].as_str()?;
+    let stage = event["stage"].as_str()?;
+    let complete = stage == "ResponseComplete" || (verb == "watch" && stage == "ResponseStarted");
+    if !complete || (verb == "watch" && stage == "ResponseComplete") {
+        return None;
+    }
+    let uri = event["requestURI"].as_str()?;
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let body = &event["requestObject"];
+    let content_type = match (verb, body) {
+        ("patch", Value::Array(_)) => "application/json-patch+json",
+        ("patch", _) => "application/merge-patch+json",
+        (_, Value::Null) => "",
+        _ => "application/json",
+    };
+    let method = match verb {
+        "get" | "list" | "watch" => "GET",
+        "patch" => "PATCH",
+        "update" => "PUT",
+        "create" => "POST",
+        "delete" | "deletecollection" => "DELETE",
+        other => other,
+    };
+    let recorded = Recorded {
+        method: method.to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        content_type: content_type.to_string(),
+        body: if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        },
+        status: event["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
+    };
+    Some((event["user"]["username"].as_str()?.to_string(), recorded))
+}
