@@ -2,7 +2,7 @@
 //! ingress) is shared and knows nothing of QEMU or Kubernetes.
 //!
 //! A backend publishes a *catalog* (which VMs exist and their policies) and, per VM,
-//! a *status* stream of `{phase, endpoint}`; each VM's owner (`lifecycle`) drives starts
+//! a *status* stream of `{phase, endpoints}`; each VM's owner (`lifecycle`) drives starts
 //! and stops and decides readiness itself by probing the guest.
 //!
 //! Implementations: `qemu` (local processes, always built), `kubevirt` (cargo feature
@@ -39,7 +39,7 @@ pub enum BackendPhase {
     Stopped,
     /// Asked to start (or resume); not running yet.
     Starting,
-    /// Running; the endpoint is where the guest application should answer.
+    /// Running; the endpoints are where the guest application should answer.
     Running,
     /// Suspended in memory.
     Paused,
@@ -52,8 +52,10 @@ pub enum BackendPhase {
 pub struct BackendStatus {
     /// What the VM is doing.
     pub phase: BackendPhase,
-    /// The guest's address while Running or Paused.
-    pub endpoint: Option<Endpoint>,
+    /// Where the guest application answers while Running (or Paused): one address for a
+    /// VM, the ready pods' addresses for a scaled workload. The activator probes each
+    /// before it takes traffic.
+    pub endpoints: Vec<Endpoint>,
     /// Why the VM is in this phase, when that is news (e.g. the exit status of a crashed VM).
     pub message: Option<String>,
 }
@@ -63,7 +65,16 @@ impl BackendStatus {
     pub fn stopped() -> Self {
         Self {
             phase: BackendPhase::Stopped,
-            endpoint: None,
+            endpoints: Vec::new(),
+            message: None,
+        }
+    }
+
+    /// A running VM whose guest answers at `endpoint`.
+    pub fn running(endpoint: Endpoint) -> Self {
+        Self {
+            phase: BackendPhase::Running,
+            endpoints: vec![endpoint],
             message: None,
         }
     }

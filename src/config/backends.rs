@@ -85,7 +85,7 @@ pub struct VmConfig {
     pub max_buffered: Option<usize>,
     /// Held body bytes while not Ready. Default 64 MiB.
     pub max_buffered_bytes: Option<usize>,
-    /// Requests in flight to the guest at once; 0 = unlimited. Default 0.
+    /// Requests in flight to each endpoint at once; 0 = unlimited. Default 0.
     pub concurrency: Option<usize>,
     /// `tcp`, `http` or `http:/path`. Default `http` (GET /).
     pub readiness: Option<Readiness>,

@@ -235,11 +235,11 @@ impl VmHandle {
         Ok(permit)
     }
 
-    /// A request found the guest behind a Ready VM unreachable (connection refused or
-    /// reset): no more traffic until a probe passes again.
+    /// A request found the guest at `endpoint` unreachable (connection refused or
+    /// reset): no more traffic to that endpoint until a probe passes again.
     pub fn report_unreachable(&self, endpoint: Endpoint) {
         let state = self.0.gate.state();
-        if state.phase == VmPhase::Ready && state.endpoint == Some(endpoint) {
+        if state.phase == VmPhase::Ready && state.targets.iter().any(|t| t.endpoint() == endpoint) {
             let _ = self.send(Command::Unreachable(endpoint));
         }
     }

@@ -30,8 +30,11 @@ pub struct VmView {
     pub name: String,
     /// Gate phase (`stopped`, `starting`, `probing`, `ready`, `stopping`, `paused`, `failed`).
     pub state: String,
-    /// The guest's `host:port` while it runs.
+    /// The guest's `host:port` while it runs (the first, when there are several).
     pub endpoint: Option<String>,
+    /// Every endpoint taking traffic (the ready pods of a scaled workload; one for a VM).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     /// Requests held.
     pub buffered: usize,
     /// Requests in flight to the guest.
@@ -92,7 +95,8 @@ fn view(vm: &VmHandle) -> VmView {
         namespace: vm.key().namespace.clone(),
         name: vm.key().name.clone(),
         state: state.phase.to_string(),
-        endpoint: state.endpoint.map(|e| e.to_string()),
+        endpoint: state.endpoint().map(|e| e.to_string()),
+        endpoints: state.targets.iter().map(|t| t.endpoint().to_string()).collect(),
         buffered: gate.held().0,
         in_flight: gate.in_flight(),
         last_activity,

@@ -23,7 +23,8 @@ pub struct Policy {
     pub max_buffered: usize,
     /// At most this many body bytes held while the VM is not Ready (further → 503).
     pub max_buffered_bytes: usize,
-    /// At most this many requests in flight to the guest at once; 0 = unlimited.
+    /// At most this many requests in flight to each endpoint (the VM's guest, a ready
+    /// pod) at once; 0 = unlimited.
     pub concurrency: usize,
     /// How readiness is probed.
     pub readiness: Readiness,

@@ -161,7 +161,7 @@ impl FakeBackend {
             }
             vm.status.send_replace(BackendStatus {
                 phase: BackendPhase::Stopped,
-                endpoint: None,
+                endpoints: Vec::new(),
                 message: Some("the VM exited on its own".into()),
             });
         });
@@ -245,7 +245,7 @@ impl Backend for FakeBackend {
         vm.log.lock().expect("log lock").start_calls.push(Instant::now());
         vm.status.send_replace(BackendStatus {
             phase: BackendPhase::Starting,
-            endpoint: None,
+            endpoints: Vec::new(),
             message: None,
         });
         let status = vm.status.clone();
@@ -256,7 +256,7 @@ impl Backend for FakeBackend {
             tokio::time::sleep(options.running_delay).await;
             status.send_replace(BackendStatus {
                 phase: BackendPhase::Running,
-                endpoint: Some(endpoint),
+                endpoints: vec![endpoint],
                 message: None,
             });
             if options.precise_boot {
@@ -269,7 +269,7 @@ impl Backend for FakeBackend {
                 Err(e) => {
                     status.send_replace(BackendStatus {
                         phase: BackendPhase::Stopped,
-                        endpoint: None,
+                        endpoints: Vec::new(),
                         message: Some(format!("guest could not listen on {endpoint}: {e}")),
                     });
                     return;

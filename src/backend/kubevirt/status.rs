@@ -14,9 +14,9 @@ pub(super) fn derive_status(
     vmi: Option<&VirtualMachineInstance>,
     port: u16,
 ) -> BackendStatus {
-    let status = |phase, endpoint, message: Option<String>| BackendStatus {
+    let status = |phase, endpoint: Option<SocketAddr>, message: Option<String>| BackendStatus {
         phase,
-        endpoint,
+        endpoints: endpoint.into_iter().collect(),
         message,
     };
     if let Some(vmi) = vmi {
@@ -147,7 +147,7 @@ mod tests {
             let status = derive_status(vm, vmi.as_ref(), 9000);
             assert_eq!(status.phase, phase, "{name}");
             if phase == BackendPhase::Running {
-                assert_eq!(status.endpoint, Some("10.0.0.7:9000".parse().unwrap()));
+                assert_eq!(status.endpoints, vec!["10.0.0.7:9000".parse().unwrap()]);
             }
         }
     }

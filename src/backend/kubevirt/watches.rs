@@ -153,7 +153,7 @@ impl KubevirtBackend {
             if *current == status {
                 return false;
             }
-            tracing::debug!(vm = %key, phase = ?status.phase, endpoint = ?status.endpoint, "VM status");
+            tracing::debug!(vm = %key, phase = ?status.phase, endpoints = ?status.endpoints, "VM status");
             *current = status;
             true
         });

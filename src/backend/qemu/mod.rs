@@ -121,7 +121,7 @@ impl Backend for QemuBackend {
         }
         vm.status.send_replace(BackendStatus {
             phase: BackendPhase::Starting,
-            endpoint: None,
+            endpoints: Vec::new(),
             message: None,
         });
         match self.spawn(vm).await {
@@ -133,7 +133,7 @@ impl Backend for QemuBackend {
                 *process = None;
                 vm.status.send_replace(BackendStatus {
                     phase: BackendPhase::Stopped,
-                    endpoint: None,
+                    endpoints: Vec::new(),
                     message: Some(e.to_string()),
                 });
                 Err(e)
@@ -179,7 +179,7 @@ impl Backend for QemuBackend {
         let endpoint = p.endpoint;
         vm.status.send_replace(BackendStatus {
             phase: BackendPhase::Running,
-            endpoint: Some(endpoint),
+            endpoints: vec![endpoint],
             message: None,
         });
         Ok(())

@@ -188,7 +188,7 @@ async fn supervise(
                         let phase = if running { BackendPhase::Running } else { BackendPhase::Paused };
                         vm.status.send_modify(|s| {
                             if s.phase == BackendPhase::Starting {
-                                *s = BackendStatus { phase, endpoint: Some(endpoint), message: None };
+                                *s = BackendStatus { phase, endpoints: vec![endpoint], message: None };
                             }
                         });
                     }
@@ -220,7 +220,7 @@ async fn supervise(
     *qmp_slot.lock().await = None;
     vm.status.send_replace(BackendStatus {
         phase: BackendPhase::Stopped,
-        endpoint: None,
+        endpoints: Vec::new(),
         message: Some(message),
     });
     let _ = exited.send(true);

@@ -3,9 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use tokio::sync::OwnedSemaphorePermit;
-
-use super::Gate;
+use super::{take, Gate, Taken};
 use crate::lifecycle::AdmitError;
 use crate::vm::{Endpoint, VmPhase};
 
@@ -16,36 +14,28 @@ pub(in crate::lifecycle) struct HeldTicket {
     bytes: usize,
 }
 
-/// What the owner hands a held request when it may go in.
-pub(in crate::lifecycle) struct Release {
-    pub(in crate::lifecycle) endpoint: Endpoint,
-    pub(in crate::lifecycle) slot: Option<OwnedSemaphorePermit>,
-}
+/// What the owner hands a held request when it may go in: a slot on one endpoint.
+pub(in crate::lifecycle) struct Release(pub(in crate::lifecycle) Taken);
 
 impl Gate {
-    /// The warm path: when Ready with nothing held and a concurrency slot free, the
-    /// request goes straight to the guest. Lock-free: the owner is not involved.
+    /// The warm path: when Ready with nothing held and a slot free on an endpoint, the
+    /// request goes straight to the least loaded one. Lock-free: the owner is not
+    /// involved.
     pub(in crate::lifecycle) fn try_enter(&self) -> Option<Permit> {
         // Count first, then look: `GateTx::close_if_idle` checks the count under the
         // state's write lock, so either it sees this request or this request sees the
         // gate closed.
         self.0.in_flight.fetch_add(1, Ordering::SeqCst);
-        let entered = {
+        let taken = {
             let state = self.0.state.borrow();
-            match state.endpoint {
-                Some(endpoint) if state.phase == VmPhase::Ready && !self.has_held() => match &state.limiter {
-                    None => Some((endpoint, None)),
-                    Some(limiter) => limiter
-                        .clone()
-                        .try_acquire_owned()
-                        .ok()
-                        .map(|slot| (endpoint, Some(slot))),
-                },
-                _ => None,
+            if state.phase == VmPhase::Ready && !self.has_held() {
+                take(&state.targets)
+            } else {
+                None
             }
         };
-        match entered {
-            Some((endpoint, slot)) => Some(self.entered(endpoint, slot)),
+        match taken {
+            Some(taken) => Some(self.entered(taken)),
             None => {
                 self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
                 None
@@ -54,13 +44,12 @@ impl Gate {
     }
 
     /// Counts a request already counted in `in_flight` as entered.
-    fn entered(&self, endpoint: Endpoint, slot: Option<OwnedSemaphorePermit>) -> Permit {
+    fn entered(&self, taken: Taken) -> Permit {
         self.0.metrics.series().in_flight.inc();
         self.touch();
         Permit {
             gate: self.clone(),
-            endpoint,
-            _slot: slot,
+            taken,
         }
     }
 
@@ -91,7 +80,7 @@ impl Gate {
     /// never sees it in neither).
     pub(in crate::lifecycle) fn admit_released(&self, ticket: HeldTicket, release: Release) -> Permit {
         self.0.in_flight.fetch_add(1, Ordering::SeqCst);
-        let permit = self.entered(release.endpoint, release.slot);
+        let permit = self.entered(release.0);
         drop(ticket);
         permit
     }
@@ -107,18 +96,17 @@ impl Drop for HeldTicket {
     }
 }
 
-/// One request in flight to the guest. Dropping it records activity and frees the
-/// concurrency slot; keep it alive until the response body has been streamed.
+/// One request in flight to the guest. Dropping it records activity and frees its
+/// endpoint's slot; keep it alive until the response body has been streamed.
 pub struct Permit {
     gate: Gate,
-    endpoint: Endpoint,
-    _slot: Option<OwnedSemaphorePermit>,
+    taken: Taken,
 }
 
 impl Permit {
     /// Where to send the request.
     pub fn endpoint(&self) -> Endpoint {
-        self.endpoint
+        self.taken.target.endpoint()
     }
 }
 
@@ -126,7 +114,7 @@ impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Permit")
             .field("vm", self.gate.key())
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.endpoint())
             .finish()
     }
 }
@@ -136,6 +124,11 @@ impl Drop for Permit {
         self.gate.touch();
         self.gate.0.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.gate.0.metrics.series().in_flight.dec();
+        if self.taken.target.is_limited() && self.gate.has_held() {
+            // The slot goes back when `taken` drops, right after this: the owner, woken,
+            // finds it free (or waits for the next one).
+            self.gate.0.slot_freed.notify_one();
+        }
     }
 }
 
@@ -143,6 +136,7 @@ impl Drop for Permit {
 mod tests {
     use super::*;
     use crate::lifecycle::gate::tests::{addr, gate_with};
+    use crate::lifecycle::gate::Target;
     use crate::vm::Policy;
 
     #[tokio::test(start_paused = true)]
@@ -172,7 +166,7 @@ mod tests {
             ..Policy::default()
         });
         assert!(gate.try_enter().is_none(), "stopped");
-        tx.publish(VmPhase::Ready, Some(addr()), None);
+        tx.publish(VmPhase::Ready, &[Target::new(addr(), 1)], None);
         let ticket = gate.reserve(0).unwrap();
         assert!(gate.try_enter().is_none(), "held requests go first");
         drop(ticket);
@@ -189,13 +183,8 @@ mod tests {
     async fn a_released_request_is_in_flight_before_it_stops_counting_as_held() {
         let (gate, _tx) = gate_with(Policy::default());
         let ticket = gate.reserve(5).unwrap();
-        let permit = gate.admit_released(
-            ticket,
-            Release {
-                endpoint: addr(),
-                slot: None,
-            },
-        );
+        let slot = take(&[Target::new(addr(), 0)]).unwrap();
+        let permit = gate.admit_released(ticket, Release(slot));
         assert_eq!((gate.in_flight(), gate.held()), (1, (0, 0)));
         drop(permit);
         assert_eq!(gate.in_flight(), 0);

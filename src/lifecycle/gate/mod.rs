@@ -8,21 +8,24 @@
 //! Held requests reserve their place against the per-VM bounds here (count and body
 //! bytes) before they queue at the owner, so the bound holds however far the owner lags.
 //!
-//! Owns: the published state, in-flight counting, the concurrency limiter, the bounds
-//! on held requests, the activity clock.
+//! Owns: the published state (with the endpoints taking traffic, `target.rs`), in-flight
+//! counting, the bounds on held requests, the activity clock.
 //! Must not import: HTTP, the backend, Kubernetes, `owner`.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 mod admission;
+mod target;
 
 pub use admission::Permit;
 pub(in crate::lifecycle) use admission::Release;
+pub use target::Target;
+pub(in crate::lifecycle) use target::{take, Taken};
 
 use crate::metrics::VmMetrics;
 use crate::vm::{Endpoint, Policy, VmKey, VmPhase};
@@ -33,15 +36,20 @@ use crate::vm::{Endpoint, Policy, VmKey, VmPhase};
 pub struct VmState {
     /// Current phase.
     pub phase: VmPhase,
-    /// The guest endpoint while Probing or Ready (kept while Stopping, in case the stop
-    /// is called off).
-    pub endpoint: Option<Endpoint>,
+    /// The endpoints taking traffic (probed), while Ready — and while Stopping, in case
+    /// the stop is called off.
+    pub targets: Arc<[Arc<Target>]>,
     /// Why the last start failed, or why the VM stopped unexpectedly.
     pub last_error: Option<Arc<str>>,
     /// The policy in force. A changed policy takes effect when the VM is next stopped.
     pub policy: Arc<Policy>,
-    /// Limits requests in flight to the guest (`Policy::concurrency`); `None` = unlimited.
-    limiter: Option<Arc<Semaphore>>,
+}
+
+impl VmState {
+    /// The first endpoint taking traffic, if any.
+    pub fn endpoint(&self) -> Option<Endpoint> {
+        self.targets.first().map(|t| t.endpoint())
+    }
 }
 
 /// Held requests' share of the per-VM bounds.
@@ -67,6 +75,8 @@ struct Inner {
     last_shared_ms: AtomicU64,
     /// Activity is shared at most this often: a tenth of the idle timeout (ms).
     share_every_ms: AtomicU64,
+    /// A concurrency slot was freed while requests were held (the owner waits on it).
+    slot_freed: Notify,
     metrics: VmMetrics,
 }
 
@@ -76,10 +86,6 @@ pub struct Gate(Arc<Inner>);
 
 /// The write side of a VM's gate. Only the VM's owner holds one.
 pub(super) struct GateTx(Gate);
-
-fn limiter_for(policy: &Policy) -> Option<Arc<Semaphore>> {
-    (policy.concurrency > 0).then(|| Arc::new(Semaphore::new(policy.concurrency)))
-}
 
 fn share_every_ms(policy: &Policy) -> u64 {
     (policy.idle_timeout / 10).as_millis() as u64
@@ -91,9 +97,8 @@ impl Gate {
         let share_every = share_every_ms(&policy);
         let (state, _) = watch::channel(VmState {
             phase: VmPhase::Stopped,
-            endpoint: None,
+            targets: Arc::new([]),
             last_error: None,
-            limiter: limiter_for(&policy),
             policy,
         });
         let gate = Gate(Arc::new(Inner {
@@ -107,6 +112,7 @@ impl Gate {
             last_cold_start_ms: AtomicU64::new(0),
             last_shared_ms: AtomicU64::new(0),
             share_every_ms: AtomicU64::new(share_every),
+            slot_freed: Notify::new(),
             metrics,
         }));
         (gate.clone(), GateTx(gate))
@@ -229,30 +235,30 @@ impl GateTx {
         &(self.0).0
     }
 
-    /// Publishes a phase and endpoint; the last error is kept unless `error` replaces it.
-    pub(super) fn publish(&self, phase: VmPhase, endpoint: Option<Endpoint>, error: Option<Arc<str>>) {
+    /// Publishes a phase and the endpoints taking traffic; the last error is kept unless
+    /// `error` replaces it.
+    pub(super) fn publish(&self, phase: VmPhase, targets: &[Arc<Target>], error: Option<Arc<str>>) {
         self.inner().state.send_modify(|s| {
             s.phase = phase;
-            s.endpoint = endpoint;
+            s.targets = targets.into();
             if error.is_some() {
                 s.last_error = error;
             }
         });
     }
 
-    /// Puts a new policy in force (and a concurrency limiter sized for it).
+    /// Puts a new policy in force.
     pub(super) fn set_policy(&self, policy: Arc<Policy>) {
         let inner = self.inner();
         inner.share_every_ms.store(share_every_ms(&policy), Ordering::Relaxed);
-        inner.state.send_modify(|s| {
-            s.limiter = limiter_for(&policy);
-            s.policy = policy;
-        });
+        inner.state.send_modify(|s| s.policy = policy);
     }
 
-    /// The concurrency limiter held requests are released through.
-    pub(super) fn limiter(&self) -> Option<Arc<Semaphore>> {
-        self.inner().state.borrow().limiter.clone()
+    /// Resolves when a request gives back a slot of a limited endpoint while requests
+    /// are held (a notification that came while nobody waited is kept for the next wait).
+    pub(super) fn slot_freed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let gate = self.0.clone();
+        async move { gate.0.slot_freed.notified().await }
     }
 
     /// Closes a Ready (or Paused) gate for a scale-down — `Stopping` — only if nothing
@@ -309,7 +315,7 @@ pub(super) mod tests {
     #[tokio::test(start_paused = true)]
     async fn closing_for_a_scale_down_needs_nothing_in_flight_or_held() {
         let (gate, tx) = gate_with(Policy::default());
-        tx.publish(VmPhase::Ready, Some(addr()), None);
+        tx.publish(VmPhase::Ready, &[Target::new(addr(), 0)], None);
         let permit = gate.try_enter().unwrap();
         assert!(!tx.close_if_idle(), "in flight");
         drop(permit);
@@ -318,7 +324,7 @@ pub(super) mod tests {
         drop(ticket);
         assert!(tx.close_if_idle());
         assert_eq!(gate.phase(), VmPhase::Stopping);
-        assert_eq!(gate.state().endpoint, Some(addr()), "kept for a called-off stop");
+        assert_eq!(gate.state().endpoint(), Some(addr()), "kept for a called-off stop");
         assert!(gate.try_enter().is_none(), "a closed gate admits nothing");
         assert!(!tx.close_if_idle(), "only from Ready or Paused");
     }
@@ -338,14 +344,12 @@ pub(super) mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_new_policy_brings_its_own_limiter() {
+    async fn a_new_policy_is_in_force_at_once() {
         let (gate, tx) = gate_with(Policy::default());
-        assert!(tx.limiter().is_none());
         tx.set_policy(Arc::new(Policy {
             concurrency: 2,
             ..Policy::default()
         }));
-        assert_eq!(tx.limiter().unwrap().available_permits(), 2);
         assert_eq!(gate.policy().concurrency, 2);
     }
 }

@@ -10,14 +10,14 @@ use super::{Done, Life, Owner, ScaledDown, StartKind};
 use crate::backend::{BackendError, StopOutcome};
 use crate::lifecycle::idle::{self, Action};
 use crate::lifecycle::ScaleDownRefused;
-use crate::vm::{Endpoint, VmPhase};
+use crate::vm::VmPhase;
 
 impl Owner {
     /// The idle deadline passed: scale down if the VM is still idle (here and at every
     /// replica) and nothing is in flight or held; otherwise set the next deadline.
     pub(super) fn on_idle_expired(&mut self) {
         let policy = self.policy();
-        let Some((action, idle_for)) = idle::plan(self.life.phase(), policy.scale_down, policy.idle_timeout) else {
+        let Some((action, idle_for)) = idle::plan(self.phase(), policy.scale_down, policy.idle_timeout) else {
             self.idle_at = None;
             return;
         };
@@ -42,11 +42,11 @@ impl Owner {
     /// An explicit stop or pause: at once if nothing is in flight or held.
     pub(super) fn scale_down_now(&mut self, action: Action) -> Result<(), ScaleDownRefused> {
         let applicable = matches!(
-            (action, self.life),
-            (_, Life::Ready { .. }) | (Action::Stop, Life::Paused)
+            (action, self.phase()),
+            (_, VmPhase::Ready) | (Action::Stop, VmPhase::Paused)
         );
         if !applicable {
-            return Err(ScaleDownRefused::NotApplicable(self.life.phase(), action.as_str()));
+            return Err(ScaleDownRefused::NotApplicable(self.phase(), action.as_str()));
         }
         if !self.tx.close_if_idle() {
             let gate = self.tx.gate();
@@ -63,14 +63,9 @@ impl Owner {
     /// The gate is closed (`Stopping`): stop or pause the VM. An idle scale-down stops
     /// with the backend's compare-and-stop, which other replicas' activity calls off.
     pub(super) fn begin_scale_down(&mut self, action: Action, idle: bool) {
-        let endpoint = match self.life {
-            Life::Ready { endpoint } => Some(endpoint),
-            _ => None,
-        };
-        self.life = Life::Stopping {
-            from: self.life.phase(),
-            endpoint,
-        };
+        // The endpoints taking traffic are kept, in case the stop is called off.
+        self.endpoints.stop_probing();
+        self.life = Life::Stopping { from: self.phase() };
         self.idle_at = None;
         let key = self.handle.key().clone();
         let backend = self.handle.0.context.backend.clone();
@@ -100,7 +95,7 @@ impl Owner {
 
     /// The scale-down finished: stopped, paused, failed, or called off.
     pub(super) fn on_scaled_down(&mut self, result: Result<ScaledDown, BackendError>) {
-        let Life::Stopping { from, endpoint } = self.life else {
+        let Life::Stopping { from } = self.life else {
             return;
         };
         let key = self.handle.key().clone();
@@ -108,7 +103,7 @@ impl Owner {
         let (to, error) = match result {
             Ok(ScaledDown::PeerActive) => {
                 tracing::info!(vm = %key, "a peer saw activity; keeping the VM");
-                return self.resume_after_called_off_stop(from, endpoint);
+                return self.resume_after_called_off_stop(from);
             }
             Ok(ScaledDown::Stopped) => {
                 metrics.scaled_down(Action::Stop.as_str());
@@ -125,6 +120,7 @@ impl Owner {
                 (VmPhase::Failed, Some(format!("scale-down failed: {error}").into()))
             }
         };
+        self.endpoints.clear();
         self.life = match to {
             VmPhase::Paused => Life::Paused,
             VmPhase::Failed => Life::Failed,
@@ -139,7 +135,7 @@ impl Owner {
             };
             return self.start(kind);
         }
-        self.tx.publish(to, None, error);
+        self.tx.publish(to, &[], error);
         self.arm_idle_timer();
         self.apply_pending_policy();
     }
@@ -148,22 +144,28 @@ impl Owner {
     /// idle check waits at least `idle.check_interval`, whatever the deadline says — the
     /// peer's record may not have reached this replica's store yet, and each check can
     /// be an API call.
-    pub(super) fn resume_after_called_off_stop(&mut self, from: VmPhase, endpoint: Option<Endpoint>) {
-        match (from, endpoint) {
-            (VmPhase::Ready, Some(endpoint)) => {
-                self.life = Life::Ready { endpoint };
-                self.tx.publish(VmPhase::Ready, Some(endpoint), None);
+    pub(super) fn resume_after_called_off_stop(&mut self, from: VmPhase) {
+        if from == VmPhase::Ready && self.endpoints.any_ready() {
+            self.life = Life::Running {
+                cold: false,
+                since: Instant::now(),
+                deadline: None,
+            };
+            // Endpoints may have come or gone while the stop was tried.
+            if let Some(status) = self.status.as_ref().map(|s| s.borrow().clone()) {
+                let how = self.probing();
+                self.endpoints.sync(&status.endpoints, &how);
             }
-            _ => {
-                self.life = Life::Paused;
-                self.tx.publish(VmPhase::Paused, None, None);
-            }
+        } else {
+            self.endpoints.clear();
+            self.life = Life::Paused;
         }
+        self.publish();
         self.arm_idle_timer();
         let not_before = Instant::now() + self.handle.0.context.idle_recheck;
         self.idle_at = self.idle_at.map(|at| at.max(not_before));
         match self.life {
-            Life::Ready { .. } => self.release_held(None),
+            Life::Running { .. } => self.release_held(),
             _ if !self.queue.is_empty() => self.start(StartKind::Resume),
             _ => {}
         }
@@ -172,7 +174,7 @@ impl Owner {
     /// Sets the idle timer for the current phase (none if its plan has no scale-down).
     pub(super) fn arm_idle_timer(&mut self) {
         let policy = self.policy();
-        self.idle_at = idle::plan(self.life.phase(), policy.scale_down, policy.idle_timeout)
+        self.idle_at = idle::plan(self.phase(), policy.scale_down, policy.idle_timeout)
             .map(|(_, idle_for)| self.tx.gate().last_activity() + idle_for);
     }
 }

@@ -2,21 +2,24 @@
 //! code that moves the VM from phase to phase (docs/architecture.md has the diagram).
 //!
 //! Events are the commands sent through the `VmHandle`, the backend's status stream,
-//! the start deadline, the idle timer, concurrency slots freeing up, and the results of
-//! the one backend call or probe the owner runs at a time (`Done`). A start is: start call
-//! → the backend reports the VM running with an endpoint → the guest answers a probe →
-//! Ready, and the held requests are released in arrival order through the VM's
-//! concurrency limit. Whatever goes wrong on the way answers the held requests and
-//! stops the half-started VM; requests that arrive meanwhile start it again afterwards.
+//! the start deadline, the idle timer, concurrency slots freeing up, endpoints passing
+//! their probe, and the result of the one backend call the owner runs at a time
+//! (`Done`). A start is: start call → the backend reports the VM running with its
+//! endpoints → each is probed → Ready as soon as one answers, and the held requests are
+//! released in arrival order, each to the least loaded endpoint with a free slot.
+//! Whatever goes wrong on the way answers the held requests and stops the half-started
+//! VM; requests that arrive meanwhile start it again afterwards.
 //!
-//! This file has the loop and the dispatch; `up.rs` the way up (start, status, probe,
-//! release, failure, loss), `down.rs` the way down (idle timer, scale-down).
+//! This file has the loop and the dispatch; `up.rs` the way up (start, status, probes,
+//! release, failure, loss), `down.rs` the way down (idle timer, scale-down),
+//! `endpoints.rs` the endpoints being probed and taking traffic.
 //!
 //! Owns: the phase transitions, the queue of held requests, starts, probes,
 //! scale-downs. Must not import HTTP, `ingress`, `server`, `activator`, or backend
 //! implementations.
 
 mod down;
+mod endpoints;
 mod timer;
 mod up;
 
@@ -24,7 +27,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::gate::GateTx;
@@ -32,6 +35,7 @@ use super::{AdmitError, Command, VmHandle, Waiter};
 use crate::backend::{BackendError, BackendStatus};
 use crate::metrics::ColdStartPhase;
 use crate::vm::{Endpoint, Policy, VmPhase};
+use endpoints::{Endpoints, Probing};
 use timer::{maybe, Timer};
 
 /// What kind of start the VM needs.
@@ -59,49 +63,26 @@ enum Life {
         left_stopped: bool,
         deadline: Instant,
     },
-    Probing {
-        endpoint: Endpoint,
-        since: Instant,
-        deadline: Instant,
-        /// Part of a cold start (else a re-probe of a guest that stopped answering).
+    /// The backend reports it running: Ready while an endpoint takes traffic, else
+    /// Probing (its endpoints are probed).
+    Running {
+        /// Part of a cold start: no endpoint has passed its probe yet.
         cold: bool,
-    },
-    Ready {
-        endpoint: Endpoint,
+        /// When the backend reported it running (for the probe phase of a cold start).
+        since: Instant,
+        /// While no endpoint takes traffic: when to give up (`start_timeout`).
+        deadline: Option<Instant>,
     },
     Stopping {
         /// Where the VM was; a stop that is called off goes back there.
         from: VmPhase,
-        endpoint: Option<Endpoint>,
     },
     Paused,
 }
 
-impl Life {
-    fn phase(&self) -> VmPhase {
-        match self {
-            Life::Stopped => VmPhase::Stopped,
-            Life::Failed => VmPhase::Failed,
-            Life::Starting { .. } => VmPhase::Starting,
-            Life::Probing { .. } => VmPhase::Probing,
-            Life::Ready { .. } => VmPhase::Ready,
-            Life::Stopping { .. } => VmPhase::Stopping,
-            Life::Paused => VmPhase::Paused,
-        }
-    }
-
-    fn start_deadline(&self) -> Option<Instant> {
-        match self {
-            Life::Starting { deadline, .. } | Life::Probing { deadline, .. } => Some(*deadline),
-            _ => None,
-        }
-    }
-}
-
-/// The one backend call or probe in progress, with what it returns.
+/// The one backend call in progress, with what it returns.
 enum Done {
     Started(Result<(), BackendError>),
-    Probed,
     ScaledDown(Result<ScaledDown, BackendError>),
     CleanedUp,
 }
@@ -128,10 +109,12 @@ enum Event {
     StartDeadline,
     /// The idle timer fired.
     IdleExpired,
-    /// The backend call or probe in progress finished.
+    /// The backend call in progress finished.
     Done(Done),
-    /// A concurrency slot freed up for the first held request.
-    Slot(OwnedSemaphorePermit),
+    /// This endpoint passed its probe.
+    Probed(Endpoint),
+    /// A concurrency slot may have freed up for the first held request.
+    Slot,
 }
 
 /// Whether the owner goes on after an event.
@@ -156,8 +139,10 @@ pub(super) struct Owner {
     /// After the drain deadline: the answer for every request that still arrives.
     rejecting: Option<AdmitError>,
     op: Option<BoxFuture<'static, Done>>,
+    /// The endpoints being probed and taking traffic.
+    endpoints: Endpoints,
     /// Waiting for a concurrency slot for the first held request.
-    slot_wait: Option<BoxFuture<'static, OwnedSemaphorePermit>>,
+    slot_wait: Option<BoxFuture<'static, ()>>,
     idle_at: Option<Instant>,
     start_timer: Timer,
     idle_timer: Timer,
@@ -182,6 +167,7 @@ impl Owner {
             pending_policy: None,
             rejecting: None,
             op: None,
+            endpoints: Endpoints::default(),
             slot_wait: None,
             idle_at: None,
             start_timer: Timer::new(),
@@ -213,7 +199,7 @@ impl Owner {
     }
 
     async fn next_event(&mut self) -> Event {
-        self.start_timer.set(self.life.start_deadline());
+        self.start_timer.set(self.start_deadline());
         self.idle_timer.set(self.idle_at);
         tokio::select! {
             biased;
@@ -222,9 +208,10 @@ impl Owner {
                 Err(_) => Event::StatusGone,
             },
             done = maybe(self.op.as_mut()) => Event::Done(done),
+            endpoint = self.endpoints.next_passed() => Event::Probed(endpoint),
             _ = self.start_timer.fired() => Event::StartDeadline,
             Some(command) = self.inbox.recv() => Event::Command(command),
-            slot = maybe(self.slot_wait.as_mut()) => Event::Slot(slot),
+            () = maybe(self.slot_wait.as_mut()) => Event::Slot,
             _ = self.idle_timer.fired() => Event::IdleExpired,
         }
     }
@@ -247,7 +234,7 @@ impl Owner {
                 });
             }
             Event::StartDeadline => {
-                if matches!(self.life, Life::Starting { .. } | Life::Probing { .. }) {
+                if self.start_deadline().is_some() {
                     let timeout = self.policy().start_timeout;
                     self.fail(AdmitError::StartTimeout(timeout), true);
                 }
@@ -257,9 +244,10 @@ impl Owner {
                 self.op = None;
                 self.on_done(done);
             }
-            Event::Slot(slot) => {
+            Event::Probed(endpoint) => self.on_probed(endpoint),
+            Event::Slot => {
                 self.slot_wait = None;
-                self.release_held(Some(slot));
+                self.release_held();
             }
         }
         Flow::Continue
@@ -268,12 +256,7 @@ impl Owner {
     fn on_command(&mut self, command: Command) -> Flow {
         match command {
             Command::Activate(waiter) => self.activate(waiter),
-            Command::Unreachable(endpoint) => {
-                if matches!(self.life, Life::Ready { endpoint: current } if current == endpoint) {
-                    tracing::warn!(vm = %self.handle.key(), %endpoint, "guest unreachable; re-probing");
-                    self.probe(endpoint, false);
-                }
-            }
+            Command::Unreachable(endpoint) => self.on_unreachable(endpoint),
             Command::ScaleDown { action, reply } => {
                 let _ = reply.send(self.scale_down_now(action));
             }
@@ -285,7 +268,7 @@ impl Owner {
                 tracing::info!(vm = %self.handle.key(), "VM left the catalog");
                 let message: Arc<str> = "the VM was removed from the catalog".into();
                 self.answer_held(AdmitError::Stopped(message.clone()));
-                self.tx.publish(VmPhase::Stopped, None, Some(message));
+                self.tx.publish(VmPhase::Stopped, &[], Some(message));
                 return Flow::End;
             }
             Command::RejectHeld(error) => {
@@ -296,7 +279,7 @@ impl Owner {
         Flow::Continue
     }
 
-    /// The one backend call or probe in progress finished.
+    /// The one backend call in progress finished.
     fn on_done(&mut self, done: Done) {
         match done {
             Done::Started(result) => {
@@ -323,7 +306,6 @@ impl Owner {
                     Err(error) => self.fail(AdmitError::StartFailed(error.to_string().into()), true),
                 }
             }
-            Done::Probed => self.on_probed(),
             Done::ScaledDown(result) => self.on_scaled_down(result),
             Done::CleanedUp => {
                 if !self.queue.is_empty() {
@@ -358,11 +340,47 @@ impl Owner {
         self.tx.gate().policy()
     }
 
+    /// The phase readers see.
+    fn phase(&self) -> VmPhase {
+        match self.life {
+            Life::Stopped => VmPhase::Stopped,
+            Life::Failed => VmPhase::Failed,
+            Life::Starting { .. } => VmPhase::Starting,
+            Life::Running { .. } if self.endpoints.any_ready() => VmPhase::Ready,
+            Life::Running { .. } => VmPhase::Probing,
+            Life::Stopping { .. } => VmPhase::Stopping,
+            Life::Paused => VmPhase::Paused,
+        }
+    }
+
+    /// When a start (or a VM left without an endpoint taking traffic) gives up.
+    fn start_deadline(&self) -> Option<Instant> {
+        match self.life {
+            Life::Starting { deadline, .. } => Some(deadline),
+            Life::Running { deadline, .. } if !self.endpoints.any_ready() => deadline,
+            _ => None,
+        }
+    }
+
+    /// Publishes the phase and the endpoints taking traffic.
+    fn publish(&self) {
+        self.tx.publish(self.phase(), self.endpoints.ready(), None);
+    }
+
+    /// How endpoints are probed under the policy in force.
+    fn probing(&self) -> Probing {
+        Probing {
+            probe: self.handle.0.context.probe.clone(),
+            readiness: self.policy().readiness.clone(),
+        }
+    }
+
     /// Nothing going on: no call or probe running, nothing held, no timer that matters.
     fn is_dormant(&self) -> bool {
         self.op.is_none()
             && self.queue.is_empty()
             && self.slot_wait.is_none()
+            && !self.endpoints.probing()
             && matches!(self.life, Life::Stopped | Life::Failed | Life::Paused)
             && self.idle_at.is_none()
     }

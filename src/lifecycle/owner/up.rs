@@ -1,15 +1,17 @@
 //! The way up: a request that missed the warm path is queued and starts the VM; the
-//! start call, the backend reporting the VM running, the guest's probe, then Ready and
-//! the held requests released in arrival order through the concurrency limit. Whatever
-//! fails on the way answers the held requests (and stops a half-started VM).
+//! start call, the backend reporting the VM running with its endpoints, each endpoint's
+//! probe, then Ready once one answers and the held requests released in arrival order,
+//! each to the least loaded endpoint with a free slot. While Ready the endpoints follow
+//! the backend (new ones probed first), and one that refuses a connection is taken out
+//! and probed again. Whatever fails on the way answers the held requests (and stops a
+//! half-started VM).
 
 use futures_util::FutureExt;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::{Done, Life, Owner, StartKind};
 use crate::backend::{BackendPhase, BackendStatus};
-use crate::lifecycle::gate::Release;
+use crate::lifecycle::gate::{take, Release};
 use crate::lifecycle::{AdmitError, Waiter};
 use crate::metrics::ColdStartPhase;
 use crate::vm::{Endpoint, VmPhase};
@@ -31,7 +33,7 @@ impl Owner {
         match self.life {
             Life::Stopped | Life::Failed if self.op.is_none() => self.start(StartKind::Boot),
             Life::Paused => self.start(StartKind::Resume),
-            Life::Ready { .. } => self.release_held(None),
+            Life::Running { .. } => self.release_held(),
             // On its way up (released when Ready), or a stop or clean-up is running
             // (started again when it is done).
             _ => {}
@@ -56,6 +58,7 @@ impl Owner {
         status.borrow_and_update();
         let now = Instant::now();
         self.cold_start_from = Some(self.queue.front().map_or(now, |w| w.arrived));
+        self.endpoints.clear();
         self.life = Life::Starting {
             called_at: now,
             returned_at: None,
@@ -63,7 +66,7 @@ impl Owner {
             deadline: now + self.policy().start_timeout,
         };
         self.idle_at = None;
-        self.tx.publish(VmPhase::Starting, None, None);
+        self.publish();
         tracing::debug!(vm = %key, ?kind, "starting");
         self.op = Some(
             async move {
@@ -77,8 +80,8 @@ impl Owner {
         );
     }
 
-    /// The backend's news about the VM: running (on its way up), stopped while starting
-    /// (failed), stopped while Ready (lost), or running at a new address (re-probe).
+    /// The backend's news about the VM: running (on its way up, or with other
+    /// endpoints), stopped while starting (failed) or while running (lost).
     pub(super) fn on_status(&mut self, status: BackendStatus) {
         match self.life {
             Life::Starting {
@@ -93,16 +96,12 @@ impl Owner {
                     self.check_running();
                 }
             }
-            Life::Probing { .. } if status.phase == BackendPhase::Stopped => {
-                self.fail(AdmitError::Stopped(stopped_message(&status).into()), true);
-            }
-            Life::Ready { endpoint } => match (status.phase, status.endpoint) {
-                (BackendPhase::Stopped, _) => self.lost(stopped_message(&status)),
-                // The guest moved (a new VMI, a new address): probe it there.
-                (BackendPhase::Running, Some(moved)) if moved != endpoint => {
-                    tracing::info!(vm = %self.handle.key(), %moved, "the guest has a new address; probing it");
-                    self.probe(moved, false);
+            Life::Running { cold, .. } => match status.phase {
+                BackendPhase::Stopped if cold => {
+                    self.fail(AdmitError::Stopped(stopped_message(&status).into()), true);
                 }
+                BackendPhase::Stopped => self.lost(stopped_message(&status)),
+                BackendPhase::Running => self.follow_endpoints(&status.endpoints),
                 _ => {}
             },
             // Stopping: the stop we asked for. Stopped, Failed, Paused: not running.
@@ -110,11 +109,13 @@ impl Owner {
         }
     }
 
-    /// Starting: whether the backend reports the VM running (→ probe) or dead.
+    /// Starting: whether the backend reports the VM running (→ probe its endpoints) or
+    /// dead.
     pub(super) fn check_running(&mut self) {
         let Life::Starting {
             returned_at,
             left_stopped,
+            deadline,
             ..
         } = self.life
         else {
@@ -123,14 +124,21 @@ impl Owner {
         let Some(status) = self.status.as_ref().map(|s| s.borrow().clone()) else {
             return;
         };
-        match (status.phase, status.endpoint, returned_at) {
-            (BackendPhase::Running, Some(endpoint), Some(returned_at)) => {
+        match (status.phase, returned_at) {
+            (BackendPhase::Running, Some(returned_at)) if !status.endpoints.is_empty() => {
                 let metrics = self.tx.gate().metrics();
                 metrics.cold_start_phase(ColdStartPhase::Boot, returned_at.elapsed().as_secs_f64());
-                tracing::debug!(vm = %self.handle.key(), %endpoint, "backend reports running; probing");
-                self.probe(endpoint, true);
+                tracing::debug!(vm = %self.handle.key(), endpoints = ?status.endpoints, "backend reports running; probing");
+                self.life = Life::Running {
+                    cold: true,
+                    since: Instant::now(),
+                    deadline: Some(deadline),
+                };
+                let how = self.probing();
+                self.endpoints.sync(&status.endpoints, &how);
+                self.publish();
             }
-            (BackendPhase::Stopped, _, _) if left_stopped => {
+            (BackendPhase::Stopped, _) if left_stopped => {
                 let message = status.message.unwrap_or_else(|| "the VM stopped while starting".into());
                 self.fail(AdmitError::Stopped(message.into()), true);
             }
@@ -138,93 +146,105 @@ impl Owner {
         }
     }
 
-    /// Probes the guest at `endpoint` until it answers: part of a cold start, or a
-    /// re-probe of a guest that stopped answering (bounded by the start timeout).
-    pub(super) fn probe(&mut self, endpoint: Endpoint, cold: bool) {
-        let now = Instant::now();
-        let deadline = match self.life {
-            Life::Starting { deadline, .. } if cold => deadline,
-            _ => now + self.policy().start_timeout,
-        };
-        self.life = Life::Probing {
-            endpoint,
-            since: now,
-            deadline,
-            cold,
-        };
-        self.idle_at = None;
-        self.slot_wait = None;
-        self.tx.publish(VmPhase::Probing, Some(endpoint), None);
-        let probe = self.handle.0.context.probe.clone();
-        let readiness = self.policy().readiness.clone();
-        self.op = Some(
-            async move {
-                probe.wait_ready(endpoint, &readiness).await;
-                Done::Probed
-            }
-            .boxed(),
-        );
-    }
-
-    /// The guest answered: Ready (recording the cold start), then release.
-    pub(super) fn on_probed(&mut self) {
-        let Life::Probing {
-            endpoint, since, cold, ..
-        } = self.life
-        else {
-            return;
-        };
-        let key = self.handle.key().clone();
-        if cold {
-            let metrics = self.tx.gate().metrics();
-            metrics.cold_start_phase(ColdStartPhase::Probe, since.elapsed().as_secs_f64());
-            if let Some(first) = self.cold_start_from.take() {
-                let took = first.elapsed();
-                metrics.series().cold_start.observe(took.as_secs_f64());
-                self.tx.record_cold_start(took);
-                tracing::info!(vm = %key, %endpoint, held = self.queue.len(), cold_start_ms = took.as_millis() as u64, "VM ready");
-            }
-        } else {
-            tracing::info!(vm = %key, %endpoint, "guest answers again");
+    /// Running: the backend's endpoints changed (pods came or went, the guest moved).
+    /// Those gone leave the traffic at once; new ones take it once they pass a probe.
+    fn follow_endpoints(&mut self, wanted: &[Endpoint]) {
+        let how = self.probing();
+        let was_ready = self.endpoints.any_ready();
+        if self.endpoints.sync(wanted, &how) {
+            self.after_losing_endpoints(was_ready, "the backend no longer reports it");
+            self.publish();
         }
-        self.life = Life::Ready { endpoint };
-        self.tx.publish(VmPhase::Ready, Some(endpoint), None);
-        self.arm_idle_timer();
-        self.release_held(None);
     }
 
-    /// Ready: hands held requests the endpoint in arrival order, each with a
-    /// concurrency slot — `slot` if one was just freed, else any free one; when none is
-    /// free, waits for one (an event) instead of blocking.
-    pub(super) fn release_held(&mut self, mut slot: Option<OwnedSemaphorePermit>) {
-        let Life::Ready { endpoint } = self.life else {
+    /// A request could not connect to `endpoint`: no more traffic to it until a probe
+    /// passes again; the other endpoints keep serving.
+    pub(super) fn on_unreachable(&mut self, endpoint: Endpoint) {
+        if !matches!(self.life, Life::Running { .. }) {
+            return;
+        }
+        let how = self.probing();
+        let was_ready = self.endpoints.any_ready();
+        if self.endpoints.reprobe(endpoint, &how) {
+            tracing::warn!(vm = %self.handle.key(), %endpoint, "guest unreachable; re-probing");
+            self.after_losing_endpoints(was_ready, "it refused a connection");
+            self.publish();
+        }
+    }
+
+    /// The last endpoint taking traffic is gone: Probing again, bounded by the start
+    /// timeout; held requests wait for an endpoint to pass its probe.
+    fn after_losing_endpoints(&mut self, was_ready: bool, why: &str) {
+        if was_ready && !self.endpoints.any_ready() {
+            tracing::info!(vm = %self.handle.key(), why, "no endpoint takes traffic; probing");
+            let give_up = Instant::now() + self.policy().start_timeout;
+            if let Life::Running { ref mut deadline, .. } = self.life {
+                *deadline = Some(give_up);
+            }
+            self.idle_at = None;
+            self.slot_wait = None;
+        }
+    }
+
+    /// An endpoint passed its probe: it takes traffic. The first one makes the VM Ready
+    /// (recording the cold start) and releases the held requests.
+    pub(super) fn on_probed(&mut self, endpoint: Endpoint) {
+        let Life::Running { cold, since, .. } = self.life else {
             return;
         };
-        let limiter = self.tx.limiter();
+        let was_ready = self.endpoints.any_ready();
+        if !self.endpoints.passed(endpoint, self.policy().concurrency) {
+            return;
+        }
+        let key = self.handle.key().clone();
+        if !was_ready {
+            if cold {
+                let metrics = self.tx.gate().metrics();
+                metrics.cold_start_phase(ColdStartPhase::Probe, since.elapsed().as_secs_f64());
+                if let Some(first) = self.cold_start_from.take() {
+                    let took = first.elapsed();
+                    metrics.series().cold_start.observe(took.as_secs_f64());
+                    self.tx.record_cold_start(took);
+                    tracing::info!(vm = %key, %endpoint, held = self.queue.len(), cold_start_ms = took.as_millis() as u64, "VM ready");
+                }
+            } else {
+                tracing::info!(vm = %key, %endpoint, "guest answers again");
+            }
+            self.life = Life::Running {
+                cold: false,
+                since,
+                deadline: None,
+            };
+            self.arm_idle_timer();
+        } else {
+            tracing::debug!(vm = %key, %endpoint, "another endpoint takes traffic");
+        }
+        self.publish();
+        self.release_held();
+    }
+
+    /// Ready: hands held requests a slot on the least loaded endpoint, in arrival order;
+    /// when every endpoint is at its limit, waits for a slot (an event) instead of
+    /// blocking.
+    pub(super) fn release_held(&mut self) {
+        if !self.endpoints.any_ready() || !matches!(self.life, Life::Running { .. }) {
+            return;
+        }
         while let Some(waiter) = self.queue.pop_front() {
             if waiter.reply.is_closed() {
                 continue;
             }
-            let slot = match &limiter {
-                None => None,
-                Some(limiter) => match slot.take().or_else(|| limiter.clone().try_acquire_owned().ok()) {
-                    Some(permit) => Some(permit),
-                    None => {
-                        self.queue.push_front(waiter);
-                        let limiter = limiter.clone();
-                        self.slot_wait = Some(
-                            async move { limiter.acquire_owned().await.expect("the limiter is never closed") }.boxed(),
-                        );
-                        return;
-                    }
-                },
+            let Some(taken) = take(self.endpoints.ready()) else {
+                self.queue.push_front(waiter);
+                if self.slot_wait.is_none() {
+                    self.slot_wait = Some(self.tx.slot_freed().boxed());
+                }
+                return;
             };
-            // A request that gave up just now hands its slot straight back (dropped).
-            let _ = waiter.reply.send(Ok(Release { endpoint, slot }));
+            // A request that gave up just now gives its slot straight back (dropped).
+            let _ = waiter.reply.send(Ok(Release(taken)));
         }
-        if self.queue.is_empty() {
-            tracing::debug!(vm = %self.handle.key(), "held requests released");
-        }
+        tracing::debug!(vm = %self.handle.key(), "held requests released");
     }
 
     /// A start (or re-probe) failed: answer the held requests now, and — when the VM
@@ -236,8 +256,9 @@ impl Owner {
         self.cold_start_from = None;
         self.slot_wait = None;
         self.idle_at = None;
+        self.endpoints.clear();
         self.life = Life::Failed;
-        self.tx.publish(VmPhase::Failed, None, Some(error.to_string().into()));
+        self.tx.publish(VmPhase::Failed, &[], Some(error.to_string().into()));
         if clean_up {
             let backend = self.handle.0.context.backend.clone();
             self.op = Some(
@@ -266,8 +287,9 @@ impl Owner {
         self.answer_held(AdmitError::Stopped(message.as_str().into()));
         self.slot_wait = None;
         self.idle_at = None;
+        self.endpoints.clear();
         self.life = Life::Stopped;
-        self.tx.publish(VmPhase::Stopped, None, Some(message.into()));
+        self.tx.publish(VmPhase::Stopped, &[], Some(message.into()));
         self.apply_pending_policy();
     }
 }

@@ -3,6 +3,7 @@
 //! This file is the harness; `up.rs` has the way up, `down.rs` the way down.
 
 mod down;
+mod endpoints;
 mod up;
 
 use std::sync::{Arc, Mutex};
@@ -90,9 +91,13 @@ impl Scripted {
     }
 
     fn report(&self, phase: BackendPhase, endpoint: Option<Endpoint>) {
+        self.report_endpoints(phase, endpoint.into_iter().collect());
+    }
+
+    fn report_endpoints(&self, phase: BackendPhase, endpoints: Vec<Endpoint>) {
         self.status.send_replace(BackendStatus {
             phase,
-            endpoint,
+            endpoints,
             message: None,
         });
     }
@@ -102,15 +107,26 @@ impl Scripted {
     }
 }
 
-/// A guest probe that passes once the test says the guest is up.
+/// A guest probe that passes once the test says the guest is up — except at the
+/// endpoints it lists as down.
 struct ScriptedProbe {
     up: watch::Sender<bool>,
+    down: watch::Sender<Vec<Endpoint>>,
 }
 
 #[async_trait]
 impl GuestProbe for ScriptedProbe {
-    async fn wait_ready(&self, _: Endpoint, _: &Readiness) {
-        let _ = self.up.subscribe().wait_for(|up| *up).await;
+    async fn wait_ready(&self, endpoint: Endpoint, _: &Readiness) {
+        let (mut up, mut down) = (self.up.subscribe(), self.down.subscribe());
+        loop {
+            if *up.borrow_and_update() && !down.borrow_and_update().contains(&endpoint) {
+                return;
+            }
+            tokio::select! {
+                _ = up.changed() => {}
+                _ = down.changed() => {}
+            }
+        }
     }
 }
 
@@ -140,6 +156,7 @@ fn world(policy: Policy) -> World {
     });
     let probe = Arc::new(ScriptedProbe {
         up: watch::channel(false).0,
+        down: watch::channel(Vec::new()).0,
     });
     let metrics = Metrics::new();
     let key = VmKey::new("ns", "vm");

@@ -16,7 +16,7 @@ async fn activate_starts_once_then_probes_and_releases_in_arrival_order() {
     w.backend.report(BackendPhase::Running, Some(endpoint()));
     settle().await;
     assert_eq!(w.phase(), VmPhase::Probing);
-    assert_eq!(w.vm.gate().state().endpoint, Some(endpoint()));
+    assert_eq!(w.vm.gate().state().endpoint(), None, "no traffic before a probe passes");
     w.probe.up.send_replace(true);
     settle().await;
     assert_eq!(w.phase(), VmPhase::Ready);
@@ -132,7 +132,7 @@ async fn a_guest_with_a_new_address_is_probed_there() {
     w.backend.report(BackendPhase::Running, Some(moved));
     settle().await;
     assert_eq!(w.phase(), VmPhase::Ready);
-    assert_eq!(w.vm.gate().state().endpoint, Some(moved));
+    assert_eq!(w.vm.gate().state().endpoint(), Some(moved));
 }
 
 #[tokio::test(start_paused = true)]
