@@ -45,7 +45,15 @@ impl Activator {
         let weak = Arc::downgrade(&activator);
         activator.metrics.set_phase_source(Box::new(move || {
             weak.upgrade()
-                .map(|a| a.vms().iter().map(|vm| (vm.key().clone(), vm.gate().phase())).collect())
+                .map(|a| {
+                    a.vms()
+                        .iter()
+                        .map(|vm| {
+                            let state = vm.gate().state();
+                            (vm.key().clone(), state.phase, state.policy.kind.clone())
+                        })
+                        .collect()
+                })
                 .unwrap_or_default()
         }));
         let catalog = activator.backend().catalog().borrow().clone();

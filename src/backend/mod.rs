@@ -133,6 +133,12 @@ pub trait Backend: Send + Sync + 'static {
     /// The status stream of one VM, or `None` if the backend does not know it.
     fn status(&self, vm: &VmKey) -> Option<watch::Receiver<BackendStatus>>;
 
+    /// Why the VM is in its current phase, if the backend says (for `/v1/vms`): the
+    /// current status's message, without subscribing to it for good.
+    fn status_message(&self, vm: &VmKey) -> Option<String> {
+        self.status(vm).and_then(|status| status.borrow().message.clone())
+    }
+
     /// Starts the VM. Returns once the request is accepted (the status stream tells
     /// when it runs). Starting a VM that is already starting or running is a no-op.
     async fn start(&self, vm: &VmKey) -> Result<(), BackendError>;

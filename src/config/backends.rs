@@ -8,18 +8,92 @@ use serde::{Deserialize, Serialize};
 use super::human_duration;
 use crate::vm::{Policy, Readiness, ScaleDown, VmKey};
 
-/// The KubeVirt backend.
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+/// The Kubernetes backend: KubeVirt VirtualMachines and workloads with a `/scale`
+/// subresource.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubevirtConfig {
     /// Kubeconfig file; default: `KUBECONFIG`, `~/.kube/config`, or in-cluster.
     pub kubeconfig: Option<PathBuf>,
-    /// Only VMs in these namespaces; empty = every namespace (needs a ClusterRole).
+    /// Only targets in these namespaces; empty = every namespace (needs a ClusterRole).
     pub namespaces: Vec<String>,
     /// Scale down by pausing through `subresources.kubevirt.io` (needs the
     /// `virtualmachineinstances/pause` and `/unpause` RBAC verbs). Default false: a VM
     /// whose policy says pause is stopped instead.
     pub pause: bool,
+    /// Also manage opted-in `apps/v1` Deployments and StatefulSets (and watch pods, whose
+    /// ready addresses are their endpoints). Default true.
+    pub workloads: bool,
+    /// More kinds with a `/scale` subresource to manage, e.g. KubeVirt's
+    /// VirtualMachinePool (each needs its RBAC rule: see `deploy/components/`).
+    pub scale_kinds: Vec<ScaleKind>,
+}
+
+impl Default for KubevirtConfig {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            namespaces: Vec::new(),
+            pause: false,
+            workloads: true,
+            scale_kinds: Vec::new(),
+        }
+    }
+}
+
+/// A kind with a `/scale` subresource whose objects carry a pod `spec.selector` (a
+/// label selector, or a selector string in `status.selector` / `status.labelSelector`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleKind {
+    /// API group, e.g. `pool.kubevirt.io`.
+    pub group: String,
+    /// API version, e.g. `v1alpha1`.
+    pub version: String,
+    /// Kind, e.g. `VirtualMachinePool`.
+    pub kind: String,
+    /// Resource name in URLs, e.g. `virtualmachinepools`.
+    pub plural: String,
+}
+
+impl ScaleKind {
+    /// `apps/v1` Deployment.
+    pub fn deployment() -> ScaleKind {
+        ScaleKind::new("apps", "v1", "Deployment", "deployments")
+    }
+
+    /// `apps/v1` StatefulSet.
+    pub fn stateful_set() -> ScaleKind {
+        ScaleKind::new("apps", "v1", "StatefulSet", "statefulsets")
+    }
+
+    /// A kind by its parts.
+    pub fn new(group: &str, version: &str, kind: &str, plural: &str) -> ScaleKind {
+        ScaleKind {
+            group: group.into(),
+            version: version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        }
+    }
+}
+
+impl KubevirtConfig {
+    /// Every workload kind managed besides VirtualMachines.
+    pub fn workload_kinds(&self) -> Vec<ScaleKind> {
+        let builtin = if self.workloads {
+            vec![ScaleKind::deployment(), ScaleKind::stateful_set()]
+        } else {
+            Vec::new()
+        };
+        let mut kinds = builtin;
+        for kind in &self.scale_kinds {
+            if !kinds.contains(kind) {
+                kinds.push(kind.clone());
+            }
+        }
+        kinds
+    }
 }
 
 /// Hardware acceleration for local QEMU guests.
@@ -121,7 +195,7 @@ impl VmConfig {
             readiness: self.readiness.clone().unwrap_or(d.readiness),
             request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
             allowed_subjects: self.allowed_subjects.clone(),
-            warnings: Vec::new(),
+            ..d
         }
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use backends::{Accel, KubevirtConfig, MachineConfig, QemuConfig, VmConfig};
+pub use backends::{Accel, KubevirtConfig, MachineConfig, QemuConfig, ScaleKind, VmConfig};
 pub use cli::{Cli, LogFormat};
 pub use ingress::{AuthConfig, AuthMode, IngressConfig, OidcConfig};
 pub use validate::is_dns_label;

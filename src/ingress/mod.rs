@@ -187,9 +187,11 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
         &policy.allowed_subjects,
         vm.key(),
     );
-    let result = match authorized {
-        Ok(()) => handle(&state, &vm, &policy, &target, parts, body).await,
-        Err(error) => Err(error.into()),
+    let result = match (authorized, &policy.refused) {
+        (Err(error), _) => Err(error.into()),
+        // Refused names start nothing and hold nothing.
+        (Ok(()), Some(reason)) => Err(IngressError::Refused(reason.clone())),
+        (Ok(()), None) => handle(&state, &vm, &policy, &target, parts, body).await,
     };
     let metrics = vm.gate().metrics();
     let response = match result {

@@ -35,6 +35,9 @@ pub enum IngressError {
     /// not synced (e.g. the Kubernetes API is unreachable), so "unknown" may be wrong.
     #[error("cannot tell whether VM {0} exists: the backend is not connected; retry")]
     BackendUnavailable(String),
+    /// The name is refused: e.g. several opted-in workloads of different kinds share it.
+    #[error("{0}")]
+    Refused(String),
     /// A path segment is `.`/`..` or otherwise unusable.
     #[error("invalid path: {0}")]
     BadPath(String),
@@ -74,6 +77,7 @@ impl IngressError {
             E::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method_not_allowed", None),
             E::UnknownVm(_) => (S::NOT_FOUND, "unknown_vm", None),
             E::BackendUnavailable(_) => (S::SERVICE_UNAVAILABLE, "backend_unavailable", None),
+            E::Refused(_) => (S::CONFLICT, "conflict", Some(R::Conflict)),
             E::BadPath(_) => (S::BAD_REQUEST, "bad_path", Some(R::InvalidEvent)),
             E::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "body_too_large", Some(R::BodyTooLarge)),
             E::BodyRead(_) => (S::BAD_REQUEST, "body_unreadable", Some(R::InvalidEvent)),
@@ -159,6 +163,7 @@ mod tests {
             E::MethodNotAllowed(_) => "MethodNotAllowed",
             E::UnknownVm(_) => "UnknownVm",
             E::BackendUnavailable(_) => "BackendUnavailable",
+            E::Refused(_) => "Refused",
             E::BadPath(_) => "BadPath",
             E::BodyTooLarge { .. } => "BodyTooLarge",
             E::BodyRead(_) => "BodyRead",
@@ -195,6 +200,12 @@ mod tests {
                 503,
                 "backend_unavailable",
                 None,
+            ),
+            (
+                IngressError::Refused("two opted in".into()),
+                409,
+                "conflict",
+                Some(R::Conflict),
             ),
             (
                 IngressError::BadPath("..".into()),
@@ -314,6 +325,6 @@ mod tests {
             );
             assert_eq!(response.headers().contains_key(header::ALLOW), code == 405, "{detail}");
         }
-        assert_eq!(seen.len(), 20, "every variant of IngressError is in the table");
+        assert_eq!(seen.len(), 21, "every variant of IngressError is in the table");
     }
 }

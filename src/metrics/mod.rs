@@ -41,11 +41,13 @@ pub enum RejectReason {
     InvalidEvent,
     /// Authentication or authorization failed.
     Unauthorized,
+    /// The name is refused (several opted-in workloads share it).
+    Conflict,
 }
 
 impl RejectReason {
     /// Every reason.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::BufferFull,
         RejectReason::StartFailed,
         RejectReason::StartTimeout,
@@ -53,6 +55,7 @@ impl RejectReason {
         RejectReason::BodyTooLarge,
         RejectReason::InvalidEvent,
         RejectReason::Unauthorized,
+        RejectReason::Conflict,
     ];
 
     /// The label value.
@@ -65,6 +68,7 @@ impl RejectReason {
             RejectReason::BodyTooLarge => "body_too_large",
             RejectReason::InvalidEvent => "invalid_event",
             RejectReason::Unauthorized => "unauthorized",
+            RejectReason::Conflict => "conflict",
         }
     }
 }
@@ -270,7 +274,9 @@ mod tests {
     #[test]
     fn exposes_every_contract_name() {
         let metrics = Metrics::new();
-        metrics.set_phase_source(Box::new(|| vec![(VmKey::new("default", "demo"), VmPhase::Ready)]));
+        metrics.set_phase_source(Box::new(|| {
+            vec![(VmKey::new("default", "demo"), VmPhase::Ready, "Deployment".into())]
+        }));
         let vm = metrics.vm(&VmKey::new("default", "demo"));
         vm.request(202);
         vm.rejected(RejectReason::BufferFull);
@@ -289,6 +295,7 @@ mod tests {
             "vm_activator_scale_ups_total",
             "vm_activator_scale_downs_total{action=\"stop\",namespace=\"default\",vm=\"demo\"} 1",
             "vm_activator_vm_state{namespace=\"default\",state=\"ready\",vm=\"demo\"} 1",
+            "vm_activator_target_info{kind=\"Deployment\",namespace=\"default\",vm=\"demo\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
@@ -299,15 +306,20 @@ mod tests {
     }
 
     #[test]
-    fn an_unused_vm_has_only_its_state_series() {
+    fn an_unused_vm_has_only_its_state_and_info_series() {
         let metrics = Metrics::new();
-        metrics.set_phase_source(Box::new(|| vec![(VmKey::new("default", "idle"), VmPhase::Stopped)]));
+        metrics.set_phase_source(Box::new(|| {
+            vec![(VmKey::new("default", "idle"), VmPhase::Stopped, "VirtualMachine".into())]
+        }));
         let vm = metrics.vm(&VmKey::new("default", "idle"));
         let text = metrics.render();
         let series: Vec<&str> = text.lines().filter(|l| l.contains("vm=\"idle\"")).collect();
         assert_eq!(
             series,
-            ["vm_activator_vm_state{namespace=\"default\",state=\"stopped\",vm=\"idle\"} 1"]
+            [
+                "vm_activator_target_info{kind=\"VirtualMachine\",namespace=\"default\",vm=\"idle\"} 1",
+                "vm_activator_vm_state{namespace=\"default\",state=\"stopped\",vm=\"idle\"} 1"
+            ]
         );
         vm.request(202);
         let text = metrics.render();

@@ -28,6 +28,10 @@ pub struct VmView {
     pub namespace: String,
     /// Name.
     pub name: String,
+    /// What the name stands for: `VirtualMachine`, `Deployment`, `StatefulSet`, or a
+    /// configured kind.
+    #[serde(default)]
+    pub kind: String,
     /// Gate phase (`stopped`, `starting`, `probing`, `ready`, `stopping`, `paused`, `failed`).
     pub state: String,
     /// The guest's `host:port` while it runs (the first, when there are several).
@@ -45,6 +49,14 @@ pub struct VmView {
     pub last_cold_start_ms: Option<u64>,
     /// Why the last start failed or the VM stopped unexpectedly, if it did.
     pub last_error: Option<String>,
+    /// Why events to this name are refused (409 `conflict`), e.g. two opted-in
+    /// workloads share it.
+    #[serde(default)]
+    pub refused: Option<String>,
+    /// What the backend says it is waiting for or why it is not running, e.g. "0 of 2
+    /// pod(s) ready" or "no address on network apps/vlan-10 yet".
+    #[serde(default)]
+    pub reason: Option<String>,
     /// Problems with the VM's settings (bad annotation values replaced by defaults).
     pub warnings: Vec<String>,
 }
@@ -80,11 +92,11 @@ async fn readyz(State(activator): State<Arc<Activator>>) -> Response {
 }
 
 async fn vms(State(activator): State<Arc<Activator>>) -> Json<Vec<VmView>> {
-    Json(activator.vms().iter().map(view).collect())
+    Json(activator.vms().iter().map(|vm| view(&activator, vm)).collect())
 }
 
 /// What `/v1/vms` says of one VM.
-fn view(vm: &VmHandle) -> VmView {
+fn view(activator: &Activator, vm: &VmHandle) -> VmView {
     let gate = vm.gate();
     let state = gate.state();
     let last_activity = gate.last_activity_if_any().map(|at| {
@@ -94,6 +106,7 @@ fn view(vm: &VmHandle) -> VmView {
     VmView {
         namespace: vm.key().namespace.clone(),
         name: vm.key().name.clone(),
+        kind: state.policy.kind.clone(),
         state: state.phase.to_string(),
         endpoint: state.endpoint().map(|e| e.to_string()),
         endpoints: state.targets.iter().map(|t| t.endpoint().to_string()).collect(),
@@ -102,6 +115,8 @@ fn view(vm: &VmHandle) -> VmView {
         last_activity,
         last_cold_start_ms: gate.last_cold_start().map(|d| d.as_millis() as u64),
         last_error: state.last_error.map(|e| e.to_string()),
+        refused: state.policy.refused.clone(),
+        reason: activator.backend().status_message(vm.key()),
         warnings: state.policy.warnings.clone(),
     }
 }
@@ -123,7 +138,7 @@ async fn scale_down(activator: &Activator, namespace: &str, name: &str, action: 
         return (StatusCode::NOT_FOUND, Json(body)).into_response();
     };
     match vm.scale_down(action).await {
-        Ok(()) => (StatusCode::ACCEPTED, Json(view(&vm))).into_response(),
+        Ok(()) => (StatusCode::ACCEPTED, Json(view(activator, &vm))).into_response(),
         Err(refused) => {
             let code = match refused {
                 ScaleDownRefused::Busy { .. } => "busy",

@@ -15,7 +15,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use policy::{Policy, ANNOTATION_PREFIX, LAST_ACTIVITY_ANNOTATION, OPT_IN_LABEL};
+pub use policy::{
+    Policy, ANNOTATION_PREFIX, LAST_ACTIVITY_ANNOTATION, OPT_IN_LABEL, SCALED_DOWN_FROM_ANNOTATION, VIRTUAL_MACHINE,
+};
 
 /// Identity of one virtual machine: `{namespace}/{name}`, as in the ingress path.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -108,6 +110,16 @@ pub enum ScaleDown {
     Pause,
     /// Pause first; stop once it has stayed paused for another idle timeout.
     PauseThenStop,
+}
+
+impl fmt::Display for ScaleDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ScaleDown::Stop => "stop",
+            ScaleDown::Pause => "pause",
+            ScaleDown::PauseThenStop => "pause-then-stop",
+        })
+    }
 }
 
 impl FromStr for ScaleDown {

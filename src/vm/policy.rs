@@ -33,6 +33,18 @@ pub struct Policy {
     /// OIDC subjects allowed to deliver to this VM (`*` suffix wildcard); empty = any
     /// subject the global list allows.
     pub allowed_subjects: Vec<String>,
+    /// What the target is: `VirtualMachine` (KubeVirt or local QEMU), `Deployment`,
+    /// `StatefulSet`, or a configured kind with a `/scale` subresource.
+    pub kind: String,
+    /// Why events to this name are refused (409) instead of starting anything — e.g. two
+    /// opted-in workloads share the name. Shown in `/v1/vms`.
+    pub refused: Option<String>,
+    /// Replicas to scale a workload up to when no count was remembered at its last
+    /// scale-down (`vm-activator.io/replicas`); `None` = 1. VMs ignore it.
+    pub replicas: Option<u32>,
+    /// The Multus network (`namespace/name` or `name`, in the target's namespace) whose
+    /// address is the guest's (`vm-activator.io/network`); `None` = the pod network.
+    pub network: Option<String>,
     /// Problems found while reading this policy (bad annotation values, each replaced
     /// by its default). Shown in `/v1/vms`.
     pub warnings: Vec<String>,
@@ -52,10 +64,17 @@ impl Default for Policy {
             readiness: Readiness::HttpRoot,
             request_timeout: Duration::from_secs(30),
             allowed_subjects: Vec::new(),
+            kind: VIRTUAL_MACHINE.to_string(),
+            refused: None,
+            replicas: None,
+            network: None,
             warnings: Vec::new(),
         }
     }
 }
+
+/// The kind of a KubeVirt (or local QEMU) VM.
+pub const VIRTUAL_MACHINE: &str = "VirtualMachine";
 
 /// Annotation prefix of every per-VM setting.
 pub const ANNOTATION_PREFIX: &str = "vm-activator.io/";
@@ -63,11 +82,15 @@ pub const ANNOTATION_PREFIX: &str = "vm-activator.io/";
 pub const OPT_IN_LABEL: &str = "vm-activator.io/enabled";
 /// The annotation the activator writes with the last activity it saw.
 pub const LAST_ACTIVITY_ANNOTATION: &str = "vm-activator.io/last-activity";
+/// The annotation the activator writes on a workload it scales to zero: the replica
+/// count it had, restored at the next start.
+pub const SCALED_DOWN_FROM_ANNOTATION: &str = "vm-activator.io/scaled-down-from";
 
 impl Policy {
     /// Reads a policy from VirtualMachine annotations (`vm-activator.io/port`, `/path`,
     /// `/idle-timeout`, `/scale-down`, `/start-timeout`, `/max-buffered`,
-    /// `/concurrency`, `/readiness`, `/request-timeout`). A bad value never fails: it is
+    /// `/concurrency`, `/readiness`, `/request-timeout`, `/allowed-subjects`, and for
+    /// workloads `/replicas` and `/network`). A bad value never fails: it is
     /// replaced by the default and recorded in `warnings`.
     ///
     /// ```
@@ -124,8 +147,15 @@ impl Policy {
                         .collect();
                     Ok(())
                 }
+                "replicas" => value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .map(|n| policy.replicas = Some(n))
+                    .ok_or_else(|| "expected a whole number of at least 1".to_string()),
+                "network" => parse_network(value).map(|n| policy.network = Some(n)),
                 // A label, or written by the activator; not policy.
-                "enabled" | "last-activity" => Ok(()),
+                "enabled" | "last-activity" | "scaled-down-from" => Ok(()),
                 _ => Err("unknown setting".into()),
             };
             if let Err(problem) = result {
@@ -135,6 +165,33 @@ impl Policy {
         warnings.sort();
         policy.warnings = warnings;
         policy
+    }
+}
+
+/// A Multus network reference: `name` or `namespace/name`, DNS-1123 parts.
+fn parse_network(value: &str) -> Result<String, String> {
+    let valid = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 253
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    };
+    match value.split_once('/') {
+        Some((ns, name)) if valid(ns) && valid(name) => Ok(value.to_string()),
+        None if valid(value) => Ok(value.to_string()),
+        _ => Err("expected a network as name or namespace/name".into()),
+    }
+}
+
+impl Policy {
+    /// The Multus network as `namespace/name`: a bare name is in the target's namespace.
+    pub fn qualified_network(&self, namespace: &str) -> Option<String> {
+        let network = self.network.as_deref()?;
+        Some(match network.contains('/') {
+            true => network.to_string(),
+            false => format!("{namespace}/{network}"),
+        })
     }
 }
 
@@ -204,6 +261,22 @@ mod tests {
                 Box::new(|p| p.readiness == Readiness::HttpRoot),
                 true,
             ),
+            ("replicas", "3", Box::new(|p| p.replicas == Some(3)), false),
+            ("replicas", "0", Box::new(|p| p.replicas.is_none()), true),
+            (
+                "network",
+                "vlan-10",
+                Box::new(|p| p.qualified_network("apps").as_deref() == Some("apps/vlan-10")),
+                false,
+            ),
+            (
+                "network",
+                "infra/vlan-10",
+                Box::new(|p| p.qualified_network("apps").as_deref() == Some("infra/vlan-10")),
+                false,
+            ),
+            ("network", "a/b/c", Box::new(|p| p.network.is_none()), true),
+            ("scaled-down-from", "3", Box::new(|_| true), false),
             ("frobnicate", "1", Box::new(|_| true), true),
             ("last-activity", "2026-01-01T00:00:00.000Z", Box::new(|_| true), false),
         ];

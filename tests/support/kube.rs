@@ -238,19 +238,25 @@ pub async fn cluster(options: Options, setup: impl FnOnce(&FakeKube)) -> Cluster
 }
 
 /// Every request the activator made is allowed by the RBAC it ships with
-/// (`API_ACCESS`, which tests/manifests.rs checks against deploy/base/rbac.yaml). Against
-/// the real API server the RBAC authorizer checks it too: nothing may have been 403.
+/// (`API_ACCESS`, which tests/manifests.rs checks against deploy/base/rbac.yaml, plus the
+/// VirtualMachinePool component's rules). Against the real API server the RBAC
+/// authorizer checks it too: nothing may have been 403.
 pub fn assert_rbac_covers_every_request(requests: Vec<Recorded>) {
-    use vm_activator::backend::kubevirt::API_ACCESS;
+    use vm_activator::backend::kubevirt::{scale_kind_access, API_ACCESS};
+    let pools = scale_kind_access("pool.kubevirt.io", "virtualmachinepools");
     for r in requests {
         assert_ne!(r.status, 403, "refused by the API server's RBAC: {r:?}");
         let parts: Vec<&str> = r.path.trim_start_matches('/').split('/').collect();
-        assert_eq!(parts[0], "apis", "{r:?}");
-        let group = parts[1];
-        let rest = if parts.get(3) == Some(&"namespaces") {
-            &parts[5..]
+        // /api/v1/... is the core group (""); /apis/{group}/{version}/...
+        let (group, after_version) = match parts[0] {
+            "api" => ("", &parts[2..]),
+            "apis" => (parts[1], &parts[3..]),
+            other => panic!("not an API path ({other}): {r:?}"),
+        };
+        let rest = if after_version.first() == Some(&"namespaces") {
+            &after_version[2..]
         } else {
-            &parts[3..]
+            after_version
         };
         let resource = match rest.get(2) {
             Some(sub) => format!("{}/{sub}", rest[0]),
@@ -268,7 +274,10 @@ pub fn assert_rbac_covers_every_request(requests: Vec<Recorded>) {
         };
         let allowed = API_ACCESS
             .iter()
-            .any(|(g, res, verbs)| *g == group && *res == resource && verbs.contains(&verb));
+            .any(|(g, res, verbs)| *g == group && *res == resource && verbs.contains(&verb))
+            || pools
+                .iter()
+                .any(|(g, res, verbs)| *g == group && *res == resource && verbs.contains(&verb));
         assert!(allowed, "{verb} {group}/{resource} is not in the shipped RBAC: {r:?}");
     }
 }

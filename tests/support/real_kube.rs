@@ -374,7 +374,14 @@ async fn ensure_cluster_role(client: &kube::Client) {
         .find(|doc| doc["kind"] == "ClusterRole")
         .expect("deploy/base/rbac.yaml has a ClusterRole");
     assert_eq!(role["metadata"]["name"], "vm-activator");
+    let rules = json!({"rules": role["rules"].clone()});
     post(client, "/apis/rbac.authorization.k8s.io/v1/clusterroles", role).await;
+    // A cluster kept from an earlier run may hold an older role: make it this one.
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(client.clone());
+    roles
+        .patch("vm-activator", &PatchParams::default(), &Patch::Merge(&rules))
+        .await
+        .expect("update the ClusterRole");
 }
 
 fn write_kubeconfig(path: &Path, env: &Env, token: &str) {

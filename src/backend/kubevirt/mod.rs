@@ -1,67 +1,76 @@
-//! The KubeVirt backend: VirtualMachines carrying the opt-in label
-//! `vm-activator.io/enabled=true` and their VirtualMachineInstances, kept in
-//! watch-driven reflector stores — readiness is event-driven, never polled. Starts and
-//! stops by JSON merge patch of `spec.runStrategy` (`Always` / `Halted`; a VM still on
-//! the deprecated `spec.running` gets `running: null` in the same patch — CRDs do not
-//! accept strategic-merge patches). Pause/unpause through `subresources.kubevirt.io`
-//! when enabled. Endpoint = VMI `status.interfaces[0].ipAddress` + the VM's port.
+//! The Kubernetes backend: KubeVirt VirtualMachines and workloads with a `/scale`
+//! subresource (Deployments, StatefulSets, configured kinds), each carrying the opt-in
+//! label `vm-activator.io/enabled=true`, kept in watch-driven reflector stores with
+//! their VirtualMachineInstances and pods — readiness is event-driven, never polled.
+//!
+//! VMs start and stop by JSON merge patch of `spec.runStrategy` (`Always` / `Halted`; a
+//! VM still on the deprecated `spec.running` gets `running: null` in the same patch —
+//! CRDs do not accept strategic-merge patches); pause/unpause through
+//! `subresources.kubevirt.io` when enabled; endpoint = the VMI's first interface (or
+//! its interface on the policy's Multus network) + the port. Workloads scale through
+//! `/scale`; their endpoints are their ready pods' addresses.
 //!
 //! This file has the backend and its trait methods; `resources.rs` the KubeVirt types
 //! and the RBAC the backend needs, `watches.rs` the watches and what they feed (catalog,
-//! per-VM status), `status.rs` how a VM's phase is read from its VM and VMI,
-//! `writes.rs` every write (run strategy, pause, the activity record, compare-and-stop).
+//! per-name status), `targets.rs` what a name stands for (and conflicts), `status.rs` a
+//! VM's phase from its VM and VMI, `workloads.rs` a workload's from it and its pods,
+//! `writes.rs` the VM writes and the activity record, `scale.rs` the workload writes.
 //!
 //! Owns: everything Kubernetes. The only module that imports kube.
 //! Must not import `activator`, `lifecycle`, `ingress`, `server`.
 
 mod resources;
+mod scale;
 mod status;
+mod targets;
 mod watches;
+mod workloads;
 mod writes;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use kube::api::Api;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::Client;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use resources::{
-    VirtualMachine, VirtualMachineInstance, VirtualMachineSpec, VmiCondition, VmiInterface, VmiSpec, VmiStatus,
-    API_ACCESS, PAUSE_API_ACCESS,
+    scale_kind_access, MultusNetwork, VirtualMachine, VirtualMachineInstance, VirtualMachineSpec, VmNetwork, VmTemplate,
+    VmTemplateSpec, VmiCondition, VmiInterface, VmiSpec, VmiStatus, API_ACCESS, PAUSE_API_ACCESS,
 };
 
 use super::{Backend, BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome};
 use crate::config::KubevirtConfig;
 use crate::vm::{VmKey, OPT_IN_LABEL};
-use watches::{drive, Kind};
+use targets::Target;
+use watches::{drive, keep_what_is_read, keep_workload, key_of, WatchHealth};
+use workloads::{api_resource, keep_pod_fields, WorkloadKind};
 use writes::recorded_activity;
 
 /// How long a stop may take before it is reported as failed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The KubeVirt backend.
+/// The Kubernetes backend (KubeVirt VMs and scalable workloads).
 pub struct KubevirtBackend {
     client: Client,
     config: KubevirtConfig,
     vms: Store<VirtualMachine>,
     vmis: Store<VirtualMachineInstance>,
+    /// One per managed workload kind, in config order.
+    workloads: Vec<WorkloadKind>,
+    /// Pods (when any workload kind is managed), slimmed.
+    pods: Store<Pod>,
     catalog: watch::Sender<Catalog>,
     statuses: Mutex<HashMap<VmKey, watch::Sender<BackendStatus>>>,
-    health: Arc<Health>,
+    /// Every watch and whether it is synced: `/readyz` needs them all.
+    health: Vec<WatchHealth>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-}
-
-/// Whether both watches are synced: /readyz reports it.
-#[derive(Default)]
-struct Health {
-    vms_synced: AtomicBool,
-    vmis_synced: AtomicBool,
 }
 
 impl KubevirtBackend {
@@ -89,24 +98,112 @@ impl KubevirtBackend {
     pub fn start(client: Client, config: KubevirtConfig) -> Arc<KubevirtBackend> {
         let (vms, vm_writer) = reflector::store();
         let (vmis, vmi_writer) = reflector::store();
+        let (pods, pod_writer) = reflector::store();
+        let kinds = config.workload_kinds();
+        let mut workload_writers = Vec::new();
+        let mut workloads = Vec::new();
+        for kind in &kinds {
+            let resource = api_resource(kind);
+            let writer = reflector::store::Writer::new(resource.clone());
+            workloads.push(WorkloadKind {
+                resource,
+                store: writer.as_reader(),
+            });
+            workload_writers.push(writer);
+        }
+        let mut health = vec![
+            WatchHealth::new("VirtualMachine"),
+            WatchHealth::new("VirtualMachineInstance"),
+        ];
+        health.extend(kinds.iter().map(|k| WatchHealth::new(k.kind.clone())));
+        if !kinds.is_empty() {
+            health.push(WatchHealth::new("Pod"));
+        }
         let backend = Arc::new(KubevirtBackend {
             client: client.clone(),
             config,
             vms,
             vmis,
+            workloads,
+            pods,
             catalog: watch::channel(Arc::new(BTreeMap::new())).0,
             statuses: Mutex::new(HashMap::new()),
-            health: Arc::new(Health::default()),
+            health,
             tasks: Mutex::new(Vec::new()),
         });
-        let vm_task = tokio::spawn(drive(Arc::downgrade(&backend), vm_writer, Kind::Vm, |b: &Self| {
-            b.watch_all::<VirtualMachine>(Some(format!("{OPT_IN_LABEL}=true")))
-        }));
-        let vmi_task = tokio::spawn(drive(Arc::downgrade(&backend), vmi_writer, Kind::Vmi, |b: &Self| {
-            b.watch_all::<VirtualMachineInstance>(None)
-        }));
-        backend.tasks.lock().expect("tasks lock").extend([vm_task, vmi_task]);
+        let opted_in = Some(format!("{OPT_IN_LABEL}=true"));
+        let weak = Arc::downgrade(&backend);
+        let mut tasks = Vec::new();
+        let labels = opted_in.clone();
+        tasks.push(tokio::spawn(drive(
+            weak.clone(),
+            vm_writer,
+            0,
+            move |b: &Self| {
+                let apis = b.apis(|ns| b.typed_api::<VirtualMachine>(ns));
+                b.watch_all(apis, labels.clone(), keep_what_is_read)
+            },
+            |b, vm| {
+                let key = key_of(vm);
+                b.refresh_catalog_entry(&key);
+                b.refresh_status(&key);
+            },
+        )));
+        tasks.push(tokio::spawn(drive(
+            weak.clone(),
+            vmi_writer,
+            1,
+            |b: &Self| {
+                let apis = b.apis(|ns| b.typed_api::<VirtualMachineInstance>(ns));
+                b.watch_all(apis, None, keep_what_is_read)
+            },
+            |b, vmi| b.refresh_status(&key_of(vmi)),
+        )));
+        for (index, writer) in workload_writers.into_iter().enumerate() {
+            let labels = opted_in.clone();
+            tasks.push(tokio::spawn(drive(
+                weak.clone(),
+                writer,
+                2 + index,
+                move |b: &Self| {
+                    let resource = &b.workloads[index].resource;
+                    let apis = b.apis(|ns| match ns {
+                        Some(ns) => Api::namespaced_with(b.client.clone(), ns, resource),
+                        None => Api::all_with(b.client.clone(), resource),
+                    });
+                    b.watch_all::<DynamicObject>(apis, labels.clone(), keep_workload)
+                },
+                |b, workload| {
+                    let key = key_of(workload);
+                    b.refresh_catalog_entry(&key);
+                    b.refresh_status(&key);
+                },
+            )));
+        }
+        if !kinds.is_empty() {
+            tasks.push(tokio::spawn(drive(
+                weak,
+                pod_writer,
+                2 + kinds.len(),
+                |b: &Self| {
+                    let apis = b.apis(|ns| b.typed_api::<Pod>(ns));
+                    b.watch_all(apis, None, keep_pod_fields)
+                },
+                |b, pod| b.refresh_namespace(pod.metadata.namespace.as_deref().unwrap_or_default()),
+            )));
+        }
+        backend.tasks.lock().expect("tasks lock").extend(tasks);
         backend
+    }
+
+    fn typed_api<K>(&self, namespace: Option<&str>) -> Api<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
     }
 
     fn vm(&self, key: &VmKey) -> Option<Arc<VirtualMachine>> {
@@ -128,7 +225,7 @@ impl KubevirtBackend {
             Ok(false) => Err(BackendError::NotFound(key.clone())),
             Err(_) => Err(BackendError::Failed {
                 op,
-                message: format!("the VM did not reach {phase:?} within {STOP_TIMEOUT:?}"),
+                message: format!("{key} did not reach {phase:?} within {STOP_TIMEOUT:?}"),
             }),
         }
     }
@@ -165,34 +262,60 @@ impl Backend for KubevirtBackend {
         )
     }
 
+    fn status_message(&self, key: &VmKey) -> Option<String> {
+        // Computed, not subscribed: listing thousands of VMs must not leave a status
+        // channel behind for each.
+        self.catalog
+            .borrow()
+            .contains_key(key)
+            .then(|| self.current_status(key).message)
+            .flatten()
+    }
+
     async fn start(&self, key: &VmKey) -> Result<(), BackendError> {
         if !self.is_connected() {
             return Err(BackendError::Unavailable("the Kubernetes API is unreachable".into()));
         }
-        let vm = self.vm(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
-        // Already asked to run (by us, a peer replica or an operator): nothing to do.
-        if vm.spec.run_strategy.as_deref() == Some("Always") {
-            return Ok(());
+        match self.target(key)? {
+            // Already asked to run (by us, a peer replica or an operator): nothing to do.
+            Target::Vm(vm) if vm.spec.run_strategy.as_deref() == Some("Always") => Ok(()),
+            Target::Vm(_) => self.patch_run_strategy(key, "Always", "start").await,
+            Target::Workload { kind, object } => self.scale_up(key, kind, &object).await,
         }
-        self.patch_run_strategy(key, "Always", "start").await
     }
 
     async fn stop(&self, key: &VmKey) -> Result<(), BackendError> {
-        self.patch_run_strategy(key, "Halted", "stop").await?;
+        match self.target(key)? {
+            Target::Vm(_) => self.patch_run_strategy(key, "Halted", "stop").await?,
+            Target::Workload { kind, object } => {
+                if self.scale_down(key, kind, &object, None).await? == StopOutcome::PeerActive {
+                    return Err(BackendError::Failed {
+                        op: "stop",
+                        message: "the workload changed meanwhile; it keeps running".into(),
+                    });
+                }
+            }
+        }
         self.wait_for(key, "stop", BackendPhase::Stopped).await
     }
 
     async fn pause(&self, key: &VmKey) -> Result<(), BackendError> {
+        if let Target::Workload { .. } = self.target(key)? {
+            return Err(BackendError::Unsupported("pause"));
+        }
         self.subresource(key, "pause").await?;
         self.wait_for(key, "pause", BackendPhase::Paused).await
     }
 
     async fn resume(&self, key: &VmKey) -> Result<(), BackendError> {
+        if let Target::Workload { .. } = self.target(key)? {
+            return Err(BackendError::Unsupported("resume"));
+        }
         self.subresource(key, "unpause").await
     }
 
     fn is_connected(&self) -> bool {
-        self.health.vms_synced.load(Ordering::SeqCst) && self.health.vmis_synced.load(Ordering::SeqCst)
+        self.health.iter().all(|watch| watch.synced.load(Ordering::SeqCst))
     }
 
     async fn record_activity(&self, key: &VmKey, at: SystemTime) -> Result<(), BackendError> {
@@ -200,22 +323,30 @@ impl Backend for KubevirtBackend {
     }
 
     fn shared_activity(&self, key: &VmKey) -> Option<SystemTime> {
-        self.vm(key).and_then(|vm| recorded_activity(&vm)).map(|(_, at)| at)
+        let target = self.target(key).ok()?;
+        recorded_activity(target.annotations()).map(|(_, at)| at)
     }
 
     async fn stop_if_idle(&self, key: &VmKey, local_activity: SystemTime) -> Result<StopOutcome, BackendError> {
-        let vm = self.vm(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
-        if vm.spec.run_strategy.as_deref() == Some("Halted") {
-            // A peer's stop won: just wait for it.
+        let target = self.target(key)?;
+        let stopped = match &target {
+            Target::Vm(vm) => vm.spec.run_strategy.as_deref() == Some("Halted"),
+            Target::Workload { object, .. } => workloads::replicas(object) == 0,
+        };
+        if stopped {
+            // A peer's stop (or an operator's) won: just wait for it.
             self.wait_for(key, "stop", BackendPhase::Stopped).await?;
             return Ok(StopOutcome::Stopped);
         }
-        let Some((recorded, _)) = recorded_activity(&vm) else {
+        let Some((recorded, _)) = recorded_activity(target.annotations()) else {
             // Nothing to compare against yet: record ours; the next idle check compares.
             self.record_activity(key, local_activity).await?;
             return Ok(StopOutcome::PeerActive);
         };
-        let outcome = self.compare_and_stop(key, &vm, &recorded).await?;
+        let outcome = match &target {
+            Target::Vm(vm) => self.compare_and_stop(key, vm, &recorded).await?,
+            Target::Workload { kind, object } => self.scale_down(key, *kind, object, Some(&recorded)).await?,
+        };
         if outcome == StopOutcome::Stopped {
             self.wait_for(key, "stop", BackendPhase::Stopped).await?;
         }

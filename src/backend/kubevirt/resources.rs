@@ -1,18 +1,40 @@
 //! The two KubeVirt kinds the backend reads (only the fields it uses), and the
 //! Kubernetes API permissions it needs.
+//!
+//! Workloads (Deployments, StatefulSets, configured kinds) are read as dynamic objects
+//! and pods as k8s-openapi's `Pod`, both slimmed to the fields used (`workloads.rs`).
 
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};
 
 /// Every Kubernetes API permission the backend uses: `(API group, resource, verbs)`.
 /// `deploy/base/rbac.yaml` grants exactly these (a test checks it, and the end-to-end
-/// tests check that every request they observe is covered). `get` is for re-reading a
-/// VM after a failed compare-and-stop. Pausing needs the extra
-/// [`PAUSE_API_ACCESS`] (the `deploy/components/pause` component).
+/// tests check that every request they observe is covered). VMs: `patch` sets the run
+/// strategy and the activity record, `get` re-reads after a failed compare-and-stop.
+/// Workloads: `patch` writes the activity record and the remembered replica count,
+/// `deployments/scale` and `statefulsets/scale` `get`/`patch` scale them; pods are
+/// only listed and watched (their ready addresses are the endpoints). Pausing needs
+/// the extra [`PAUSE_API_ACCESS`] (the `deploy/components/pause` component); a kind from
+/// `kubevirt.scale_kinds` needs the same rules for its resource (e.g.
+/// `deploy/components/virtualmachinepools`).
 pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
     ("kubevirt.io", "virtualmachines", &["get", "list", "watch", "patch"]),
     ("kubevirt.io", "virtualmachineinstances", &["get", "list", "watch"]),
+    ("apps", "deployments", &["get", "list", "watch", "patch"]),
+    ("apps", "deployments/scale", &["get", "patch"]),
+    ("apps", "statefulsets", &["get", "list", "watch", "patch"]),
+    ("apps", "statefulsets/scale", &["get", "patch"]),
+    ("", "pods", &["list", "watch"]),
 ];
+
+/// What a kind from `kubevirt.scale_kinds` needs, for its `(group, plural)`: the rules
+/// `deploy/components/virtualmachinepools` grants for KubeVirt's pools.
+pub fn scale_kind_access<'a>(group: &'a str, plural: &str) -> [(&'a str, String, &'static [&'static str]); 2] {
+    [
+        (group, plural.to_string(), &["get", "list", "watch", "patch"]),
+        (group, format!("{plural}/scale"), &["get", "patch"]),
+    ]
+}
 
 /// Extra permissions for `kubevirt.pause: true`.
 pub const PAUSE_API_ACCESS: &[(&str, &str, &[&str])] = &[
@@ -41,6 +63,43 @@ pub struct VirtualMachineSpec {
     /// Deprecated predecessor of `runStrategy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<bool>,
+    /// The VMI template: only its networks are read (to find a Multus interface).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<VmTemplate>,
+}
+
+/// `VirtualMachine.spec.template`, the fields used.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct VmTemplate {
+    /// The template's spec.
+    #[serde(default)]
+    pub spec: VmTemplateSpec,
+}
+
+/// `VirtualMachine.spec.template.spec`, the fields used.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct VmTemplateSpec {
+    /// The VM's networks: each names an interface and where it is attached.
+    #[serde(default)]
+    pub networks: Vec<VmNetwork>,
+}
+
+/// One network of a VM: the pod network or a Multus network.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct VmNetwork {
+    /// The interface name (also the VMI's `status.interfaces[].name`).
+    pub name: String,
+    /// Set when the network is a Multus NetworkAttachmentDefinition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multus: Option<MultusNetwork>,
+}
+
+/// A VM network's Multus attachment.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MultusNetwork {
+    /// The NetworkAttachmentDefinition: `name` (in the VM's namespace) or `namespace/name`.
+    pub network_name: String,
 }
 
 /// The parts of a KubeVirt `VirtualMachineInstance` the activator reads.
@@ -74,6 +133,9 @@ pub struct VmiStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct VmiInterface {
+    /// The interface's name, as in the VM's `spec.template.spec.networks[].name`.
+    #[serde(default)]
+    pub name: Option<String>,
     /// The interface's primary IP address.
     #[serde(default)]
     pub ip_address: Option<String>,

@@ -1,5 +1,6 @@
 //! A VM's phase and guest endpoint as its VirtualMachine and VirtualMachineInstance
-//! show them.
+//! show them: the first interface's address, or with `vm-activator.io/network` the
+//! address of the VMI interface the VM attached to that Multus network.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -8,11 +9,14 @@ use kube::Resource;
 use super::{VirtualMachine, VirtualMachineInstance};
 use crate::backend::{BackendPhase, BackendStatus};
 
-/// What the backend reports for one VM, from its VM and VMI objects.
+/// What the backend reports for one VM, from its VM and VMI objects. `network` is the
+/// qualified Multus network (`namespace/name`) the guest is reached on, if not the first
+/// interface.
 pub(super) fn derive_status(
     vm: Option<&VirtualMachine>,
     vmi: Option<&VirtualMachineInstance>,
     port: u16,
+    network: Option<&str>,
 ) -> BackendStatus {
     let status = |phase, endpoint: Option<SocketAddr>, message: Option<String>| BackendStatus {
         phase,
@@ -25,15 +29,30 @@ pub(super) fn derive_status(
         }
         let s = vmi.status.clone().unwrap_or_default();
         let paused = s.conditions.iter().any(|c| c.type_ == "Paused" && c.status == "True");
-        let endpoint = s
-            .interfaces
-            .first()
+        let interface = match network {
+            None => Ok(s.interfaces.first()),
+            Some(network) => match vm.and_then(|vm| multus_interface(vm, network)) {
+                Some(name) => Ok(s.interfaces.iter().find(|i| i.name.as_deref() == Some(name))),
+                None => Err(format!("the VirtualMachine has no interface on network {network}")),
+            },
+        };
+        let (interface, not_attached) = match interface {
+            Ok(interface) => (interface, None),
+            Err(message) => (None, Some(message)),
+        };
+        let endpoint = interface
             .and_then(|i| i.ip_address.as_deref())
             .and_then(|ip| ip.parse::<IpAddr>().ok())
             .map(|ip| SocketAddr::new(ip, port));
+        let waiting = || match (network, &not_attached) {
+            (_, Some(message)) => Some(message.clone()),
+            (Some(network), None) => Some(format!("no address on network {network} yet")),
+            (None, None) => None,
+        };
         return match s.phase.as_deref() {
             Some("Running") if paused => status(BackendPhase::Paused, endpoint, None),
             Some("Running") if endpoint.is_some() => status(BackendPhase::Running, endpoint, None),
+            Some("Running") => status(BackendPhase::Starting, None, waiting()),
             Some("Succeeded") | Some("Failed") => status(
                 BackendPhase::Stopped,
                 None,
@@ -60,9 +79,28 @@ pub(super) fn derive_status(
     }
 }
 
+/// The VM's interface attached to the Multus network `network` (`namespace/name`).
+fn multus_interface<'a>(vm: &'a VirtualMachine, network: &str) -> Option<&'a str> {
+    let namespace = vm.meta().namespace.as_deref().unwrap_or_default();
+    vm.spec
+        .template
+        .as_ref()?
+        .spec
+        .networks
+        .iter()
+        .find(|n| {
+            n.multus.as_ref().is_some_and(|m| {
+                let name = &m.network_name;
+                name == network || (!name.contains('/') && format!("{namespace}/{name}") == network)
+            })
+        })
+        .map(|n| n.name.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::kubevirt::resources::{MultusNetwork, VmNetwork, VmTemplate, VmTemplateSpec};
     use crate::backend::kubevirt::{VirtualMachineSpec, VmiCondition, VmiInterface, VmiSpec, VmiStatus};
 
     fn vm(run_strategy: Option<&str>, running: Option<bool>) -> VirtualMachine {
@@ -71,6 +109,7 @@ mod tests {
             VirtualMachineSpec {
                 run_strategy: run_strategy.map(str::to_string),
                 running,
+                template: None,
             },
         )
     }
@@ -81,6 +120,7 @@ mod tests {
             phase: Some(phase.into()),
             interfaces: ip
                 .map(|ip| VmiInterface {
+                    name: Some("default".into()),
                     ip_address: Some(ip.into()),
                 })
                 .into_iter()
@@ -144,11 +184,51 @@ mod tests {
             ("VM deleted", None, None, BackendPhase::Stopped),
         ];
         for (name, vm, vmi, phase) in cases {
-            let status = derive_status(vm, vmi.as_ref(), 9000);
+            let status = derive_status(vm, vmi.as_ref(), 9000, None);
             assert_eq!(status.phase, phase, "{name}");
             if phase == BackendPhase::Running {
                 assert_eq!(status.endpoints, vec!["10.0.0.7:9000".parse().unwrap()]);
             }
         }
+    }
+
+    #[test]
+    fn a_multus_network_picks_its_interface_and_nothing_else() {
+        let mut vm = vm(Some("Always"), None);
+        vm.metadata.namespace = Some("apps".into());
+        vm.spec.template = Some(VmTemplate {
+            spec: VmTemplateSpec {
+                networks: vec![
+                    VmNetwork {
+                        name: "default".into(),
+                        multus: None,
+                    },
+                    VmNetwork {
+                        name: "vlan".into(),
+                        multus: Some(MultusNetwork {
+                            network_name: "vlan-10".into(),
+                        }),
+                    },
+                ],
+            },
+        });
+        let mut vmi = vmi("Running", Some("10.0.0.7"), false);
+        let on_pod_network_only = derive_status(Some(&vm), Some(&vmi), 80, Some("apps/vlan-10"));
+        assert_eq!(on_pod_network_only.phase, BackendPhase::Starting);
+        assert!(on_pod_network_only.endpoints.is_empty(), "never the wrong network");
+        assert!(on_pod_network_only.message.unwrap().contains("no address on network apps/vlan-10"));
+
+        let status = vmi.status.as_mut().unwrap();
+        status.interfaces.push(VmiInterface {
+            name: Some("vlan".into()),
+            ip_address: Some("192.168.10.5".into()),
+        });
+        let on_vlan = derive_status(Some(&vm), Some(&vmi), 80, Some("apps/vlan-10"));
+        assert_eq!(on_vlan.phase, BackendPhase::Running);
+        assert_eq!(on_vlan.endpoints, vec!["192.168.10.5:80".parse().unwrap()]);
+
+        let elsewhere = derive_status(Some(&vm), Some(&vmi), 80, Some("infra/storage"));
+        assert_eq!(elsewhere.phase, BackendPhase::Starting);
+        assert!(elsewhere.message.unwrap().contains("no interface on network infra/storage"));
     }
 }

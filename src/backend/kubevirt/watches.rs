@@ -1,21 +1,20 @@
-//! Watches of opted-in VirtualMachines and of VirtualMachineInstances, kept in
-//! reflector stores, and what they feed: the catalog (policies from annotations) and
-//! the per-VM status channels. After an error the watch re-lists after a short backoff.
+//! The watches — opted-in VirtualMachines, VirtualMachineInstances, opted-in workloads
+//! of each kind, pods — kept in reflector stores, and what they feed: the catalog
+//! (policies from annotations) and the per-name status channels. After an error a watch
+//! re-lists after a short backoff.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use kube::api::Api;
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Resource, ResourceExt};
 
-use super::status::derive_status;
-use super::{KubevirtBackend, VirtualMachine};
-use crate::backend::BackendStatus;
+use super::KubevirtBackend;
 use crate::vm::{Policy, VmKey};
 
 /// Retry delays for a watch that lost the API server: 250 ms doubling to at most 5 s,
@@ -50,16 +49,20 @@ impl Iterator for ReconnectBackoff {
 }
 
 impl KubevirtBackend {
-    /// One watcher per configured namespace (or one cluster-wide), merged.
-    pub(super) fn watch_all<K>(&self, labels: Option<String>) -> WatchStream<K>
+    /// One API per configured namespace (or one cluster-wide), from `api(namespace)`.
+    pub(super) fn apis<K>(&self, api: impl Fn(Option<&str>) -> Api<K>) -> Vec<Api<K>> {
+        if self.config.namespaces.is_empty() {
+            vec![api(None)]
+        } else {
+            self.config.namespaces.iter().map(|ns| api(Some(ns))).collect()
+        }
+    }
+
+    /// One watcher per API, merged; each object goes through `keep` before it is stored.
+    pub(super) fn watch_all<K>(&self, apis: Vec<Api<K>>, labels: Option<String>, keep: fn(&mut K)) -> WatchStream<K>
     where
-        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + std::hash::Hash,
     {
         // MostRecent: the initial list is paginated (500 objects a page, from etcd), so
         // thousands of VMs are never one response held in memory at once; `Any` would be
@@ -68,33 +71,36 @@ impl KubevirtBackend {
         if let Some(labels) = &labels {
             wc = wc.labels(labels);
         }
-        let apis: Vec<Api<K>> = if self.config.namespaces.is_empty() {
-            vec![Api::all(self.client.clone())]
-        } else {
-            self.config
-                .namespaces
-                .iter()
-                .map(|ns| Api::namespaced(self.client.clone(), ns))
-                .collect()
-        };
         futures_util::stream::select_all(
             apis.into_iter()
-                .map(move |api| watcher(api, wc.clone()).modify(keep_what_is_read).boxed()),
+                .map(move |api| watcher(api, wc.clone()).modify(keep).boxed()),
         )
         .boxed()
     }
 
-    /// Rebuilds the catalog from the VM store (after a (re-)list); publishes it if it
+    /// Rebuilds the catalog from the stores (after a (re-)list); publishes it if it
     /// changed. Unchanged policies keep their `Arc`, shared with the gates.
     pub(super) fn refresh_catalog(&self) {
         let current = self.catalog.borrow().clone();
-        let catalog: BTreeMap<VmKey, Arc<Policy>> = self
+        let mut keys: BTreeSet<VmKey> = self
             .vms
             .state()
             .iter()
-            .filter_map(|vm| {
-                let key = VmKey::new(vm.namespace()?, vm.name_any());
-                let policy = policy_of(vm);
+            .filter_map(|vm| Some(VmKey::new(vm.namespace()?, vm.name_any())))
+            .collect();
+        for workloads in &self.workloads {
+            keys.extend(
+                workloads
+                    .store
+                    .state()
+                    .iter()
+                    .filter_map(|w| Some(VmKey::new(w.namespace()?, w.name_any()))),
+            );
+        }
+        let catalog: BTreeMap<VmKey, Arc<Policy>> = keys
+            .into_iter()
+            .filter_map(|key| {
+                let policy = self.policy_for(&key)?;
                 let policy = match current.get(&key) {
                     Some(same) if **same == policy => same.clone(),
                     _ => {
@@ -114,10 +120,10 @@ impl KubevirtBackend {
         });
     }
 
-    /// Updates one VM's catalog entry after a watch event: O(log n), not a rebuild, so
+    /// Updates one name's catalog entry after a watch event: O(log n), not a rebuild, so
     /// activity annotations written on thousands of VMs cost little.
     pub(super) fn refresh_catalog_entry(&self, key: &VmKey) {
-        let policy = self.vm(key).map(|vm| policy_of(&vm));
+        let policy = self.policy_for(key);
         self.catalog.send_if_modified(|current| match policy {
             Some(policy) if current.get(key).is_some_and(|p| **p == policy) => false,
             Some(policy) => {
@@ -129,17 +135,9 @@ impl KubevirtBackend {
         });
     }
 
-    /// One VM's status as the stores show it now.
-    pub(super) fn current_status(&self, key: &VmKey) -> BackendStatus {
-        let vm = self.vm(key);
-        let vmi = self.vmis.get(&ObjectRef::new(&key.name).within(&key.namespace));
-        let port = vm.as_ref().map(|vm| policy_of(vm).port).unwrap_or(8080);
-        derive_status(vm.as_deref(), vmi.as_deref(), port)
-    }
-
-    /// Recomputes one VM's status from the stores; publishes it if it changed. Only VMs
-    /// someone asked about (`Backend::status`) have a channel: thousands of idle VMs
-    /// cost nothing here.
+    /// Recomputes one name's status from the stores; publishes it if it changed. Only
+    /// names someone asked about (`Backend::status`) have a channel: thousands of idle
+    /// VMs cost nothing here.
     pub(super) fn refresh_status(&self, key: &VmKey) {
         if !self.statuses.lock().expect("statuses lock").contains_key(key) {
             return;
@@ -153,10 +151,26 @@ impl KubevirtBackend {
             if *current == status {
                 return false;
             }
-            tracing::debug!(vm = %key, phase = ?status.phase, endpoints = ?status.endpoints, "VM status");
+            tracing::debug!(target = %key, phase = ?status.phase, endpoints = ?status.endpoints, message = ?status.message, "backend status");
             *current = status;
             true
         });
+    }
+
+    /// A pod changed: every watched name in its namespace may have gained or lost an
+    /// endpoint (a pod's labels say which workload it is, and may change).
+    pub(super) fn refresh_namespace(&self, namespace: &str) {
+        let keys: Vec<VmKey> = self
+            .statuses
+            .lock()
+            .expect("statuses lock")
+            .keys()
+            .filter(|key| key.namespace == namespace)
+            .cloned()
+            .collect();
+        for key in keys {
+            self.refresh_status(&key);
+        }
     }
 
     pub(super) fn refresh_all(&self) {
@@ -168,71 +182,74 @@ impl KubevirtBackend {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-pub(super) enum Kind {
-    Vm,
-    Vmi,
+/// One watch: its name (for logs) and whether it is synced (for `/readyz`).
+pub(super) struct WatchHealth {
+    pub(super) name: String,
+    pub(super) synced: AtomicBool,
 }
 
-type WatchStream<K> = futures_util::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+impl WatchHealth {
+    pub(super) fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            synced: AtomicBool::new(false),
+        }
+    }
+}
+
+pub(super) type WatchStream<K> = futures_util::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
 
 /// Keeps one store in step with the API server until the backend is dropped, and
-/// reports whether it is synced. After an error (other than 410 Gone, which the watcher
-/// handles by re-listing) the watch is started afresh after a backoff, so it re-lists
-/// as client-go's reflectors do: a resumed watch with no news would never tell us that
-/// the API server is back.
+/// reports whether it is synced (`backend.health[watch]`); `on_change` runs for every
+/// object added, changed or deleted. After an error (other than 410 Gone, which the
+/// watcher handles by re-listing) the watch is started afresh after a backoff, so it
+/// re-lists as client-go's reflectors do: a resumed watch with no news would never tell
+/// us that the API server is back.
 pub(super) async fn drive<K>(
     backend: std::sync::Weak<KubevirtBackend>,
     mut writer: reflector::store::Writer<K>,
-    kind: Kind,
-    watch: impl Fn(&KubevirtBackend) -> WatchStream<K>,
+    watch: usize,
+    stream: impl Fn(&KubevirtBackend) -> WatchStream<K>,
+    on_change: fn(&KubevirtBackend, &K),
 ) where
-    K: Resource<DynamicType = ()> + ResourceExt + Clone + 'static,
+    K: Resource + ResourceExt + Clone + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash,
 {
     let mut backoff = ReconnectBackoff::default();
     loop {
-        let Some(mut stream) = backend.upgrade().map(|b| watch(&b)) else {
+        let Some(mut items) = backend.upgrade().map(|b| stream(&b)) else {
             return;
         };
-        while let Some(item) = stream.next().await {
+        while let Some(item) = items.next().await {
             let Some(backend) = backend.upgrade() else {
                 return;
             };
-            let synced = match kind {
-                Kind::Vm => &backend.health.vms_synced,
-                Kind::Vmi => &backend.health.vmis_synced,
-            };
+            let health = &backend.health[watch];
             match item {
                 Ok(event) => {
                     writer.apply_watcher_event(&event);
                     match event {
                         watcher::Event::InitDone => {
                             backoff = ReconnectBackoff::default();
-                            if !synced.swap(true, Ordering::SeqCst) {
-                                tracing::info!(kind = kind_name(kind), "watch synced");
+                            if !health.synced.swap(true, Ordering::SeqCst) {
+                                tracing::info!(kind = %health.name, "watch synced");
                             }
                             backend.refresh_all();
                         }
                         watcher::Event::Init | watcher::Event::InitApply(_) => {}
-                        watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => {
-                            let key = VmKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
-                            if matches!(kind, Kind::Vm) {
-                                backend.refresh_catalog_entry(&key);
-                            }
-                            backend.refresh_status(&key);
-                        }
+                        watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => on_change(&backend, &obj),
                     }
                 }
                 // 410 Gone: the watch fell behind; the watcher re-lists on its own and the
                 // store stays consistent meanwhile. Not an outage.
                 Err(watcher::Error::WatchError(status)) if status.code == 410 => {
-                    tracing::info!(kind = kind_name(kind), "watch expired (410); re-listing");
+                    tracing::info!(kind = %health.name, "watch expired (410); re-listing");
                 }
                 Err(error) => {
-                    if synced.swap(false, Ordering::SeqCst) {
-                        tracing::warn!(kind = kind_name(kind), %error, "lost the Kubernetes API");
+                    if health.synced.swap(false, Ordering::SeqCst) {
+                        tracing::warn!(kind = %health.name, %error, "lost the Kubernetes API");
                     } else {
-                        tracing::debug!(kind = kind_name(kind), %error, "Kubernetes API still unreachable");
+                        tracing::debug!(kind = %health.name, %error, "Kubernetes API still unreachable");
                     }
                     break;
                 }
@@ -242,33 +259,34 @@ pub(super) async fn drive<K>(
     }
 }
 
+/// The key of a watched object.
+pub(super) fn key_of<K: ResourceExt>(object: &K) -> VmKey {
+    VmKey::new(object.namespace().unwrap_or_default(), object.name_any())
+}
+
 /// Drops what the stores never read before they keep an object: managedFields (often
 /// the largest part), labels (selection is done by the API server), and annotations
 /// other than ours (`kubectl.kubernetes.io/last-applied-configuration` alone holds a
 /// copy of the object). Memory at thousands of VMs.
-fn keep_what_is_read<K: Resource>(object: &mut K) {
-    object.managed_fields_mut().clear();
-    object.labels_mut().clear();
-    object
-        .annotations_mut()
-        .retain(|key, _| key.starts_with(crate::vm::ANNOTATION_PREFIX));
+pub(super) fn keep_what_is_read<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.labels = None;
+    // An object without annotations stays without: a JSON patch adding one must know.
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|key, _| key.starts_with(crate::vm::ANNOTATION_PREFIX));
+    }
 }
 
-/// A VM's policy from its annotations.
-pub(super) fn policy_of(vm: &VirtualMachine) -> Policy {
-    Policy::from_annotations(vm.annotations().iter().map(|(k, v)| (k.as_str(), v.as_str())))
+/// Workloads: what every object keeps, and of the rest only replicas and selector.
+pub(super) fn keep_workload(object: &mut kube::api::DynamicObject) {
+    keep_what_is_read(object);
+    super::workloads::keep_workload_fields(object);
 }
 
 /// Bad annotations are logged once per change of a VM's policy, not on every event.
 fn log_warnings(key: &VmKey, policy: &Policy) {
     for warning in &policy.warnings {
         tracing::warn!(vm = %key, %warning, "bad annotation");
-    }
-}
-
-fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Vm => "VirtualMachine",
-        Kind::Vmi => "VirtualMachineInstance",
     }
 }

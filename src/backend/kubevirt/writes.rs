@@ -1,23 +1,25 @@
-//! Every write the backend makes: the run strategy (start, stop), the pause and
-//! unpause subresources, this replica's activity record, and the compare-and-stop that
-//! lets replicas agree without a leader.
+//! The VM writes — the run strategy (start, stop), the pause and unpause subresources,
+//! the compare-and-stop that lets replicas agree without a leader — and this replica's
+//! activity record on any target. (Workload scaling is in `scale.rs`.)
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use kube::api::{Patch, PatchParams};
-use kube::ResourceExt;
 use serde_json::json;
 
+use super::targets::Target;
 use super::{api_error, KubevirtBackend, VirtualMachine};
 use crate::backend::{BackendError, StopOutcome};
 use crate::vm::{VmKey, LAST_ACTIVITY_ANNOTATION};
 
 /// JSON pointer to the activity annotation (`/` in the key escaped as `~1`).
-const LAST_ACTIVITY_POINTER: &str = "/metadata/annotations/vm-activator.io~1last-activity";
+pub(super) const LAST_ACTIVITY_POINTER: &str = "/metadata/annotations/vm-activator.io~1last-activity";
 
-/// The recorded activity: the annotation's exact text (for a JSON patch `test`) and time.
-pub(super) fn recorded_activity(vm: &VirtualMachine) -> Option<(String, SystemTime)> {
-    let text = vm.annotations().get(LAST_ACTIVITY_ANNOTATION)?;
+/// The recorded activity in a target's annotations: the annotation's exact text (for a
+/// JSON patch `test`) and time.
+pub(super) fn recorded_activity(annotations: &BTreeMap<String, String>) -> Option<(String, SystemTime)> {
+    let text = annotations.get(LAST_ACTIVITY_ANNOTATION)?;
     let at = humantime::parse_rfc3339_weak(text).ok()?;
     Some((text.clone(), at))
 }
@@ -65,10 +67,10 @@ impl KubevirtBackend {
             .map_err(|e| api_error(key, action, e))
     }
 
-    /// Records this replica's activity `at` on the VM, unless a record at most a tenth
-    /// of the idle timeout older is there already.
+    /// Records this replica's activity `at` on the target, unless a record at most a
+    /// tenth of the idle timeout older is there already.
     pub(super) async fn write_activity(&self, key: &VmKey, at: SystemTime) -> Result<(), BackendError> {
-        let vm = self.vm(key).ok_or_else(|| BackendError::NotFound(key.clone()))?;
+        let target = self.target(key)?;
         // Any replica's record younger than a tenth of the idle timeout is as good as
         // ours: skip the write, so writes per VM stay bounded however many replicas
         // see traffic. (It also never moves the shared clock backwards.)
@@ -78,16 +80,21 @@ impl KubevirtBackend {
             .get(key)
             .map(|policy| policy.idle_timeout / 10)
             .unwrap_or_default();
-        if recorded_activity(&vm).is_some_and(|(_, recorded)| recorded + every >= at) {
+        if recorded_activity(target.annotations()).is_some_and(|(_, recorded)| recorded + every >= at) {
             return Ok(());
         }
         let value = humantime::format_rfc3339_millis(at).to_string();
         let patch = json!({ "metadata": { "annotations": { LAST_ACTIVITY_ANNOTATION: value } } });
-        self.vm_api(key)
-            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map(|_| ())
-            .map_err(|e| api_error(key, "record activity", e))
+        let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+        match target {
+            Target::Vm(_) => self.vm_api(key).patch(&key.name, &params, &patch).await.map(|_| ()),
+            Target::Workload { kind, .. } => self
+                .workload_api(kind, &key.namespace)
+                .patch(&key.name, &params, &patch)
+                .await
+                .map(|_| ()),
+        }
+        .map_err(|e| api_error(key, "record activity", e))
     }
 
     /// One atomic JSON patch that halts the VM only if the activity record still reads
@@ -151,6 +158,7 @@ mod tests {
                 VirtualMachineSpec {
                     run_strategy: run_strategy.map(str::to_string),
                     running,
+                    template: None,
                 },
             )
         };

@@ -101,8 +101,12 @@ impl Owner {
                     self.fail(AdmitError::Stopped(stopped_message(&status).into()), true);
                 }
                 BackendPhase::Stopped => self.lost(stopped_message(&status)),
-                BackendPhase::Running => self.follow_endpoints(&status.endpoints),
-                _ => {}
+                // Pods come and go (replaced, rescaled by hand, terminating): traffic
+                // follows the endpoints the backend reports, none while it reports none.
+                BackendPhase::Running | BackendPhase::Starting | BackendPhase::Stopping => {
+                    self.follow_endpoints(&status.endpoints)
+                }
+                BackendPhase::Paused => {}
             },
             // Stopping: the stop we asked for. Stopped, Failed, Paused: not running.
             _ => {}

@@ -1,5 +1,6 @@
-//! The HTTP routes: GET, DELETE, merge and JSON PATCH of VMs and VMIs, KubeVirt's
-//! pause/unpause subresources, every request recorded, and the server itself.
+//! The HTTP routes: GET, DELETE, merge and JSON PATCH of every resource served, the
+//! `/scale` subresource of scalable ones, KubeVirt's pause/unpause subresources, every
+//! request recorded, and the server itself.
 
 use std::sync::Arc;
 
@@ -18,14 +19,24 @@ use crate::{Inner, Recorded, Res};
 
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
     Router::new()
-        .route("/apis/kubevirt.io/v1/{plural}", get(list_or_watch_all))
+        .route("/api/v1/{plural}", get(core_list_all))
+        .route("/api/v1/namespaces/{ns}/{plural}", get(core_list_namespaced))
         .route(
-            "/apis/kubevirt.io/v1/namespaces/{ns}/{plural}",
+            "/api/v1/namespaces/{ns}/{plural}/{name}",
+            get(core_get).patch(core_patch).delete(core_delete),
+        )
+        .route("/apis/{group}/{version}/{plural}", get(list_or_watch_all))
+        .route(
+            "/apis/{group}/{version}/namespaces/{ns}/{plural}",
             get(list_or_watch_namespaced),
         )
         .route(
-            "/apis/kubevirt.io/v1/namespaces/{ns}/{plural}/{name}",
+            "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
             get(get_object).patch(patch_object).delete(delete_object),
+        )
+        .route(
+            "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}/scale",
+            get(get_scale).patch(patch_scale),
         )
         .route(
             "/apis/subresources.kubevirt.io/v1/namespaces/{ns}/virtualmachineinstances/{name}/{action}",
@@ -72,19 +83,65 @@ pub(crate) fn status(code: u16, reason: &str, message: &str) -> Response {
 }
 
 pub(crate) fn not_found(res: Res, name: &str) -> Response {
+    status(404, "NotFound", &format!("{} \"{name}\" not found", res.qualified()))
+}
+
+fn no_such_resource() -> Response {
+    status(404, "NotFound", "the server could not find the requested resource")
+}
+
+fn conflict(res: Res, name: &str) -> Response {
     status(
-        404,
-        "NotFound",
-        &format!("{}.kubevirt.io \"{name}\" not found", res.plural()),
+        409,
+        "Conflict",
+        &format!(
+            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+            res.qualified()
+        ),
     )
 }
 
-pub(crate) async fn get_object(
-    State(inner): State<Arc<Inner>>,
+type ObjectPath = UrlPath<(String, String, String, String, String)>;
+
+async fn core_list_all(
+    state: State<Arc<Inner>>,
+    UrlPath(plural): UrlPath<String>,
+    q: crate::list_watch::Params,
+) -> Response {
+    list_or_watch_all(state, UrlPath((String::new(), "v1".into(), plural)), q).await
+}
+
+async fn core_list_namespaced(
+    state: State<Arc<Inner>>,
+    UrlPath((ns, plural)): UrlPath<(String, String)>,
+    q: crate::list_watch::Params,
+) -> Response {
+    list_or_watch_namespaced(state, UrlPath((String::new(), "v1".into(), ns, plural)), q).await
+}
+
+async fn core_get(state: State<Arc<Inner>>, UrlPath((ns, plural, name)): UrlPath<(String, String, String)>) -> Response {
+    get_object(state, UrlPath((String::new(), "v1".into(), ns, plural, name))).await
+}
+
+async fn core_delete(
+    state: State<Arc<Inner>>,
     UrlPath((ns, plural, name)): UrlPath<(String, String, String)>,
 ) -> Response {
-    let Some(res) = Res::from_plural(&plural) else {
-        return status(404, "NotFound", "the server could not find the requested resource");
+    delete_object(state, UrlPath((String::new(), "v1".into(), ns, plural, name))).await
+}
+
+async fn core_patch(
+    state: State<Arc<Inner>>,
+    UrlPath((ns, plural, name)): UrlPath<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    patch_object(state, UrlPath((String::new(), "v1".into(), ns, plural, name)), headers, body).await
+}
+
+pub(crate) async fn get_object(State(inner): State<Arc<Inner>>, UrlPath((group, version, ns, plural, name)): ObjectPath) -> Response {
+    let Some(res) = Res::from_parts(&group, &version, &plural) else {
+        return no_such_resource();
     };
     match inner.get(res, &ns, &name) {
         Some(object) => axum::Json(object).into_response(),
@@ -94,10 +151,10 @@ pub(crate) async fn get_object(
 
 pub(crate) async fn delete_object(
     State(inner): State<Arc<Inner>>,
-    UrlPath((ns, plural, name)): UrlPath<(String, String, String)>,
+    UrlPath((group, version, ns, plural, name)): ObjectPath,
 ) -> Response {
-    let Some(res) = Res::from_plural(&plural) else {
-        return status(404, "NotFound", "the server could not find the requested resource");
+    let Some(res) = Res::from_parts(&group, &version, &plural) else {
+        return no_such_resource();
     };
     match inner.write(res, &ns, &name, None) {
         Some(object) => axum::Json(object).into_response(),
@@ -105,14 +162,116 @@ pub(crate) async fn delete_object(
     }
 }
 
-pub(crate) async fn patch_object(
+/// The `autoscaling/v1` Scale of a scalable object, as kube-apiserver presents it: the
+/// object's own name and resourceVersion, `spec.replicas`, and the selector as a string.
+fn scale_of(object: &Value) -> Value {
+    let meta = &object["metadata"];
+    let selector = object["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+            "resourceVersion": meta["resourceVersion"], "creationTimestamp": meta["creationTimestamp"],
+        },
+        "spec": {"replicas": object["spec"]["replicas"].as_u64().unwrap_or(1)},
+        "status": {"replicas": object["status"]["replicas"].as_u64().unwrap_or(0), "selector": selector},
+    })
+}
+
+pub(crate) async fn get_scale(State(inner): State<Arc<Inner>>, UrlPath((group, version, ns, plural, name)): ObjectPath) -> Response {
+    let Some(res) = Res::from_parts(&group, &version, &plural).filter(|r| r.scalable()) else {
+        return no_such_resource();
+    };
+    match inner.get(res, &ns, &name) {
+        Some(object) => axum::Json(scale_of(&object)).into_response(),
+        None => not_found(res, &name),
+    }
+}
+
+/// A merge or JSON patch of the Scale: a `metadata.resourceVersion` in it is a
+/// precondition (409 when stale); negative replicas are invalid (422).
+pub(crate) async fn patch_scale(
     State(inner): State<Arc<Inner>>,
-    UrlPath((ns, plural, name)): UrlPath<(String, String, String)>,
+    UrlPath((group, version, ns, plural, name)): ObjectPath,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(res) = Res::from_plural(&plural) else {
-        return status(404, "NotFound", "the server could not find the requested resource");
+    let Some(res) = Res::from_parts(&group, &version, &plural).filter(|r| r.scalable()) else {
+        return no_such_resource();
+    };
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "the body of the request is not valid JSON");
+    };
+    let media = media_type(&headers);
+    let _serial = PATCH_LOCK.lock().await;
+    let Some(mut object) = inner.get(res, &ns, &name) else {
+        return not_found(res, &name);
+    };
+    let mut scale = scale_of(&object);
+    let current_rv = scale["metadata"]["resourceVersion"].clone();
+    match media.as_str() {
+        "application/merge-patch+json" => json_patch::merge(&mut scale, &patch),
+        "application/json-patch+json" => {
+            let ops: json_patch::Patch = match serde_json::from_value(patch) {
+                Ok(ops) => ops,
+                Err(e) => return status(400, "BadRequest", &format!("invalid JSON patch: {e}")),
+            };
+            if let Err(e) = json_patch::patch(&mut scale, &ops) {
+                return status(422, "Invalid", &format!("the server rejected our request due to an error in our request: {e}"));
+            }
+        }
+        _ => return status(415, "UnsupportedMediaType", &format!("unsupported patch content type {media:?}")),
+    }
+    if scale["metadata"]["resourceVersion"] != current_rv {
+        return conflict(res, &name);
+    }
+    let Some(replicas) = scale["spec"]["replicas"].as_i64() else {
+        return status(422, "Invalid", "spec.replicas: Required value");
+    };
+    if replicas < 0 {
+        return status(
+            422,
+            "Invalid",
+            &format!("Scale.autoscaling \"{name}\" is invalid: spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0"),
+        );
+    }
+    object["spec"]["replicas"] = json!(replicas);
+    match inner.write(res, &ns, &name, Some(object)) {
+        Some(written) => axum::Json(scale_of(&written)).into_response(),
+        None => not_found(res, &name),
+    }
+}
+
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+pub(crate) async fn patch_object(
+    State(inner): State<Arc<Inner>>,
+    UrlPath((group, version, ns, plural, name)): ObjectPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(res) = Res::from_parts(&group, &version, &plural) else {
+        return no_such_resource();
     };
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -139,11 +298,7 @@ pub(crate) async fn patch_object(
         "application/merge-patch+json" => {
             if let Some(wanted) = patch.pointer("/metadata/resourceVersion") {
                 if *wanted != original_rv {
-                    return status(
-                        409,
-                        "Conflict",
-                        &format!("Operation cannot be fulfilled on {}.kubevirt.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again", res.plural()),
-                    );
+                    return conflict(res, &name);
                 }
             }
             json_patch::merge(&mut object, &patch);

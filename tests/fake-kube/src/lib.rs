@@ -26,13 +26,14 @@ mod list_watch;
 mod selector;
 mod store;
 mod virt_controller;
+mod workloads;
 
 use api::{router, serve_router};
 use guest::GuestLog;
 use store::{Change, Store};
 use virt_controller::virt_controller;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -71,34 +72,178 @@ impl Default for Options {
     }
 }
 
-/// The two resources served.
+/// The resources served: KubeVirt's VMs and VMIs, apps/v1 Deployments and
+/// StatefulSets, core/v1 pods, and KubeVirt's VirtualMachinePool (a custom resource with a
+/// `/scale` subresource).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Res {
-    /// `virtualmachines`
+    /// `kubevirt.io/v1` `virtualmachines`
     Vm,
-    /// `virtualmachineinstances`
+    /// `kubevirt.io/v1` `virtualmachineinstances`
     Vmi,
+    /// `apps/v1` `deployments`
+    Deployment,
+    /// `apps/v1` `statefulsets`
+    StatefulSet,
+    /// `v1` `pods`
+    Pod,
+    /// `pool.kubevirt.io/v1alpha1` `virtualmachinepools`
+    VmPool,
 }
 
 impl Res {
-    fn plural(self) -> &'static str {
+    const ALL: [Res; 6] = [Res::Vm, Res::Vmi, Res::Deployment, Res::StatefulSet, Res::Pod, Res::VmPool];
+
+    /// The API group ("" for the core group).
+    pub fn group(self) -> &'static str {
+        match self {
+            Res::Vm | Res::Vmi => "kubevirt.io",
+            Res::Deployment | Res::StatefulSet => "apps",
+            Res::Pod => "",
+            Res::VmPool => "pool.kubevirt.io",
+        }
+    }
+
+    /// The API version.
+    pub fn version(self) -> &'static str {
+        match self {
+            Res::Vm | Res::Vmi | Res::Deployment | Res::StatefulSet | Res::Pod => "v1",
+            Res::VmPool => "v1alpha1",
+        }
+    }
+
+    /// `apiVersion` of objects.
+    pub fn api_version(self) -> String {
+        match self.group() {
+            "" => self.version().to_string(),
+            group => format!("{group}/{}", self.version()),
+        }
+    }
+
+    /// The resource name in URLs.
+    pub fn plural(self) -> &'static str {
         match self {
             Res::Vm => "virtualmachines",
             Res::Vmi => "virtualmachineinstances",
+            Res::Deployment => "deployments",
+            Res::StatefulSet => "statefulsets",
+            Res::Pod => "pods",
+            Res::VmPool => "virtualmachinepools",
         }
     }
-    fn kind(self) -> &'static str {
+
+    /// The kind of objects.
+    pub fn kind(self) -> &'static str {
         match self {
             Res::Vm => "VirtualMachine",
             Res::Vmi => "VirtualMachineInstance",
+            Res::Deployment => "Deployment",
+            Res::StatefulSet => "StatefulSet",
+            Res::Pod => "Pod",
+            Res::VmPool => "VirtualMachinePool",
         }
     }
-    fn from_plural(plural: &str) -> Option<Res> {
-        match plural {
-            "virtualmachines" => Some(Res::Vm),
-            "virtualmachineinstances" => Some(Res::Vmi),
-            _ => None,
+
+    /// Whether it has a `/scale` subresource (and pods the fake's controller keeps).
+    pub fn scalable(self) -> bool {
+        matches!(self, Res::Deployment | Res::StatefulSet | Res::VmPool)
+    }
+
+    /// `plural.group`, as kube-apiserver names a resource in messages.
+    pub(crate) fn qualified(self) -> String {
+        match self.group() {
+            "" => self.plural().to_string(),
+            group => format!("{}.{group}", self.plural()),
         }
+    }
+
+    pub(crate) fn from_kind(kind: &str) -> Option<Res> {
+        Res::ALL.into_iter().find(|r| r.kind() == kind)
+    }
+
+    pub(crate) fn from_parts(group: &str, version: &str, plural: &str) -> Option<Res> {
+        Res::ALL
+            .into_iter()
+            .find(|r| r.group() == group && r.version() == version && r.plural() == plural)
+    }
+}
+
+/// A scalable workload to create: its kind, name, labels (the opt-in label goes here)
+/// and annotations (the activator's settings), replica count, and its pod template's
+/// labels (also its selector) and annotations (e.g. a Multus network).
+#[derive(Clone, Debug)]
+pub struct WorkloadSpec {
+    /// Deployment, StatefulSet or VirtualMachinePool.
+    pub res: Res,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The workload's labels.
+    pub labels: Value,
+    /// The workload's annotations.
+    pub annotations: Value,
+    /// `spec.replicas`.
+    pub replicas: u64,
+    /// The pod template's labels, which are also the selector.
+    pub pod_labels: Value,
+    /// The pod template's annotations.
+    pub pod_annotations: Value,
+    /// The pod template's `runtimeClassName` (e.g. `kata-qemu`), if any.
+    pub runtime_class: Option<String>,
+}
+
+impl WorkloadSpec {
+    /// An opted-in workload at zero replicas whose pods carry `app: {name}`.
+    pub fn opted_in(res: Res, namespace: &str, name: &str) -> WorkloadSpec {
+        WorkloadSpec {
+            res,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            labels: json!({"vm-activator.io/enabled": "true"}),
+            annotations: json!({}),
+            replicas: 0,
+            pod_labels: json!({"app": name}),
+            pod_annotations: json!({}),
+            runtime_class: None,
+        }
+    }
+
+    /// The object as the API server would be sent it.
+    pub fn object(&self) -> Value {
+        let mut pod_spec = json!({"containers": [{"name": "app", "image": "guest"}]});
+        if let Some(class) = &self.runtime_class {
+            pod_spec["runtimeClassName"] = json!(class);
+        }
+        let mut object = json!({
+            "apiVersion": self.res.api_version(),
+            "kind": self.res.kind(),
+            "metadata": {
+                "name": self.name, "namespace": self.namespace,
+                "labels": self.labels, "annotations": self.annotations,
+            },
+            "spec": {
+                "replicas": self.replicas,
+                "selector": {"matchLabels": self.pod_labels},
+                "template": {
+                    "metadata": {"labels": self.pod_labels, "annotations": self.pod_annotations},
+                    "spec": pod_spec,
+                },
+            },
+        });
+        match self.res {
+            Res::StatefulSet => object["spec"]["serviceName"] = json!(self.name),
+            Res::VmPool => {
+                // A pool's template is a VirtualMachine's: its pods are virt-launcher pods.
+                let template = object["spec"]["template"].take();
+                object["spec"]["virtualMachineTemplate"] = json!({
+                    "metadata": template["metadata"],
+                    "spec": {"runStrategy": "Always", "template": {"metadata": template["metadata"], "spec": {"domain": {"devices": {}}}}},
+                });
+            }
+            _ => {}
+        }
+        object
     }
 }
 
@@ -233,15 +378,16 @@ impl FakeKube {
     }
 
     /// Creates a VirtualMachine. `spec` is merged over `{"runStrategy": "Halted"}`
-    /// unless it sets `running` (the deprecated field) itself.
+    /// (unless it sets `running`, the deprecated field, itself) and a minimal template
+    /// (which it may extend, e.g. with Multus `networks`).
     pub fn create_vm(&self, namespace: &str, name: &str, labels: Value, annotations: Value, spec: Value) {
         let mut full_spec = if spec.get("running").is_some() {
             json!({})
         } else {
             json!({"runStrategy": "Halted"})
         };
-        json_patch::merge(&mut full_spec, &spec);
         full_spec["template"] = json!({"spec": {"domain": {"devices": {}}}});
+        json_patch::merge(&mut full_spec, &spec);
         let object = json!({
             "apiVersion": "kubevirt.io/v1",
             "kind": "VirtualMachine",
@@ -267,6 +413,50 @@ impl FakeKube {
         let mut vm = self.vm(namespace, name).expect("the VM exists");
         json_patch::merge(&mut vm, patch);
         self.inner.write(Res::Vm, namespace, name, Some(vm));
+    }
+
+    /// Creates a scalable workload (Deployment, StatefulSet or VirtualMachinePool) as
+    /// `spec` describes it.
+    pub fn create_workload(&self, spec: &WorkloadSpec) {
+        assert!(spec.res.scalable(), "{:?} has no /scale", spec.res);
+        self.inner
+            .write(spec.res, &spec.namespace, &spec.name, Some(spec.object()));
+    }
+
+    /// A workload (or any object) as JSON.
+    pub fn object(&self, res: Res, namespace: &str, name: &str) -> Option<Value> {
+        self.inner.get(res, namespace, name)
+    }
+
+    /// Sets a workload's replica count by hand, as `kubectl scale` does.
+    pub fn scale_by_hand(&self, res: Res, namespace: &str, name: &str, replicas: u64) {
+        let mut object = self.inner.get(res, namespace, name).expect("the workload exists");
+        object["spec"]["replicas"] = json!(replicas);
+        self.inner.write(res, namespace, name, Some(object));
+    }
+
+    /// The pods in `namespace`.
+    pub fn pods(&self, namespace: &str) -> Vec<Value> {
+        self.inner.list(Res::Pod, namespace)
+    }
+
+    /// Deletes a pod at once (its guest dies with it); its workload replaces it.
+    pub fn kill_pod(&self, namespace: &str, pod: &str) {
+        workloads::delete_pod(&self.inner, namespace, pod);
+    }
+
+    /// Event ids each pod of a workload accepted (pods named `{workload}-{n}`, gone ones
+    /// included).
+    pub fn workload_events(&self, namespace: &str, workload: &str) -> BTreeMap<String, Vec<String>> {
+        let prefix = format!("pod/{workload}-");
+        self.inner
+            .guest_logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((ns, key), _)| ns == namespace && key.starts_with(&prefix))
+            .map(|((_, key), log)| (key.trim_start_matches("pod/").to_string(), log.lock().unwrap().clone()))
+            .collect()
     }
 
     /// Deletes a VirtualMachine (its VMI follows, as with KubeVirt).

@@ -24,29 +24,27 @@ pub(crate) type Params = Query<HashMap<String, String>>;
 
 pub(crate) async fn list_or_watch_all(
     State(inner): State<Arc<Inner>>,
-    UrlPath(plural): UrlPath<String>,
+    UrlPath((group, version, plural)): UrlPath<(String, String, String)>,
     Query(q): Params,
 ) -> Response {
-    list_or_watch(inner, None, &plural, q).await
+    match Res::from_parts(&group, &version, &plural) {
+        Some(res) => list_or_watch(inner, None, res, q).await,
+        None => status(404, "NotFound", "the server could not find the requested resource"),
+    }
 }
 
 pub(crate) async fn list_or_watch_namespaced(
     State(inner): State<Arc<Inner>>,
-    UrlPath((ns, plural)): UrlPath<(String, String)>,
+    UrlPath((group, version, ns, plural)): UrlPath<(String, String, String, String)>,
     Query(q): Params,
 ) -> Response {
-    list_or_watch(inner, Some(ns), &plural, q).await
+    match Res::from_parts(&group, &version, &plural) {
+        Some(res) => list_or_watch(inner, Some(ns), res, q).await,
+        None => status(404, "NotFound", "the server could not find the requested resource"),
+    }
 }
 
-pub(crate) async fn list_or_watch(
-    inner: Arc<Inner>,
-    ns: Option<String>,
-    plural: &str,
-    q: HashMap<String, String>,
-) -> Response {
-    let Some(res) = Res::from_plural(plural) else {
-        return status(404, "NotFound", "the server could not find the requested resource");
-    };
+pub(crate) async fn list_or_watch(inner: Arc<Inner>, ns: Option<String>, res: Res, q: HashMap<String, String>) -> Response {
     let selector = match Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or("")) {
         Ok(s) => s,
         Err(e) => return status(400, "BadRequest", &format!("unable to parse requirement: {e}")),
@@ -124,7 +122,7 @@ pub(crate) async fn list_or_watch(
         }
     }
     let body = json!({
-        "apiVersion": "kubevirt.io/v1",
+        "apiVersion": res.api_version(),
         "kind": format!("{}List", res.kind()),
         "metadata": metadata,
         "items": items,
@@ -216,7 +214,7 @@ pub(crate) fn watch(
                 Some(_) => Ok(()),
                 None => {
                     let rv = store_inner.store.lock().unwrap().rv.max(last_rv);
-                    let mark = json!({"apiVersion": "kubevirt.io/v1", "kind": res.kind(), "metadata": {"resourceVersion": rv.to_string()}});
+                    let mark = json!({"apiVersion": res.api_version(), "kind": res.kind(), "metadata": {"resourceVersion": rv.to_string()}});
                     tx.send(line("BOOKMARK", &mark)).await
                 }
             };

@@ -27,6 +27,17 @@ pub(crate) struct Store {
 }
 
 impl Inner {
+    /// Every object of `res` in `namespace`.
+    pub(crate) fn list(&self, res: Res, namespace: &str) -> Vec<Value> {
+        let store = self.store.lock().unwrap();
+        store
+            .objects
+            .iter()
+            .filter(|((r, ns, _), _)| *r == res && ns == namespace)
+            .map(|(_, object)| object.clone())
+            .collect()
+    }
+
     pub(crate) fn get(&self, res: Res, namespace: &str, name: &str) -> Option<Value> {
         let store = self.store.lock().unwrap();
         store

@@ -1,7 +1,8 @@
-//! The simulated virt-controller: a VM whose `runStrategy` becomes `Always` (or
-//! `running: true`) gets a VMI that goes Pending → Scheduled → Running with an address
-//! on 127.0.0.0/8, where a guest HTTP server starts listening a little later; `Halted`
-//! (or deleting the VM) deletes the VMI and its guest.
+//! The simulated controllers' loop (workloads in `workloads.rs`), and virt-controller: a
+//! VM whose `runStrategy` becomes `Always` (or `running: true`) gets a VMI that goes
+//! Pending → Scheduled → Running with an address on 127.0.0.0/8, where a guest HTTP
+//! server starts listening a little later; `Halted` (or deleting the VM) deletes the VMI
+//! and its guest.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -30,21 +31,27 @@ pub(crate) async fn virt_controller(inner: std::sync::Weak<Inner>) {
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        if change.res != Res::Vm {
-            continue;
-        }
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let ns = change.object["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let name = change.object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        reconcile(&inner, &ns, &name);
+        let meta = &change.object["metadata"];
+        let ns = meta["namespace"].as_str().unwrap_or_default().to_string();
+        let name = meta["name"].as_str().unwrap_or_default().to_string();
+        match change.res {
+            Res::Vm => reconcile(&inner, &ns, &name),
+            res if res.scalable() => crate::workloads::reconcile_workload(&inner, res, &ns, &name),
+            // A pod gone: its workload replaces it.
+            Res::Pod if change.kind == "DELETED" => {
+                let owner = &meta["ownerReferences"][0];
+                if let (Some(res), Some(workload)) = (
+                    owner["kind"].as_str().and_then(Res::from_kind),
+                    owner["name"].as_str(),
+                ) {
+                    crate::workloads::reconcile_workload(&inner, res, &ns, workload);
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -60,6 +67,7 @@ pub(crate) fn reconcile(inner: &Arc<Inner>, ns: &str, name: &str) {
                 .as_str()
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(8080u16);
+            let multus = multus_interface(&vm);
             let vmi = json!({
                 "apiVersion": "kubevirt.io/v1",
                 "kind": "VirtualMachineInstance",
@@ -84,6 +92,7 @@ pub(crate) fn reconcile(inner: &Arc<Inner>, ns: &str, name: &str) {
                 name.to_string(),
                 uid,
                 port,
+                multus,
                 options,
             ));
         }
@@ -107,16 +116,28 @@ pub(crate) fn reconcile(inner: &Arc<Inner>, ns: &str, name: &str) {
     }
 }
 
-/// Pending → Scheduled → Running (with an IP), then the guest starts listening.
+/// The name of the VM's first interface on a Multus network, if it has one.
+fn multus_interface(vm: &Value) -> Option<String> {
+    vm["spec"]["template"]["spec"]["networks"]
+        .as_array()?
+        .iter()
+        .find(|network| network["multus"]["networkName"].is_string())
+        .and_then(|network| network["name"].as_str())
+        .map(str::to_string)
+}
+
+/// Pending → Scheduled → Running (with an IP, and one on its Multus network if it is on
+/// one), then the guest starts listening.
 pub(crate) async fn boot(
     inner: std::sync::Weak<Inner>,
     ns: String,
     name: String,
     uid: Value,
     port: u16,
+    multus: Option<String>,
     options: Options,
 ) {
-    let step = |phase: &str, ip: Option<IpAddr>| {
+    let step = |phase: &str, ips: Option<(IpAddr, Option<IpAddr>)>| {
         let Some(inner) = inner.upgrade() else {
             return false;
         };
@@ -127,8 +148,12 @@ pub(crate) async fn boot(
             return false;
         }
         vmi["status"]["phase"] = json!(phase);
-        if let Some(ip) = ip {
-            vmi["status"]["interfaces"] = json!([{"name": "default", "ipAddress": ip.to_string()}]);
+        if let Some((ip, secondary)) = ips {
+            let mut interfaces = vec![json!({"name": "default", "ipAddress": ip.to_string()})];
+            if let (Some(name), Some(secondary)) = (&multus, secondary) {
+                interfaces.push(json!({"name": name, "ipAddress": secondary.to_string()}));
+            }
+            vmi["status"]["interfaces"] = json!(interfaces);
         }
         inner.write(Res::Vmi, &ns, &name, Some(vmi));
         true
@@ -143,10 +168,21 @@ pub(crate) async fn boot(
     let Some(socket) = reserve_socket(port) else {
         return;
     };
+    // On a Multus network the guest answers there only (its pod-network address is
+    // taken, so nothing answers on it).
+    let secondary = match multus {
+        Some(_) => match reserve_socket(port) {
+            Some(socket) => Some(socket),
+            None => return,
+        },
+        None => None,
+    };
     let ip = socket.local_addr().expect("bound").ip();
-    if !step("Running", Some(ip)) {
+    let secondary_ip = secondary.as_ref().map(|s| s.local_addr().expect("bound").ip());
+    if !step("Running", Some((ip, secondary_ip))) {
         return;
     }
+    let socket = secondary.unwrap_or(socket);
     let Some(strong) = inner.upgrade() else {
         return;
     };
