@@ -105,7 +105,11 @@ async fn listed_namespaces_limit_what_the_activator_manages() {
     assert_eq!(activator.send_status("/apps/inside", "y").await, 202);
     // Only namespaced requests: a RoleBinding per namespace is enough.
     for r in kube.requests() {
-        let namespaced = ["/apis/kubevirt.io/v1/namespaces/apps/", "/apis/apps/v1/namespaces/apps/", "/api/v1/namespaces/apps/"];
+        let namespaced = [
+            "/apis/kubevirt.io/v1/namespaces/apps/",
+            "/apis/apps/v1/namespaces/apps/",
+            "/api/v1/namespaces/apps/",
+        ];
         assert!(namespaced.iter().any(|prefix| r.path.starts_with(prefix)), "{r:?}");
     }
 }

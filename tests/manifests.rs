@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::Value;
-use vm_activator::backend::kubevirt::{API_ACCESS, PAUSE_API_ACCESS};
+use vm_activator::backend::kubevirt::{scale_kind_access, API_ACCESS, PAUSE_API_ACCESS};
 use vm_activator::config::{BackendKind, Config};
 use vm_activator::vm::{Policy, OPT_IN_LABEL};
 
@@ -196,6 +196,77 @@ fn rbac_grants_exactly_what_the_backend_uses() {
         granted(find(&pause, "ClusterRole", "vm-activator-pause")),
         declared(PAUSE_API_ACCESS)
     );
+
+    let pools = docs(&deploy().join("components/virtualmachinepools/rbac.yaml"));
+    let needed = scale_kind_access("pool.kubevirt.io", "virtualmachinepools");
+    let needed: Vec<(&str, &str, &[&str])> = needed.iter().map(|(g, r, v)| (*g, r.as_str(), *v)).collect();
+    assert_eq!(
+        granted(find(&pools, "ClusterRole", "vm-activator-virtualmachinepools")),
+        declared(&needed)
+    );
+}
+
+/// Each component's config is valid and keeps what the base sets.
+#[test]
+fn the_components_configs_are_valid() {
+    for (component, check) in [
+        (
+            "pause",
+            Box::new(|c: &Config| c.kubevirt.pause) as Box<dyn Fn(&Config) -> bool>,
+        ),
+        (
+            "virtualmachinepools",
+            Box::new(|c: &Config| c.kubevirt.scale_kinds.iter().any(|k| k.kind == "VirtualMachinePool")),
+        ),
+    ] {
+        let kustomization = &docs(&deploy().join(format!("components/{component}/kustomization.yaml")))[0];
+        let patch: Vec<Value> = serde_norway::from_str(kustomization["patches"][0]["patch"].as_str().unwrap()).unwrap();
+        let config = Config::from_yaml(patch[0]["value"].as_str().unwrap()).unwrap();
+        config.validate().unwrap();
+        assert!(config.kubevirt.workloads, "{component}");
+        assert!(check(&config), "{component}");
+    }
+}
+
+/// Every workload example: opted in, at zero, settings without warnings, and fed by a
+/// Trigger whose subscriber is the activator at `/{namespace}/{name}`.
+#[test]
+fn each_workload_example_is_fed_by_a_trigger() {
+    for (file, kind, name) in [
+        ("kata-deployment.yaml", "Deployment", "invoice-renderer"),
+        ("statefulset.yaml", "StatefulSet", "ledger"),
+        ("multus-vm.yaml", "VirtualMachine", "scada-gateway"),
+    ] {
+        let objects = docs(&deploy().join("examples").join(file));
+        let target = find(&objects, kind, name);
+        assert_eq!(target["metadata"]["labels"][OPT_IN_LABEL], "true", "{file}");
+        let annotations = target["metadata"]["annotations"].as_object().unwrap();
+        let policy = Policy::from_annotations(annotations.iter().map(|(k, v)| (k.as_str(), v.as_str().unwrap())));
+        assert!(policy.warnings.is_empty(), "{file}: {:?}", policy.warnings);
+        match kind {
+            "VirtualMachine" => assert_eq!(target["spec"]["runStrategy"], "Halted"),
+            _ => assert_eq!(target["spec"]["replicas"], 0, "{file}"),
+        }
+        let trigger = objects.iter().find(|o| o["kind"] == "Trigger").expect("a Trigger");
+        let namespace = target["metadata"]["namespace"].as_str().unwrap();
+        assert_eq!(trigger["metadata"]["namespace"], namespace);
+        let subscriber = &trigger["spec"]["subscriber"];
+        assert_eq!(subscriber["ref"]["name"], "vm-activator");
+        assert_eq!(subscriber["uri"], format!("/{namespace}/{name}").as_str(), "{file}");
+    }
+    let kata = docs(&deploy().join("examples/kata-deployment.yaml"));
+    let pod = &find(&kata, "Deployment", "invoice-renderer")["spec"]["template"]["spec"];
+    assert_eq!(pod["runtimeClassName"], "kata-qemu");
+
+    // The Multus VM: the annotation names a network the VM has an interface on.
+    let multus = docs(&deploy().join("examples/multus-vm.yaml"));
+    let vm = find(&multus, "VirtualMachine", "scada-gateway");
+    let network = vm["metadata"]["annotations"]["vm-activator.io/network"]
+        .as_str()
+        .unwrap();
+    let networks = vm["spec"]["template"]["spec"]["networks"].as_array().unwrap();
+    assert!(networks.iter().any(|n| n["multus"]["networkName"] == network));
+    find(&multus, "NetworkAttachmentDefinition", network);
 }
 
 #[test]

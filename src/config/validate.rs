@@ -65,19 +65,28 @@ impl Config {
         for (i, kind) in self.kubevirt.scale_kinds.iter().enumerate() {
             let field = |name: &str| format!("kubevirt.scale_kinds[{i}].{name}");
             if kind.version.is_empty() || !kind.version.chars().all(|c| c.is_ascii_alphanumeric()) {
-                return Err(invalid(field("version"), "must be an API version such as v1 or v1alpha1"));
+                return Err(invalid(
+                    field("version"),
+                    "must be an API version such as v1 or v1alpha1",
+                ));
             }
             if kind.kind.is_empty() || !kind.kind.chars().all(|c| c.is_ascii_alphanumeric()) {
                 return Err(invalid(field("kind"), "must be a kind such as VirtualMachinePool"));
             }
             if !is_dns_label(&kind.plural) {
-                return Err(invalid(field("plural"), "must be a lowercase resource name such as virtualmachinepools"));
+                return Err(invalid(
+                    field("plural"),
+                    "must be a lowercase resource name such as virtualmachinepools",
+                ));
             }
             if kind.group.is_empty() || kind.group.split('.').any(|part| !is_dns_label(part)) {
                 return Err(invalid(field("group"), "must be an API group such as pool.kubevirt.io"));
             }
             if kind.kind == crate::vm::VIRTUAL_MACHINE && kind.group == "kubevirt.io" {
-                return Err(invalid(field("kind"), "VirtualMachines are always managed; list other kinds here"));
+                return Err(invalid(
+                    field("kind"),
+                    "VirtualMachines are always managed; list other kinds here",
+                ));
             }
         }
         if self.backend == BackendKind::Kubevirt && !self.vms.is_empty() {

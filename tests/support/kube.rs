@@ -5,10 +5,11 @@
 //! outages, compaction, the pause subresource); the RBAC check; matchers for the patches
 //! the activator sends.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fake_kube::{FakeKube, Options, Recorded};
+use fake_kube::{FakeKube, Options, Recorded, Res, WorkloadSpec};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -40,6 +41,27 @@ pub trait Kube {
     fn requests(&self) -> Vec<Recorded>;
     /// How many VMIs the VM got (one per boot).
     fn vmi_creations(&self, name: &str) -> usize;
+    /// Creates a workload (Deployment, StatefulSet, VirtualMachinePool) in [`Kube::ns`].
+    async fn create_workload(&self, spec: &WorkloadSpec);
+    /// A workload (or any object of kind `res`) as JSON.
+    async fn object(&self, res: Res, name: &str) -> Option<Value>;
+    /// Scales a workload by hand, as `kubectl scale` does.
+    async fn scale_by_hand(&self, res: Res, name: &str, replicas: u64);
+    /// The pods in [`Kube::ns`] as JSON.
+    async fn pods(&self) -> Vec<Value>;
+    /// Deletes a pod at once; its guest dies with it.
+    async fn kill_pod(&self, name: &str);
+    /// Event ids each pod of a workload accepted, by pod name (gone pods included).
+    fn workload_events(&self, workload: &str) -> BTreeMap<String, Vec<String>>;
+
+    /// An opted-in workload of kind `res` at zero replicas, pods labelled `app: {name}`,
+    /// with these annotations.
+    fn workload_spec(&self, res: Res, name: &str, annotations: Value) -> WorkloadSpec {
+        WorkloadSpec {
+            annotations,
+            ..WorkloadSpec::opted_in(res, self.ns(), name)
+        }
+    }
 
     /// An opted-in VM with these annotations, halted.
     async fn create_opted_in_vm(&self, name: &str, annotations: Value) {
@@ -132,6 +154,24 @@ impl Kube for FakeCluster {
     fn vmi_creations(&self, name: &str) -> usize {
         self.kube.vmi_creations(NS, name)
     }
+    async fn create_workload(&self, spec: &WorkloadSpec) {
+        self.kube.create_workload(spec);
+    }
+    async fn object(&self, res: Res, name: &str) -> Option<Value> {
+        self.kube.object(res, NS, name)
+    }
+    async fn scale_by_hand(&self, res: Res, name: &str, replicas: u64) {
+        self.kube.scale_by_hand(res, NS, name, replicas);
+    }
+    async fn pods(&self) -> Vec<Value> {
+        self.kube.pods(NS)
+    }
+    async fn kill_pod(&self, name: &str) {
+        self.kube.kill_pod(NS, name);
+    }
+    fn workload_events(&self, workload: &str) -> BTreeMap<String, Vec<String>> {
+        self.kube.workload_events(NS, workload)
+    }
 }
 
 impl Kube for RealKube {
@@ -167,6 +207,24 @@ impl Kube for RealKube {
     }
     fn vmi_creations(&self, name: &str) -> usize {
         RealKube::vmi_creations(self, name)
+    }
+    async fn create_workload(&self, spec: &WorkloadSpec) {
+        RealKube::create_workload(self, spec).await
+    }
+    async fn object(&self, res: Res, name: &str) -> Option<Value> {
+        RealKube::object(self, res, name).await
+    }
+    async fn scale_by_hand(&self, res: Res, name: &str, replicas: u64) {
+        RealKube::scale_by_hand(self, res, name, replicas).await
+    }
+    async fn pods(&self) -> Vec<Value> {
+        RealKube::pods(self).await
+    }
+    async fn kill_pod(&self, name: &str) {
+        RealKube::kill_pod(self, name).await
+    }
+    fn workload_events(&self, workload: &str) -> BTreeMap<String, Vec<String>> {
+        RealKube::workload_events(self, workload)
     }
 }
 

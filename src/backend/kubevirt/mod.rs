@@ -21,6 +21,7 @@
 
 mod resources;
 mod scale;
+mod selector;
 mod status;
 mod targets;
 mod watches;
@@ -41,8 +42,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use resources::{
-    scale_kind_access, MultusNetwork, VirtualMachine, VirtualMachineInstance, VirtualMachineSpec, VmNetwork, VmTemplate,
-    VmTemplateSpec, VmiCondition, VmiInterface, VmiSpec, VmiStatus, API_ACCESS, PAUSE_API_ACCESS,
+    scale_kind_access, MultusNetwork, VirtualMachine, VirtualMachineInstance, VirtualMachineSpec, VmNetwork,
+    VmTemplate, VmTemplateSpec, VmiCondition, VmiInterface, VmiSpec, VmiStatus, API_ACCESS, PAUSE_API_ACCESS,
 };
 
 use super::{Backend, BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome};
@@ -252,12 +253,13 @@ impl Backend for KubevirtBackend {
         if !self.catalog.borrow().contains_key(vm) {
             return None;
         }
-        let current = self.current_status(vm);
+        // Computed under the lock that refreshes take, so a change landing meanwhile is
+        // either in this status or refreshes the channel after it.
         let mut statuses = self.statuses.lock().expect("statuses lock");
         Some(
             statuses
                 .entry(vm.clone())
-                .or_insert_with(|| watch::channel(current).0)
+                .or_insert_with(|| watch::channel(self.current_status(vm)).0)
                 .subscribe(),
         )
     }

@@ -164,7 +164,10 @@ mod tests {
         );
         object.metadata.annotations = None;
         let ops = scale_down_ops(&object, 3, None);
-        assert_eq!(ops[1], json!({ "op": "add", "path": "/metadata/annotations", "value": {} }));
+        assert_eq!(
+            ops[1],
+            json!({ "op": "add", "path": "/metadata/annotations", "value": {} })
+        );
         assert!(serde_json::from_value::<json_patch::Patch>(ops).is_ok());
     }
 }

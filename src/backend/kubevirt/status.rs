@@ -216,7 +216,10 @@ mod tests {
         let on_pod_network_only = derive_status(Some(&vm), Some(&vmi), 80, Some("apps/vlan-10"));
         assert_eq!(on_pod_network_only.phase, BackendPhase::Starting);
         assert!(on_pod_network_only.endpoints.is_empty(), "never the wrong network");
-        assert!(on_pod_network_only.message.unwrap().contains("no address on network apps/vlan-10"));
+        assert!(on_pod_network_only
+            .message
+            .unwrap()
+            .contains("no address on network apps/vlan-10"));
 
         let status = vmi.status.as_mut().unwrap();
         status.interfaces.push(VmiInterface {
@@ -229,6 +232,9 @@ mod tests {
 
         let elsewhere = derive_status(Some(&vm), Some(&vmi), 80, Some("infra/storage"));
         assert_eq!(elsewhere.phase, BackendPhase::Starting);
-        assert!(elsewhere.message.unwrap().contains("no interface on network infra/storage"));
+        assert!(elsewhere
+            .message
+            .unwrap()
+            .contains("no interface on network infra/storage"));
     }
 }

@@ -13,7 +13,7 @@ use kube::ResourceExt;
 use super::status::derive_status;
 use super::workloads::derive_workload_status;
 use super::{KubevirtBackend, VirtualMachine};
-use crate::backend::{BackendPhase, BackendStatus, BackendError};
+use crate::backend::{BackendError, BackendPhase, BackendStatus};
 use crate::vm::{Policy, ScaleDown, VmKey, VIRTUAL_MACHINE};
 
 /// The object a name stands for.

@@ -139,14 +139,14 @@ impl KubevirtBackend {
     /// names someone asked about (`Backend::status`) have a channel: thousands of idle
     /// VMs cost nothing here.
     pub(super) fn refresh_status(&self, key: &VmKey) {
-        if !self.statuses.lock().expect("statuses lock").contains_key(key) {
-            return;
-        }
-        let status = self.current_status(key);
+        // Computed while holding the lock: watches of different kinds refresh from their
+        // own tasks, and a status computed before another watch's change must not be
+        // sent after the status computed from it (the newer one would be lost).
         let mut statuses = self.statuses.lock().expect("statuses lock");
         let Some(sender) = statuses.get_mut(key) else {
             return;
         };
+        let status = self.current_status(key);
         sender.send_if_modified(|current| {
             if *current == status {
                 return false;

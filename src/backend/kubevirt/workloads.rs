@@ -3,6 +3,7 @@
 //! which pods belong to a workload (its label selector), and the status a workload has —
 //! its endpoints are the addresses of its ready pods, on the pod network or on the
 //! Multus network the policy names (from the pod's `k8s.v1.cni.cncf.io/network-status`).
+//! Which pods are a workload's is `selector.rs`.
 //!
 //! Pure functions of the objects: no API calls here (`scale.rs` writes).
 
@@ -11,14 +12,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
-use kube::core::{Expression, Selector, SelectorExt};
+use kube::core::SelectorExt;
 use kube::runtime::reflector::Store;
 use kube::ResourceExt;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::selector::selector_of;
 use crate::backend::{BackendPhase, BackendStatus};
 use crate::config::ScaleKind;
 use crate::vm::SCALED_DOWN_FROM_ANNOTATION;
@@ -85,74 +86,6 @@ pub(super) fn remembered_replicas(workload: &DynamicObject) -> Option<u32> {
         .parse()
         .ok()
         .filter(|n| *n > 0)
-}
-
-/// Which pods are the workload's: `spec.selector` (a label selector), else the selector
-/// string a custom kind publishes in `status.selector` or `status.labelSelector` (its
-/// scale subresource's `labelSelectorPath`). An empty selector is refused: it would take
-/// every pod in the namespace.
-pub(super) fn selector_of(workload: &DynamicObject) -> Result<Selector, String> {
-    let spec_selector = &workload.data["spec"]["selector"];
-    let selector = if spec_selector.is_object() {
-        let label_selector = LabelSelector::deserialize(spec_selector)
-            .map_err(|e| format!("spec.selector is not a label selector: {e}"))?;
-        Selector::try_from(label_selector).map_err(|e| format!("spec.selector: {e}"))?
-    } else {
-        let status = &workload.data["status"];
-        let text = status["selector"]
-            .as_str()
-            .or_else(|| status["labelSelector"].as_str())
-            .ok_or("no pod selector (spec.selector, status.selector or status.labelSelector)")?;
-        parse_selector(text)?
-    };
-    if selector.selects_all() {
-        return Err("the pod selector is empty".into());
-    }
-    Ok(selector)
-}
-
-/// Parses a selector string as kube-apiserver prints it: `a=b,c!=d,e in (f,g),!h,i`.
-fn parse_selector(text: &str) -> Result<Selector, String> {
-    let mut terms = Vec::new();
-    let (mut depth, mut start) = (0usize, 0usize);
-    for (i, c) in text.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth = depth.saturating_sub(1),
-            ',' if depth == 0 => {
-                terms.push(&text[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    terms.push(&text[start..]);
-    let set = |values: &str| -> Result<std::collections::BTreeSet<String>, String> {
-        let inner = values
-            .trim()
-            .strip_prefix('(')
-            .and_then(|v| v.strip_suffix(')'))
-            .ok_or_else(|| format!("expected (values) in selector {text:?}"))?;
-        Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
-    };
-    let mut expressions = Vec::new();
-    for term in terms.into_iter().map(str::trim).filter(|t| !t.is_empty()) {
-        let expression = if let Some((key, values)) = term.split_once(" notin ") {
-            Expression::NotIn(key.trim().into(), set(values)?)
-        } else if let Some((key, values)) = term.split_once(" in ") {
-            Expression::In(key.trim().into(), set(values)?)
-        } else if let Some((key, value)) = term.split_once("!=") {
-            Expression::NotEqual(key.trim().into(), value.trim().into())
-        } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
-            Expression::Equal(key.trim().into(), value.trim().into())
-        } else if let Some(key) = term.strip_prefix('!') {
-            Expression::DoesNotExist(key.trim().into())
-        } else {
-            Expression::Exists(term.into())
-        };
-        expressions.push(expression);
-    }
-    Ok(expressions.into_iter().collect())
 }
 
 /// What the backend reports for a workload, from the workload and the pods of its
@@ -307,11 +240,43 @@ mod tests {
         let other = pod("db-a", "db", "10.0.0.9", true, None);
         let ep = |s: &str| -> SocketAddr { s.parse().unwrap() };
         // (case, replicas, pods, network, phase, endpoints, message contains)
-        type Case<'a> = (&'a str, u64, Vec<&'a Arc<Pod>>, Option<&'a str>, BackendPhase, Vec<SocketAddr>, &'a str);
+        type Case<'a> = (
+            &'a str,
+            u64,
+            Vec<&'a Arc<Pod>>,
+            Option<&'a str>,
+            BackendPhase,
+            Vec<SocketAddr>,
+            &'a str,
+        );
         let cases: Vec<Case> = vec![
-            ("at zero, no pods", 0, vec![&other], None, BackendPhase::Stopped, vec![], ""),
-            ("at zero, pods left", 0, vec![&a], None, BackendPhase::Stopping, vec![], "terminating"),
-            ("scaled up, none ready", 2, vec![&unready, &other], None, BackendPhase::Starting, vec![], "0 of 2"),
+            (
+                "at zero, no pods",
+                0,
+                vec![&other],
+                None,
+                BackendPhase::Stopped,
+                vec![],
+                "",
+            ),
+            (
+                "at zero, pods left",
+                0,
+                vec![&a],
+                None,
+                BackendPhase::Stopping,
+                vec![],
+                "terminating",
+            ),
+            (
+                "scaled up, none ready",
+                2,
+                vec![&unready, &other],
+                None,
+                BackendPhase::Starting,
+                vec![],
+                "0 of 2",
+            ),
             (
                 "ready pods are the endpoints, sorted",
                 3,
@@ -362,31 +327,6 @@ mod tests {
     }
 
     #[test]
-    fn selectors_from_spec_or_status_and_never_empty() {
-        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-        };
-        let expressions = workload(
-            1,
-            json!({"matchLabels": {"app": "web"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}),
-        );
-        let selector = selector_of(&expressions).unwrap();
-        assert!(selector.matches(&labels(&[("app", "web"), ("tier", "b")])));
-        assert!(!selector.matches(&labels(&[("app", "web"), ("tier", "c")])));
-
-        let mut custom = workload(1, serde_json::Value::Null);
-        custom.data["status"] = json!({"labelSelector": "kubevirt.io/vmpool=pool,tier in (a, b),!canary"});
-        let selector = selector_of(&custom).unwrap();
-        assert!(selector.matches(&labels(&[("kubevirt.io/vmpool", "pool"), ("tier", "a")])));
-        assert!(!selector.matches(&labels(&[("kubevirt.io/vmpool", "pool"), ("tier", "a"), ("canary", "1")])));
-
-        assert!(selector_of(&workload(1, json!({}))).unwrap_err().contains("empty"));
-        assert!(selector_of(&workload(1, serde_json::Value::Null))
-            .unwrap_err()
-            .contains("no pod selector"));
-    }
-
-    #[test]
     fn only_what_is_read_is_kept() {
         let mut object = workload(2, json!({"matchLabels": {"app": "web"}}));
         object.data["spec"]["template"] = json!({"spec": {"containers": [{"name": "big"}]}});
@@ -395,11 +335,10 @@ mod tests {
         assert!(object.data["spec"]["template"].is_null());
 
         let mut pod = (*pod("web-a", "web", "10.0.0.1", true, Some("[]"))).clone();
-        pod.metadata
-            .annotations
-            .as_mut()
-            .unwrap()
-            .insert("kubectl.kubernetes.io/last-applied-configuration".into(), "{...}".into());
+        pod.metadata.annotations.as_mut().unwrap().insert(
+            "kubectl.kubernetes.io/last-applied-configuration".into(),
+            "{...}".into(),
+        );
         pod.spec = Some(Default::default());
         keep_pod_fields(&mut pod);
         assert!(pod.spec.is_none());

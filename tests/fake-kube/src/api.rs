@@ -119,7 +119,10 @@ async fn core_list_namespaced(
     list_or_watch_namespaced(state, UrlPath((String::new(), "v1".into(), ns, plural)), q).await
 }
 
-async fn core_get(state: State<Arc<Inner>>, UrlPath((ns, plural, name)): UrlPath<(String, String, String)>) -> Response {
+async fn core_get(
+    state: State<Arc<Inner>>,
+    UrlPath((ns, plural, name)): UrlPath<(String, String, String)>,
+) -> Response {
     get_object(state, UrlPath((String::new(), "v1".into(), ns, plural, name))).await
 }
 
@@ -136,10 +139,19 @@ async fn core_patch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    patch_object(state, UrlPath((String::new(), "v1".into(), ns, plural, name)), headers, body).await
+    patch_object(
+        state,
+        UrlPath((String::new(), "v1".into(), ns, plural, name)),
+        headers,
+        body,
+    )
+    .await
 }
 
-pub(crate) async fn get_object(State(inner): State<Arc<Inner>>, UrlPath((group, version, ns, plural, name)): ObjectPath) -> Response {
+pub(crate) async fn get_object(
+    State(inner): State<Arc<Inner>>,
+    UrlPath((group, version, ns, plural, name)): ObjectPath,
+) -> Response {
     let Some(res) = Res::from_parts(&group, &version, &plural) else {
         return no_such_resource();
     };
@@ -188,7 +200,10 @@ fn scale_of(object: &Value) -> Value {
     })
 }
 
-pub(crate) async fn get_scale(State(inner): State<Arc<Inner>>, UrlPath((group, version, ns, plural, name)): ObjectPath) -> Response {
+pub(crate) async fn get_scale(
+    State(inner): State<Arc<Inner>>,
+    UrlPath((group, version, ns, plural, name)): ObjectPath,
+) -> Response {
     let Some(res) = Res::from_parts(&group, &version, &plural).filter(|r| r.scalable()) else {
         return no_such_resource();
     };
@@ -227,10 +242,20 @@ pub(crate) async fn patch_scale(
                 Err(e) => return status(400, "BadRequest", &format!("invalid JSON patch: {e}")),
             };
             if let Err(e) = json_patch::patch(&mut scale, &ops) {
-                return status(422, "Invalid", &format!("the server rejected our request due to an error in our request: {e}"));
+                return status(
+                    422,
+                    "Invalid",
+                    &format!("the server rejected our request due to an error in our request: {e}"),
+                );
             }
         }
-        _ => return status(415, "UnsupportedMediaType", &format!("unsupported patch content type {media:?}")),
+        _ => {
+            return status(
+                415,
+                "UnsupportedMediaType",
+                &format!("unsupported patch content type {media:?}"),
+            )
+        }
     }
     if scale["metadata"]["resourceVersion"] != current_rv {
         return conflict(res, &name);

@@ -92,7 +92,14 @@ pub enum Res {
 }
 
 impl Res {
-    const ALL: [Res; 6] = [Res::Vm, Res::Vmi, Res::Deployment, Res::StatefulSet, Res::Pod, Res::VmPool];
+    const ALL: [Res; 6] = [
+        Res::Vm,
+        Res::Vmi,
+        Res::Deployment,
+        Res::StatefulSet,
+        Res::Pod,
+        Res::VmPool,
+    ];
 
     /// The API group ("" for the core group).
     pub fn group(self) -> &'static str {
@@ -211,7 +218,12 @@ impl WorkloadSpec {
 
     /// The object as the API server would be sent it.
     pub fn object(&self) -> Value {
-        let mut pod_spec = json!({"containers": [{"name": "app", "image": "guest"}]});
+        // No grace period: with no kubelet to confirm, a real API server would keep a
+        // deleted pod terminating forever.
+        let mut pod_spec = json!({
+            "containers": [{"name": "app", "image": "guest"}],
+            "terminationGracePeriodSeconds": 0,
+        });
         if let Some(class) = &self.runtime_class {
             pod_spec["runtimeClassName"] = json!(class);
         }
@@ -287,6 +299,55 @@ impl Recorded {
         self.method == "PATCH"
             && self.path == format!("/apis/kubevirt.io/v1/namespaces/{namespace}/virtualmachines/{name}")
     }
+
+    /// Whether this is a PATCH of the named object of kind `res` (not a subresource).
+    pub fn is_object_patch(&self, res: Res, namespace: &str, name: &str) -> bool {
+        self.method == "PATCH" && self.path == object_path(res, namespace, name)
+    }
+
+    /// Whether this is a PATCH of the named workload's `/scale`.
+    pub fn is_scale_patch(&self, res: Res, namespace: &str, name: &str) -> bool {
+        self.method == "PATCH" && self.path == format!("{}/scale", object_path(res, namespace, name))
+    }
+
+    /// Whether this is a list or watch (the activator's reflectors), not a call about one
+    /// object.
+    pub fn is_list_or_watch(&self) -> bool {
+        let segments: Vec<&str> = self.path.trim_start_matches('/').split('/').collect();
+        let rest = match segments.first() {
+            Some(&"api") => &segments[2.min(segments.len())..],
+            _ => &segments[3.min(segments.len())..],
+        };
+        let rest = match rest.first() {
+            Some(&"namespaces") => &rest[2.min(rest.len())..],
+            _ => rest,
+        };
+        self.method == "GET" && (self.is_watch() || rest.len() == 1)
+    }
+
+    /// `METHOD resource/name[/sub] (patch type)`, for tables of calls.
+    pub fn summary(&self) -> String {
+        let parts: Vec<&str> = self.path.rsplit('/').collect();
+        let resource = match parts.first() {
+            Some(&"scale") => format!("{}/{}/scale", parts[2], parts[1]),
+            _ => format!("{}/{}", parts.get(1).unwrap_or(&""), parts[0]),
+        };
+        let kind = match self.content_type.as_str() {
+            t if t.starts_with("application/json-patch+json") => " (JSON patch)",
+            t if t.starts_with("application/merge-patch+json") => " (merge patch)",
+            _ => "",
+        };
+        format!("{} {resource}{kind}", self.method)
+    }
+}
+
+/// The URL path of an object.
+pub fn object_path(res: Res, namespace: &str, name: &str) -> String {
+    let prefix = match res.group() {
+        "" => "/api/v1".to_string(),
+        group => format!("/apis/{group}/{}", res.version()),
+    };
+    format!("{prefix}/namespaces/{namespace}/{}/{name}", res.plural())
 }
 
 pub(crate) struct Guest {

@@ -44,7 +44,12 @@ pub(crate) async fn list_or_watch_namespaced(
     }
 }
 
-pub(crate) async fn list_or_watch(inner: Arc<Inner>, ns: Option<String>, res: Res, q: HashMap<String, String>) -> Response {
+pub(crate) async fn list_or_watch(
+    inner: Arc<Inner>,
+    ns: Option<String>,
+    res: Res,
+    q: HashMap<String, String>,
+) -> Response {
     let selector = match Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or("")) {
         Ok(s) => s,
         Err(e) => return status(400, "BadRequest", &format!("unable to parse requirement: {e}")),
@@ -178,7 +183,6 @@ pub(crate) fn watch(
         }
     };
     let bookmark_every = inner.options.lock().unwrap().bookmark_interval;
-    let store_inner = inner.clone();
     tokio::spawn(async move {
         for l in initial {
             if tx.send(l).await.is_err() {
@@ -204,17 +208,18 @@ pub(crate) fn watch(
                 _ = tx.closed() => return,
             };
             let sent = match next {
-                Some(c) if c.rv > last_rv && in_scope(c.res, &c.object) => {
+                Some(c) if c.rv > last_rv => {
                     last_rv = c.rv;
-                    match selected(&c, &selector) {
+                    match selected(&c, &selector).filter(|_| in_scope(c.res, &c.object)) {
                         Some(kind) => tx.send(line(kind, &c.object)).await,
                         None => Ok(()),
                     }
                 }
                 Some(_) => Ok(()),
                 None => {
-                    let rv = store_inner.store.lock().unwrap().rv.max(last_rv);
-                    let mark = json!({"apiVersion": res.api_version(), "kind": res.kind(), "metadata": {"resourceVersion": rv.to_string()}});
+                    // As kube-apiserver: a bookmark never runs ahead of the changes this
+                    // watch has passed on (a client resuming from it must miss nothing).
+                    let mark = json!({"apiVersion": res.api_version(), "kind": res.kind(), "metadata": {"resourceVersion": last_rv.to_string()}});
                     tx.send(line("BOOKMARK", &mark)).await
                 }
             };

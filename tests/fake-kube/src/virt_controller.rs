@@ -43,10 +43,9 @@ pub(crate) async fn virt_controller(inner: std::sync::Weak<Inner>) {
             // A pod gone: its workload replaces it.
             Res::Pod if change.kind == "DELETED" => {
                 let owner = &meta["ownerReferences"][0];
-                if let (Some(res), Some(workload)) = (
-                    owner["kind"].as_str().and_then(Res::from_kind),
-                    owner["name"].as_str(),
-                ) {
+                if let (Some(res), Some(workload)) =
+                    (owner["kind"].as_str().and_then(Res::from_kind), owner["name"].as_str())
+                {
                     crate::workloads::reconcile_workload(&inner, res, &ns, workload);
                 }
             }

@@ -152,7 +152,10 @@ async fn boot_pod(
             return;
         };
         // Not this pod any more (deleted, or deleted and replaced under the same name).
-        let Some(mut pod) = inner.get(Res::Pod, &ns, &pod_name).filter(|p| p["metadata"]["uid"] == uid) else {
+        let Some(mut pod) = inner
+            .get(Res::Pod, &ns, &pod_name)
+            .filter(|p| p["metadata"]["uid"] == uid)
+        else {
             return;
         };
         pod["spec"]["nodeName"] = json!("node-1");
@@ -208,5 +211,9 @@ async fn boot_pod(
         };
         crate::guest::serve(listener, log).await;
     });
-    strong.guests.lock().unwrap().insert(pod_key(&ns, &pod_name), Guest { task });
+    strong
+        .guests
+        .lock()
+        .unwrap()
+        .insert(pod_key(&ns, &pod_name), Guest { task });
 }

@@ -11,23 +11,27 @@
 //! Where the bundle is absent the scenarios are skipped with a message; in CI
 //! (`CI=true`), where it is always present, its absence is a failure.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use fake_kube::guest::{self, GuestLog};
-use fake_kube::Recorded;
-use futures_util::StreamExt;
+use fake_kube::guest::GuestLog;
+use fake_kube::{Recorded, Res, WorkloadSpec};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
-use kube::runtime::watcher;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
 use super::binary::Activator;
+
+mod audit;
+mod kubelet;
+mod virt_controller;
+
+use audit::AuditReader;
+use virt_controller::{virt_controller, vm_resource, vmi_resource};
 
 /// The running test cluster, as `up.sh` printed it.
 pub struct Env {
@@ -112,29 +116,6 @@ impl Default for Timings {
     }
 }
 
-fn vm_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachine"),
-        "virtualmachines",
-    )
-}
-
-fn vmi_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstance"),
-        "virtualmachineinstances",
-    )
-}
-
-/// Whether a VirtualMachine asks to run (as virt-controller reads it).
-fn wants_running(vm: &Value) -> bool {
-    match vm["spec"]["runStrategy"].as_str() {
-        Some("Always" | "RerunOnFailure" | "Once") => true,
-        Some(_) => false,
-        None => vm["spec"]["running"].as_bool() == Some(true),
-    }
-}
-
 /// One test's slice of the real cluster. Dropping it ends its virt-controller and
 /// guests and deletes its namespace.
 pub struct RealKube {
@@ -149,6 +130,9 @@ pub struct RealKube {
     /// VMIs created per VM.
     boots: Arc<Mutex<HashMap<String, usize>>>,
     controller: JoinHandle<()>,
+    /// Guest logs of pods, by pod name.
+    pod_logs: Arc<Mutex<HashMap<String, GuestLog>>>,
+    kubelet: JoinHandle<()>,
     audit: Mutex<AuditReader>,
 }
 
@@ -208,6 +192,22 @@ impl RealKube {
             boots.clone(),
             timings,
         ));
+        kubelet::ensure_node(&client).await;
+        // Kata Containers' RuntimeClass, as a cluster with Kata has it: without it the
+        // RuntimeClass admission plugin refuses pods that name it.
+        post(
+            &client,
+            "/apis/node.k8s.io/v1/runtimeclasses",
+            json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "kata-qemu"}, "handler": "kata-qemu"}),
+        )
+        .await;
+        let pod_logs: Arc<Mutex<HashMap<String, GuestLog>>> = Arc::default();
+        let kubelet = tokio::spawn(kubelet::kubelet(
+            client.clone(),
+            namespace.clone(),
+            pod_logs.clone(),
+            timings,
+        ));
         Some(RealKube {
             env,
             client,
@@ -218,6 +218,8 @@ impl RealKube {
             logs,
             boots,
             controller,
+            pod_logs,
+            kubelet,
             audit: Mutex::new(audit),
         })
     }
@@ -257,8 +259,8 @@ impl RealKube {
         } else {
             json!({"runStrategy": "Halted"})
         };
-        json_patch::merge(&mut full_spec, &spec);
         full_spec["template"] = json!({"spec": {"domain": {"devices": {}}}});
+        json_patch::merge(&mut full_spec, &spec);
         let object = json!({
             "apiVersion": "kubevirt.io/v1",
             "kind": "VirtualMachine",
@@ -317,17 +319,81 @@ impl RealKube {
     }
 
     /// Every request the activator made since this slice started, from the audit log
-    /// (kubevirt.io requests; core resources are not audited).
+    /// (kubevirt.io and apps requests; core resources such as pods are not audited).
     pub fn requests(&self) -> Vec<Recorded> {
-        let mut audit = self.audit.lock().unwrap();
-        audit.read_new();
-        audit.by_user.get(&self.user).cloned().unwrap_or_default()
+        self.audit.lock().unwrap().requests_of(&self.user)
+    }
+
+    fn objects(&self, res: Res) -> Api<DynamicObject> {
+        let gvk = GroupVersionKind::gvk(res.group(), res.version(), res.kind());
+        let resource = ApiResource::from_gvk_with_plural(&gvk, res.plural());
+        Api::namespaced_with(self.client.clone(), &self.namespace, &resource)
+    }
+
+    /// Creates a workload in this namespace (the spec's namespace is ignored).
+    pub async fn create_workload(&self, spec: &WorkloadSpec) {
+        let mut object = spec.object();
+        object["metadata"]["namespace"] = json!(self.namespace);
+        let object: DynamicObject = serde_json::from_value(object).unwrap();
+        self.objects(spec.res)
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("workload created");
+    }
+
+    /// A workload (or any object of kind `res`) as JSON.
+    pub async fn object(&self, res: Res, name: &str) -> Option<Value> {
+        let object = self.objects(res).get_opt(name).await.expect("get")?;
+        Some(serde_json::to_value(object).unwrap())
+    }
+
+    /// Scales a workload by hand through `/scale`, as `kubectl scale` does.
+    pub async fn scale_by_hand(&self, res: Res, name: &str, replicas: u64) {
+        self.objects(res)
+            .patch_scale(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"replicas": replicas}})),
+            )
+            .await
+            .expect("scale");
+    }
+
+    /// The pods of this namespace as JSON.
+    pub async fn pods(&self) -> Vec<Value> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let list = pods.list(&Default::default()).await.expect("list pods");
+        list.items
+            .into_iter()
+            .map(|p| serde_json::to_value(p).unwrap())
+            .collect()
+    }
+
+    /// Deletes a pod at once, as `kubectl delete pod --grace-period=0 --force` does.
+    pub async fn kill_pod(&self, name: &str) {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        pods.delete(name, &DeleteParams::default().grace_period(0))
+            .await
+            .expect("delete pod");
+    }
+
+    /// Event ids each pod whose name starts with `{workload}-` accepted (gone ones included).
+    pub fn workload_events(&self, workload: &str) -> BTreeMap<String, Vec<String>> {
+        let prefix = format!("{workload}-");
+        self.pod_logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(pod, _)| pod.starts_with(&prefix))
+            .map(|(pod, log)| (pod.clone(), log.lock().unwrap().clone()))
+            .collect()
     }
 }
 
 impl Drop for RealKube {
     fn drop(&mut self) {
         self.controller.abort();
+        self.kubelet.abort();
         // Deleting a namespace takes the API server a few seconds; nobody waits for it.
         let _ = Command::new("curl")
             .args(["-sk", "-o", "/dev/null", "-X", "DELETE", "-H"])
@@ -395,161 +461,4 @@ fn write_kubeconfig(path: &Path, env: &Env, token: &str) {
         env.server
     );
     std::fs::write(path, text).unwrap();
-}
-
-/// Plays virt-controller in `namespace` until aborted.
-async fn virt_controller(
-    client: kube::Client,
-    namespace: String,
-    logs: Arc<Mutex<HashMap<String, GuestLog>>>,
-    boot_counts: Arc<Mutex<HashMap<String, usize>>>,
-    timings: Timings,
-) {
-    let vms: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &vm_resource());
-    let vmis: Api<DynamicObject> = Api::namespaced_with(client, &namespace, &vmi_resource());
-    let mut boots: HashMap<String, JoinHandle<()>> = HashMap::new();
-    let mut events = watcher(vms, watcher::Config::default()).boxed();
-    while let Some(event) = events.next().await {
-        let (vm, deleted) = match event {
-            Ok(watcher::Event::Apply(vm) | watcher::Event::InitApply(vm)) => (vm, false),
-            Ok(watcher::Event::Delete(vm)) => (vm, true),
-            _ => continue,
-        };
-        let name = vm.metadata.name.clone().unwrap_or_default();
-        let run = !deleted && wants_running(&serde_json::to_value(&vm).unwrap());
-        let booted = boots.contains_key(&name);
-        if run && !booted {
-            *boot_counts.lock().unwrap().entry(name.clone()).or_default() += 1;
-            let log = logs.lock().unwrap().entry(name.clone()).or_default().clone();
-            boots.insert(name.clone(), tokio::spawn(boot(vmis.clone(), name, log, timings)));
-        } else if !run && booted {
-            if let Some(task) = boots.remove(&name) {
-                task.abort();
-            }
-            let _ = vmis.delete(&name, &DeleteParams::default()).await;
-        }
-    }
-}
-
-/// One VMI's life: created, Scheduled, Running with an address, then the guest listens.
-/// Aborting the task ends the guest.
-async fn boot(vmis: Api<DynamicObject>, name: String, log: GuestLog, timings: Timings) {
-    let vmi: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "kubevirt.io/v1",
-        "kind": "VirtualMachineInstance",
-        "metadata": {"name": name},
-        "spec": {"domain": {"devices": {}}},
-    }))
-    .unwrap();
-    if vmis.create(&PostParams::default(), &vmi).await.is_err() {
-        return;
-    }
-    let status = |status: Value| {
-        let vmis = vmis.clone();
-        let name = name.clone();
-        async move {
-            vmis.patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"status": status})),
-            )
-            .await
-            .is_ok()
-        }
-    };
-    tokio::time::sleep(timings.schedule).await;
-    if !status(json!({"phase": "Scheduled"})).await {
-        return;
-    }
-    tokio::time::sleep(timings.running).await;
-    let socket = guest::reserve_socket(8080).expect("a guest address");
-    let ip = socket.local_addr().expect("bound").ip();
-    if !status(json!({"phase": "Running", "interfaces": [{"name": "default", "ipAddress": ip.to_string()}]})).await {
-        return;
-    }
-    tokio::time::sleep(timings.guest).await;
-    let listener = socket.listen(1024).expect("listen");
-    guest::serve(listener, log).await;
-}
-
-/// Reads the audit log incrementally and keeps the requests of each user.
-struct AuditReader {
-    path: PathBuf,
-    offset: u64,
-    by_user: HashMap<String, Vec<Recorded>>,
-}
-
-impl AuditReader {
-    fn at_end(path: PathBuf) -> AuditReader {
-        let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        AuditReader {
-            path,
-            offset,
-            by_user: HashMap::new(),
-        }
-    }
-
-    fn read_new(&mut self) {
-        let Ok(mut file) = std::fs::File::open(&self.path) else {
-            return;
-        };
-        if file.seek(SeekFrom::Start(self.offset)).is_err() {
-            return;
-        }
-        let mut reader = BufReader::new(file);
-        let mut line = String::new();
-        while reader.read_line(&mut line).unwrap_or(0) > 0 {
-            if !line.ends_with('\n') {
-                break; // half-written: read it next time
-            }
-            self.offset += line.len() as u64;
-            if let Some((user, recorded)) = parse_audit_event(&line) {
-                self.by_user.entry(user).or_default().push(recorded);
-            }
-            line.clear();
-        }
-    }
-}
-
-/// One completed (or, for a watch, started) request as `Recorded`. The audit log has no
-/// content type: a JSON array body is a JSON patch, an object a merge patch (the only
-/// two kinds the activator sends).
-fn parse_audit_event(line: &str) -> Option<(String, Recorded)> {
-    let event: Value = serde_json::from_str(line).ok()?;
-    let verb = event["verb"].as_str()?;
-    let stage = event["stage"].as_str()?;
-    let complete = stage == "ResponseComplete" || (verb == "watch" && stage == "ResponseStarted");
-    if !complete || (verb == "watch" && stage == "ResponseComplete") {
-        return None;
-    }
-    let uri = event["requestURI"].as_str()?;
-    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
-    let body = &event["requestObject"];
-    let content_type = match (verb, body) {
-        ("patch", Value::Array(_)) => "application/json-patch+json",
-        ("patch", _) => "application/merge-patch+json",
-        (_, Value::Null) => "",
-        _ => "application/json",
-    };
-    let method = match verb {
-        "get" | "list" | "watch" => "GET",
-        "patch" => "PATCH",
-        "update" => "PUT",
-        "create" => "POST",
-        "delete" | "deletecollection" => "DELETE",
-        other => other,
-    };
-    let recorded = Recorded {
-        method: method.to_string(),
-        path: path.to_string(),
-        query: query.to_string(),
-        content_type: content_type.to_string(),
-        body: if body.is_null() {
-            String::new()
-        } else {
-            body.to_string()
-        },
-        status: event["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
-    };
-    Some((event["user"]["username"].as_str()?.to_string(), recorded))
 }
