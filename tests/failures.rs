@@ -150,24 +150,55 @@ async fn a_ready_vm_that_exits_on_its_own_is_noticed_and_booted_by_the_next_even
 }
 
 #[tokio::test]
-async fn a_guest_that_stops_answering_gets_502_and_is_reprobed_before_more_traffic() {
+async fn a_guest_that_refuses_connections_gets_the_event_once_it_answers_again_within_the_budget() {
     let h = Harness::start(policy(), FakeOptions::default()).await;
     assert_eq!(h.send("/default/demo", "a").await.status(), 202);
     h.backend.kill_guest_app(&demo());
-    let failed = h.send("/default/demo", "b").await;
-    assert_eq!(failed.status(), 502);
-    assert_eq!(h.demo_state().await, "probing");
-    // Held, not refused, while the guest is probed; delivered once it answers again.
+    // Refused: nothing reached the guest, so the event is tried again (within the
+    // request timeout, 5 s here) while the endpoint is re-probed.
+    let retried = tokio::spawn({
+        let client = h.client.clone();
+        let url = format!("{}/default/demo", h.ingress);
+        async move { support::post_event(&client, &url, "b").await }
+    });
+    h.wait_state("probing", Duration::from_secs(2)).await;
     let held = tokio::spawn({
         let client = h.client.clone();
         let url = format!("{}/default/demo", h.ingress);
         async move { support::post_event(&client, &url, "c").await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!held.is_finished());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!retried.is_finished() && !held.is_finished());
     h.backend.revive_guest_app(&demo()).await;
+    assert_eq!(retried.await.unwrap(), 202);
     assert_eq!(held.await.unwrap(), 202);
     assert_eq!(h.demo_state().await, "ready");
+    let mut ids = h.backend.event_ids(&demo());
+    ids.sort();
+    assert_eq!(ids, vec!["a", "b", "c"], "each delivered once");
+    assert_eq!(h.backend.starts(&demo()), 1);
+    let retries = h
+        .metric("vm_activator_guest_connect_retries_total{namespace=\"default\",vm=\"demo\"}")
+        .await;
+    assert!(retries >= 1.0, "{retries}");
+}
+
+#[tokio::test]
+async fn a_guest_refusing_past_the_budget_answers_502_and_is_reprobed_before_more_traffic() {
+    let policy = Policy {
+        request_timeout: Duration::from_millis(300),
+        ..policy()
+    };
+    let h = Harness::start(policy, FakeOptions::default()).await;
+    assert_eq!(h.send("/default/demo", "a").await.status(), 202);
+    h.backend.kill_guest_app(&demo());
+    let failed = h.send("/default/demo", "b").await;
+    assert_eq!(failed.status(), 502);
+    let body: serde_json::Value = failed.json().await.unwrap();
+    assert_eq!(body["error"], "guest_not_connected", "{body}");
+    assert_eq!(h.demo_state().await, "probing");
+    h.backend.revive_guest_app(&demo()).await;
+    assert_eq!(h.send("/default/demo", "c").await.status(), 202);
     assert_eq!(h.backend.event_ids(&demo()), vec!["a", "c"]);
     assert_eq!(h.backend.starts(&demo()), 1);
 }

@@ -14,17 +14,19 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use crate::activator::Activator;
 use crate::auth::{authorize, Authenticator};
 use crate::config::IngressConfig;
-use crate::lifecycle::VmHandle;
-use crate::proxy::{GuardedBody, Proxy, ProxyError};
+use crate::lifecycle::{Permit, VmHandle};
+use crate::proxy::{ConnectError, Failure, GuardedBody, GuestRequest, Proxy, ProxyError};
 use crate::vm::Policy;
 use response::IngressError;
 
@@ -191,7 +193,7 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
         (Err(error), _) => Err(error.into()),
         // Refused names start nothing and hold nothing.
         (Ok(()), Some(reason)) => Err(IngressError::Refused(reason.clone())),
-        (Ok(()), None) => handle(&state, &vm, &policy, &target, parts, body).await,
+        (Ok(()), None) => handle(&state, &vm, &policy, &target, parts, body, arrived).await,
     };
     let metrics = vm.gate().metrics();
     let response = match result {
@@ -219,31 +221,109 @@ async fn handle(
     target: &Target<'_>,
     parts: http::request::Parts,
     body: Body,
+    arrived: Instant,
 ) -> Result<Response, IngressError> {
     let body = read_body(&parts.headers, body, state.config.max_body_bytes).await?;
     let envelope = cloudevent::validate(&parts.headers, body)?;
-    let permit = vm.admit(envelope.body.len()).await?;
-    let endpoint = permit.endpoint();
+    let body_bytes = envelope.body.len();
+    let permit = vm.admit(body_bytes).await?;
     let guest_path = target.guest_path(&policy.path, parts.uri.query());
-    // Boxed: the client's future is large, and inline it would be part of every held
+    let request = Proxy::prepare(&guest_path, parts, envelope.body)?;
+    // Boxed: the forwarding future is large, and inline it would be part of every held
     // request's state (memory per held event), though only released requests need it.
-    let forward = Box::pin(
-        state
+    Box::pin(forward(state, vm, policy, request, permit, arrived, body_bytes)).await
+}
+
+/// Sends the request to the guest until it got there or its budget is spent: a
+/// connection that could not be made (refused, timed out, or closed before the request
+/// was written — nothing reached the guest) is tried again, after a jittered backoff and
+/// on whichever endpoint the VM admits it to then (a refusing endpoint is re-probed
+/// meanwhile). The budget is `start_timeout` from arrival for a held event,
+/// `request_timeout` for a warm one. A failure once the request was sent is final.
+async fn forward(
+    state: &IngressState,
+    vm: &VmHandle,
+    policy: &Policy,
+    mut request: GuestRequest,
+    mut permit: Permit,
+    arrived: Instant,
+    body_bytes: usize,
+) -> Result<Response, IngressError> {
+    let budget_end = match permit.was_held() {
+        true => arrived + policy.start_timeout,
+        false => Instant::now() + policy.request_timeout,
+    };
+    let mut backoff = Backoff::default();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let endpoint = permit.endpoint();
+        match state
             .proxy
-            .forward(endpoint, &guest_path, parts, envelope.body, policy.request_timeout),
-    );
-    match forward.await {
-        Ok(response) => {
-            tracing::debug!(vm = %vm.key(), status = response.status().as_u16(), "guest answered");
-            let (parts, body) = response.into_parts();
-            Ok(Response::from_parts(parts, Body::new(GuardedBody::new(body, permit))).into_response())
-        }
-        Err(error) => {
-            if matches!(error, ProxyError::Unreachable(_)) {
-                vm.report_unreachable(endpoint);
+            .send(endpoint, request, budget_end, policy.request_timeout)
+            .await
+        {
+            Ok(response) => {
+                permit.answered();
+                tracing::debug!(vm = %vm.key(), status = response.status().as_u16(), attempts, "guest answered");
+                let (parts, body) = response.into_parts();
+                return Ok(Response::from_parts(parts, Body::new(GuardedBody::new(body, permit))));
             }
-            Err(error.into())
+            Err(Failure::Failed(error)) => {
+                if matches!(error, ProxyError::Unreachable(_)) {
+                    vm.report_unreachable(endpoint);
+                }
+                return Err(error.into());
+            }
+            Err(Failure::NotSent(back, error)) => {
+                permit.not_connected();
+                if matches!(error, ConnectError::Refused(_)) {
+                    // Nothing listens there: out of the traffic until a probe passes.
+                    vm.report_unreachable(endpoint);
+                }
+                drop(permit);
+                let gave_up = || {
+                    IngressError::from(ProxyError::NotConnected {
+                        attempts,
+                        last: error.clone(),
+                    })
+                };
+                let pause = backoff.next();
+                if Instant::now() + pause >= budget_end {
+                    return Err(gave_up());
+                }
+                tracing::debug!(vm = %vm.key(), %endpoint, %error, attempts, "not connected; trying again");
+                vm.gate().metrics().connect_retry();
+                tokio::time::sleep(pause).await;
+                request = *back;
+                permit = match tokio::time::timeout_at(budget_end, vm.admit(body_bytes)).await {
+                    Ok(admitted) => admitted?,
+                    Err(_) => return Err(gave_up()),
+                };
+            }
         }
+    }
+}
+
+/// Pauses between connection attempts: from 5 ms doubling to 250 ms, each drawn at
+/// random from its upper half, so requests that failed together do not retry together.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(5),
+        }
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(Duration::from_millis(250));
+        ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
     }
 }
 

@@ -17,7 +17,7 @@ use super::cloudevent::EventError;
 use crate::auth::AuthError;
 use crate::lifecycle::AdmitError;
 use crate::metrics::RejectReason;
-use crate::proxy::ProxyError;
+use crate::proxy::{ConnectError, ProxyError};
 
 /// Everything the ingress can refuse a request for.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +91,14 @@ impl IngressError {
             E::Proxy(ProxyError::Unreachable(_) | ProxyError::BadRequest(_)) => {
                 (S::BAD_GATEWAY, "guest_unreachable", None)
             }
+            E::Proxy(ProxyError::NotConnected {
+                last: ConnectError::Timeout(_),
+                ..
+            }) => (S::GATEWAY_TIMEOUT, "guest_not_connected", None),
+            E::Proxy(ProxyError::NotConnected {
+                last: ConnectError::Refused(_),
+                ..
+            }) => (S::BAD_GATEWAY, "guest_not_connected", None),
             E::Auth(AuthError::Missing) => (S::UNAUTHORIZED, "unauthenticated", Some(R::Unauthorized)),
             E::Auth(AuthError::Invalid(_)) => (S::UNAUTHORIZED, "invalid_token", Some(R::Unauthorized)),
             E::Auth(AuthError::Forbidden { .. }) => (S::FORBIDDEN, "forbidden", Some(R::Unauthorized)),
@@ -176,6 +184,14 @@ mod tests {
             E::Proxy(ProxyError::Timeout(_)) => "Proxy(Timeout)",
             E::Proxy(ProxyError::Unreachable(_)) => "Proxy(Unreachable)",
             E::Proxy(ProxyError::BadRequest(_)) => "Proxy(BadRequest)",
+            E::Proxy(ProxyError::NotConnected {
+                last: ConnectError::Timeout(_),
+                ..
+            }) => "Proxy(NotConnected(Timeout))",
+            E::Proxy(ProxyError::NotConnected {
+                last: ConnectError::Refused(_),
+                ..
+            }) => "Proxy(NotConnected(Refused))",
             E::Auth(AuthError::Missing) => "Auth(Missing)",
             E::Auth(AuthError::Invalid(_)) => "Auth(Invalid)",
             E::Auth(AuthError::Forbidden { .. }) => "Auth(Forbidden)",
@@ -280,6 +296,26 @@ mod tests {
                 "guest_unreachable",
                 None,
             ),
+            (
+                ProxyError::NotConnected {
+                    attempts: 9,
+                    last: ConnectError::Timeout(Duration::from_secs(2)),
+                }
+                .into(),
+                504,
+                "guest_not_connected",
+                None,
+            ),
+            (
+                ProxyError::NotConnected {
+                    attempts: 9,
+                    last: ConnectError::Refused("refused".into()),
+                }
+                .into(),
+                502,
+                "guest_not_connected",
+                None,
+            ),
             (AuthError::Missing.into(), 401, "unauthenticated", Some(R::Unauthorized)),
             (
                 AuthError::Invalid("expired".into()).into(),
@@ -325,6 +361,6 @@ mod tests {
             );
             assert_eq!(response.headers().contains_key(header::ALLOW), code == 405, "{detail}");
         }
-        assert_eq!(seen.len(), 21, "every variant of IngressError is in the table");
+        assert_eq!(seen.len(), 23, "every variant of IngressError is in the table");
     }
 }

@@ -108,6 +108,7 @@ struct Families {
     rejected: IntCounterVec,
     scale_ups: IntCounterVec,
     scale_downs: IntCounterVec,
+    connect_retries: IntCounterVec,
 }
 
 /// The process's metrics. Cheap to clone.
@@ -195,6 +196,11 @@ impl Metrics {
                 &["namespace", "vm", "reason"],
             ),
             scale_ups: counter("scale_ups_total", "Starts or resumes issued.", vm),
+            connect_retries: counter(
+                "guest_connect_retries_total",
+                "Requests sent again because no connection to the guest could be made (nothing had reached it).",
+                vm,
+            ),
             scale_downs: counter(
                 "scale_downs_total",
                 "Idle VMs stopped or paused, by action.",
@@ -241,6 +247,7 @@ impl Metrics {
             let _ = family.remove_label_values(&[ns, name]);
         }
         let _ = f.scale_ups.remove_label_values(&[ns, name]);
+        let _ = f.connect_retries.remove_label_values(&[ns, name]);
         for phase in ColdStartPhase::ALL {
             let _ = f.cold_start_phase.remove_label_values(&[ns, name, phase.as_str()]);
         }
@@ -293,6 +300,7 @@ mod tests {
             "vm_activator_in_flight_requests",
             "vm_activator_rejected_total{namespace=\"default\",reason=\"buffer_full\",vm=\"demo\"} 1",
             "vm_activator_scale_ups_total",
+            "vm_activator_guest_connect_retries_total{namespace=\"default\",vm=\"demo\"} 0",
             "vm_activator_scale_downs_total{action=\"stop\",namespace=\"default\",vm=\"demo\"} 1",
             "vm_activator_vm_state{namespace=\"default\",state=\"ready\",vm=\"demo\"} 1",
             "vm_activator_target_info{kind=\"Deployment\",namespace=\"default\",vm=\"demo\"} 1",

@@ -78,6 +78,8 @@ pub struct VmSeries {
     pub cold_start: Histogram,
     /// `scale_ups_total`.
     pub scale_ups: IntCounter,
+    /// `guest_connect_retries_total`.
+    pub connect_retries: IntCounter,
     phases: [Histogram; 3],
     rejected: [IntCounter; RejectReason::ALL.len()],
     scale_downs: [IntCounter; SCALE_DOWN_ACTIONS.len()],
@@ -118,6 +120,7 @@ impl VmMetrics {
                 request_duration: f.request_duration.with_label_values(&vm),
                 cold_start: f.cold_start.with_label_values(&vm),
                 scale_ups: f.scale_ups.with_label_values(&vm),
+                connect_retries: f.connect_retries.with_label_values(&vm),
                 phases: ColdStartPhase::ALL.map(|p| f.cold_start_phase.with_label_values(&[ns, name, p.as_str()])),
                 rejected: RejectReason::ALL.map(|r| f.rejected.with_label_values(&[ns, name, r.as_str()])),
                 scale_downs: SCALE_DOWN_ACTIONS.map(|a| f.scale_downs.with_label_values(&[ns, name, a])),
@@ -142,6 +145,11 @@ impl VmMetrics {
                 self.inner.families.requests_total.with_label_values(&[ns, name, label])
             })
             .inc();
+    }
+
+    /// Counts a request sent again after a connection to the guest failed.
+    pub fn connect_retry(&self) {
+        self.series().connect_retries.inc();
     }
 
     /// Counts a rejection.

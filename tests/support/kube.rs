@@ -107,6 +107,7 @@ impl FakeCluster {
             schedule_delay: timings.schedule,
             running_delay: timings.running,
             guest_delay: timings.guest,
+            guest: timings.style,
             ..Options::default()
         })
         .await;

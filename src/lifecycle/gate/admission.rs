@@ -35,7 +35,7 @@ impl Gate {
             }
         };
         match taken {
-            Some(taken) => Some(self.entered(taken)),
+            Some(taken) => Some(self.entered(taken, false)),
             None => {
                 self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
                 None
@@ -44,12 +44,13 @@ impl Gate {
     }
 
     /// Counts a request already counted in `in_flight` as entered.
-    fn entered(&self, taken: Taken) -> Permit {
+    fn entered(&self, taken: Taken, held: bool) -> Permit {
         self.0.metrics.series().in_flight.inc();
         self.touch();
         Permit {
             gate: self.clone(),
-            taken,
+            taken: Some(taken),
+            held,
         }
     }
 
@@ -80,7 +81,7 @@ impl Gate {
     /// never sees it in neither).
     pub(in crate::lifecycle) fn admit_released(&self, ticket: HeldTicket, release: Release) -> Permit {
         self.0.in_flight.fetch_add(1, Ordering::SeqCst);
-        let permit = self.entered(release.0);
+        let permit = self.entered(release.0, true);
         drop(ticket);
         permit
     }
@@ -100,13 +101,38 @@ impl Drop for HeldTicket {
 /// endpoint's slot; keep it alive until the response body has been streamed.
 pub struct Permit {
     gate: Gate,
-    taken: Taken,
+    /// Always `Some` until dropped (taken out first there, so the slot is free before
+    /// the owner is told).
+    taken: Option<Taken>,
+    held: bool,
 }
 
 impl Permit {
+    fn taken(&self) -> &Taken {
+        self.taken.as_ref().expect("a permit holds its slot until dropped")
+    }
+
     /// Where to send the request.
     pub fn endpoint(&self) -> Endpoint {
-        self.taken.target.endpoint()
+        self.taken().target.endpoint()
+    }
+
+    /// Whether the request was held (it waited for a start or a slot) before it got in.
+    pub fn was_held(&self) -> bool {
+        self.held
+    }
+
+    /// The guest answered: its endpoint may take more requests at once (and held ones
+    /// may go in now).
+    pub fn answered(&self) {
+        if self.taken().answered() && self.gate.has_held() {
+            self.gate.0.slot_freed.notify_one();
+        }
+    }
+
+    /// No connection to the guest could be made: its endpoint takes fewer at once.
+    pub fn not_connected(&self) {
+        self.taken().not_connected();
     }
 }
 
@@ -115,18 +141,19 @@ impl std::fmt::Debug for Permit {
         f.debug_struct("Permit")
             .field("vm", self.gate.key())
             .field("endpoint", &self.endpoint())
+            .field("held", &self.held)
             .finish()
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        // The slot first: the owner, woken below, must find it free.
+        drop(self.taken.take());
         self.gate.touch();
         self.gate.0.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.gate.0.metrics.series().in_flight.dec();
-        if self.taken.target.is_limited() && self.gate.has_held() {
-            // The slot goes back when `taken` drops, right after this: the owner, woken,
-            // finds it free (or waits for the next one).
+        if self.gate.has_held() {
             self.gate.0.slot_freed.notify_one();
         }
     }

@@ -7,6 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -36,9 +37,103 @@ pub fn reserve_socket(port: u16) -> Option<tokio::net::TcpSocket> {
     None
 }
 
+/// How a guest's HTTP server behaves. The default is a modern server (large listen
+/// backlog, accepts at once, keep-alive); the others model a legacy one.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestStyle {
+    /// The listen backlog (Python's `http.server` has 5; the kernel queues about one
+    /// more, then drops SYNs).
+    pub backlog: u32,
+    /// A pause after each accepted connection (a single-threaded server busy with it).
+    pub accept_every: Duration,
+    /// Answer each request with `Connection: close` (HTTP/1.0 style).
+    pub close_each: bool,
+    /// After the first answer to a probe (`GET /healthz`), stop listening for this long
+    /// — connections are refused — then listen again (an application restarting right
+    /// after its health check passed).
+    pub refuse_after_ready: Duration,
+}
+
+impl Default for GuestStyle {
+    fn default() -> Self {
+        GuestStyle {
+            backlog: 1024,
+            accept_every: Duration::ZERO,
+            close_each: false,
+            refuse_after_ready: Duration::ZERO,
+        }
+    }
+}
+
 /// Serves the guest application on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, log: GuestLog) {
     crate::api::serve_router(listener, router(log)).await;
+}
+
+/// Listens on `socket` (bound by [`reserve_socket`]) and serves the guest application
+/// the way `style` says, until the task is dropped.
+pub async fn run(socket: tokio::net::TcpSocket, log: GuestLog, style: GuestStyle) {
+    let address = socket.local_addr().expect("bound");
+    let Ok(listener) = socket.listen(style.backlog) else {
+        return;
+    };
+    let probed = Arc::new(tokio::sync::Notify::new());
+    let app = router(log).layer(axum::middleware::from_fn({
+        let probed = probed.clone();
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let probed = probed.clone();
+            async move {
+                let is_probe = request.uri().path() == "/healthz";
+                let mut response = next.run(request).await;
+                if is_probe {
+                    probed.notify_one();
+                }
+                if style.close_each {
+                    response.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                response
+            }
+        }
+    }));
+    if style.refuse_after_ready.is_zero() {
+        serve_paced(listener, app, style).await;
+        return;
+    }
+    tokio::select! {
+        () = serve_paced(listener, app.clone(), style) => return,
+        () = probed.notified() => {}
+    }
+    // The listener is closed now: connections are refused until it listens again.
+    tokio::time::sleep(style.refuse_after_ready).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("reuseaddr");
+    socket.bind(address).expect("the guest's address is free again");
+    let listener = socket.listen(style.backlog).expect("listen");
+    serve_paced(listener, app, style).await;
+}
+
+/// Accepts one connection per `style.accept_every` (all at once when zero).
+async fn serve_paced(listener: TcpListener, app: Router, style: GuestStyle) {
+    if style.accept_every.is_zero() {
+        return crate::api::serve_router(listener, app).await;
+    }
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let service = crate::api::hyper_service(app.clone());
+        connections.spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+        while connections.try_join_next().is_some() {}
+        tokio::time::sleep(style.accept_every).await;
+    }
 }
 
 /// The guest application: accepts CloudEvents with 202 and lists their ids.

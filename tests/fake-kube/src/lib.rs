@@ -58,6 +58,8 @@ pub struct Options {
     pub stop_delay: Duration,
     /// How often open watches get a BOOKMARK.
     pub bookmark_interval: Duration,
+    /// How the guests' HTTP servers behave.
+    pub guest: guest::GuestStyle,
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             guest_delay: Duration::from_millis(100),
             stop_delay: Duration::from_millis(20),
             bookmark_interval: Duration::from_millis(500),
+            guest: guest::GuestStyle::default(),
         }
     }
 }

@@ -187,14 +187,12 @@ pub(crate) async fn boot(
     };
     let log = strong.guest_log(&ns, &name);
     let guest_delay = options.guest_delay;
+    let style = options.guest;
     let mut held = strong.guests_held.subscribe();
     let task = tokio::spawn(async move {
         tokio::time::sleep(guest_delay).await;
         let _ = held.wait_for(|held| !*held).await;
-        let Ok(listener) = socket.listen(1024) else {
-            return;
-        };
-        crate::guest::serve(listener, log).await;
+        crate::guest::run(socket, log, style).await;
     });
     strong.guests.lock().unwrap().insert((ns, name), Guest { task });
 }

@@ -204,12 +204,10 @@ async fn boot_pod(
     // The guest listens on the network the pod was asked onto, else its pod address.
     let socket = secondary.unwrap_or(primary);
     let mut held = strong.guests_held.subscribe();
+    let style = options.guest;
     let task = tokio::spawn(async move {
         let _ = held.wait_for(|held| !*held).await;
-        let Ok(listener) = socket.listen(1024) else {
-            return;
-        };
-        crate::guest::serve(listener, log).await;
+        crate::guest::run(socket, log, style).await;
     });
     strong
         .guests

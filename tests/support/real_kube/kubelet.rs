@@ -134,6 +134,5 @@ async fn run(pods: Api<Pod>, pod: Pod, log: GuestLog, timings: Timings) {
     }
     tokio::time::sleep(timings.guest).await;
     let socket = secondary.unwrap_or(primary);
-    let listener = socket.listen(1024).expect("listen");
-    guest::serve(listener, log).await;
+    guest::run(socket, log, timings.style).await;
 }

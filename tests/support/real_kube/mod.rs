@@ -104,6 +104,8 @@ pub struct Timings {
     pub running: Duration,
     /// Running → the guest application listens.
     pub guest: Duration,
+    /// How the guests' HTTP servers behave.
+    pub style: fake_kube::guest::GuestStyle,
 }
 
 impl Default for Timings {
@@ -112,6 +114,7 @@ impl Default for Timings {
             schedule: Duration::from_millis(20),
             running: Duration::from_millis(30),
             guest: Duration::from_millis(100),
+            style: fake_kube::guest::GuestStyle::default(),
         }
     }
 }

@@ -133,6 +133,5 @@ async fn boot(vmis: Api<DynamicObject>, name: String, multus: Option<String>, lo
     }
     let socket = secondary.unwrap_or(socket);
     tokio::time::sleep(timings.guest).await;
-    let listener = socket.listen(1024).expect("listen");
-    guest::serve(listener, log).await;
+    guest::run(socket, log, timings.style).await;
 }

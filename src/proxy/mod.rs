@@ -1,0 +1,328 @@
+//! Forwards one request to a guest and streams the answer back. Strips hop-by-hop
+//! headers (RFC 9110 §7.6.1); forwards `traceparent` and all CloudEvents headers
+//! untouched; bounds the wait for the guest's response headers. Tells a request that
+//! never reached the guest (a connect failure: it may be sent again) from one that
+//! failed after it was sent (it may not: the guest may have acted on it).
+//!
+//! Owns: the connections to guests (`pool.rs`) and header hygiene. Must not import the
+//! lifecycle, activator, backend or ingress.
+
+mod pool;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::config::ProxyConfig;
+use crate::vm::Endpoint;
+pub use pool::ConnectError;
+use pool::{Pool, Sender};
+
+/// Why a request did not get an answer from the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The guest did not send response headers in time (→ 504).
+    #[error("the guest did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The connection failed after the request was (perhaps partly) sent (→ 502; the
+    /// endpoint is re-probed).
+    #[error("the guest connection failed: {0}")]
+    Unreachable(String),
+    /// No connection could be made until the request's budget was spent (→ 502, or 504
+    /// when the attempts timed out).
+    #[error("could not connect to the guest ({attempts} attempt(s)); last: {last}")]
+    NotConnected {
+        /// Connection attempts made.
+        attempts: u32,
+        /// The last attempt's failure.
+        last: ConnectError,
+    },
+    /// The request could not be built (a bug or a header the guest cannot take).
+    #[error("the request could not be forwarded: {0}")]
+    BadRequest(String),
+}
+
+/// A request made ready for a guest: origin-form target, hop-by-hop headers stripped.
+/// Kept whole until a guest has it, so an attempt that never reached one can be
+/// repeated without copying anything.
+#[derive(Debug)]
+pub struct GuestRequest(Request<Full<Bytes>>);
+
+/// What a failed attempt leaves.
+#[derive(Debug)]
+pub enum Failure {
+    /// No byte of the request reached the guest: it comes back, to be sent again (boxed:
+    /// the failure is rare, and the result of every send should stay small).
+    NotSent(Box<GuestRequest>, ConnectError),
+    /// The request may have reached the guest, or no answer came in time.
+    Failed(ProxyError),
+}
+
+/// The client to guests. Cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    pool: Arc<Pool>,
+}
+
+impl Proxy {
+    /// A client with these connection settings.
+    pub fn new(config: &ProxyConfig) -> Proxy {
+        Proxy {
+            pool: Arc::new(Pool::new(config)),
+        }
+    }
+
+    /// Turns the sender's request into one for a guest at `path_and_query`.
+    pub fn prepare(
+        path_and_query: &str,
+        mut parts: http::request::Parts,
+        body: Bytes,
+    ) -> Result<GuestRequest, ProxyError> {
+        parts.uri = http::Uri::try_from(path_and_query).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.version = http::Version::HTTP_11;
+        Ok(GuestRequest(Request::from_parts(parts, Full::new(body))))
+    }
+
+    /// Sends `request` to `endpoint` — on an idle connection, else a new one made by
+    /// `connect_by` — and returns the guest's response with its body still streaming,
+    /// once its headers came within `timeout`.
+    pub async fn send(
+        &self,
+        endpoint: Endpoint,
+        request: GuestRequest,
+        connect_by: Instant,
+        timeout: Duration,
+    ) -> Result<Response<PooledBody>, Failure> {
+        let mut request = request.0;
+        // The guest's own address, as a client would set it (formatted once per endpoint).
+        request.headers_mut().insert(header::HOST, endpoint_host(endpoint));
+        loop {
+            let (mut sender, reused) = match self.pool.checkout(endpoint) {
+                Some(sender) => (sender, true),
+                None => match self.pool.connect(endpoint, connect_by).await {
+                    Ok(sender) => (sender, false),
+                    Err(error) => return Err(Failure::NotSent(Box::new(GuestRequest(request)), error)),
+                },
+            };
+            match tokio::time::timeout(timeout, sender.try_send_request(request)).await {
+                Err(_) => return Err(Failure::Failed(ProxyError::Timeout(timeout))),
+                Ok(Ok(response)) => {
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    let body = PooledBody {
+                        body,
+                        conn: Some((self.pool.clone(), endpoint, sender)),
+                    };
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Ok(Err(mut error)) => match error.take_message() {
+                    // The connection closed before the request was written: an idle
+                    // connection the guest had closed meanwhile — try the next one.
+                    Some(back) if reused => request = back,
+                    Some(back) => {
+                        let error =
+                            ConnectError::Refused(format!("closed before the request was written: {}", error.error()));
+                        return Err(Failure::NotSent(Box::new(GuestRequest(back)), error));
+                    }
+                    None => return Err(Failure::Failed(ProxyError::Unreachable(error_chain(error.error())))),
+                },
+            }
+        }
+    }
+}
+
+/// A guest's response body; its connection goes back to the pool once the body has been
+/// read to the end (a body dropped half-read takes its connection with it).
+pub struct PooledBody {
+    body: Incoming,
+    conn: Option<(Arc<Pool>, Endpoint, Sender)>,
+}
+
+impl PooledBody {
+    fn check_in_if_done(&mut self) {
+        if self.body.is_end_stream() {
+            if let Some((pool, endpoint, sender)) = self.conn.take() {
+                pool.checkin(endpoint, sender);
+            }
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some((pool, endpoint, sender)) = self.conn.take() {
+                    pool.checkin(endpoint, sender);
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => self.check_in_if_done(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // An empty body may never be polled.
+        self.check_in_if_done();
+    }
+}
+
+/// `endpoint` as a `Host` value, formatted once per endpoint and thread: a warm VM's
+/// endpoint does not change between requests.
+fn endpoint_host(endpoint: Endpoint) -> http::HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Endpoint, http::HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((cached, host)) if *cached == endpoint => host.clone(),
+        _ => {
+            let host = http::HeaderValue::try_from(endpoint.to_string()).expect("a socket address is a header value");
+            *last = Some((endpoint, host.clone()));
+            host
+        }
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// Removes the headers that describe one connection rather than the message: the
+/// fixed list of RFC 9110 §7.6.1 plus every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Fast path, one pass with no hashing: most messages carry none of these.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// Whether `name` is one of the fixed hop-by-hop headers (or `Connection`, which may
+/// name more).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
+
+/// A response body that keeps `guard` alive until the body has been fully streamed
+/// (or the client went away), so in-flight counting covers the whole exchange.
+pub struct GuardedBody<B, G> {
+    body: B,
+    _guard: G,
+}
+
+impl<B, G> GuardedBody<B, G> {
+    /// Wraps `body`, holding `guard` until it is dropped.
+    pub fn new(body: B, guard: G) -> Self {
+        Self { body, _guard: guard }
+    }
+}
+
+impl<B: Body + Unpin, G: Unpin> Body for GuardedBody<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("ce-id", HeaderValue::from_static("abc"));
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["ce-id", "traceparent"]);
+    }
+}
