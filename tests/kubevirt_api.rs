@@ -13,7 +13,9 @@ use futures_util::StreamExt;
 
 on_fake_and_real!(a_catalog_larger_than_one_page_is_listed_completely_through_paginated_lists);
 use serde_json::json;
+use support::binary::Activator;
 use support::kube::*;
+use support::real_kube::own::OwnCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_down_means_503_and_readyz_false_then_recovery_without_restart() {
@@ -37,6 +39,83 @@ async fn api_server_down_means_503_and_readyz_false_then_recovery_without_restar
     c.activator.wait_status("/readyz", 200, Duration::from_secs(20)).await;
     assert_eq!(c.activator.send_status("/apps/svc", "after").await, 202);
     assert_eq!(c.kube.guest_events(NS, "svc"), vec!["after"]);
+}
+
+/// As a kube-apiserver shutting down gracefully (a control-plane rolling upgrade): it
+/// refuses new connections but keeps the open watches open, so the watches alone would
+/// never tell. The first write that cannot connect marks the backend degraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_refusing_new_connections_is_noticed_at_the_first_failed_write() {
+    let c = cluster(Options::default(), |k| {
+        k.create_opted_in_vm(NS, "svc", annotations("1m"));
+        k.create_opted_in_vm(NS, "other", annotations("1m"));
+    })
+    .await;
+    for vm in ["svc", "other"] {
+        c.activator
+            .wait_vm_state(NS, vm, "stopped", Duration::from_secs(5))
+            .await;
+    }
+    c.kube.refuse_new_connections(true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        c.activator.get_status("/readyz").await,
+        200,
+        "the watches are still open"
+    );
+
+    // The start call cannot connect: the held event is answered 503 at once.
+    let failed = tokio::time::timeout(Duration::from_secs(10), c.activator.send("/apps/svc", "e-1"))
+        .await
+        .expect("never a hang");
+    assert_eq!(failed.status(), 503);
+    assert!(failed.headers().contains_key("retry-after"));
+    c.activator.wait_status("/readyz", 503, Duration::from_secs(2)).await;
+    // Degraded: a VM that is not Ready is not even tried.
+    let refused = c.activator.send("/apps/other", "e-2").await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        refused.json::<serde_json::Value>().await.unwrap()["error"],
+        "backend_unavailable"
+    );
+    assert_eq!(
+        c.activator
+            .metric("vm_activator_rejected_total{namespace=\"apps\",reason=\"backend_unavailable\",vm=\"other\"}")
+            .await,
+        1.0
+    );
+
+    // Back: a round trip a second finds it, and events start VMs again.
+    c.kube.refuse_new_connections(false).await;
+    c.activator.wait_status("/readyz", 200, Duration::from_secs(5)).await;
+    assert_eq!(c.activator.send_status("/apps/svc", "after").await, 202);
+    assert_eq!(c.kube.guest_events(NS, "svc"), vec!["after"]);
+}
+
+/// The same against a real kube-apiserver sent SIGTERM (a cluster of this test's own:
+/// the one the other scenarios share must stay up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_api_server_sent_sigterm_is_noticed_at_the_first_failed_write() {
+    let Some(cluster) = OwnCluster::start("k8s-sigterm", 16543).await else {
+        return;
+    };
+    cluster.create_opted_in_vm("svc", annotations("1m")).await;
+    let activator = Activator::spawn_kubevirt(&cluster.kubeconfig, &[]).await;
+    activator.wait_status("/readyz", 200, Duration::from_secs(30)).await;
+    activator
+        .wait_vm_state("default", "svc", "stopped", Duration::from_secs(10))
+        .await;
+
+    cluster.sigterm_apiserver();
+    let failed = tokio::time::timeout(Duration::from_secs(30), activator.send("/default/svc", "e-1"))
+        .await
+        .expect("never a hang");
+    eprintln!("event after SIGTERM: {} {:?}", failed.status(), failed.text().await);
+    activator.wait_status("/readyz", 503, Duration::from_secs(2)).await;
+
+    // A new API server (up.sh starts what is not running): ready again.
+    cluster.up().await;
+    activator.wait_status("/readyz", 200, Duration::from_secs(60)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,13 @@ pub struct KubevirtConfig {
     /// More kinds with a `/scale` subresource to manage, e.g. KubeVirt's
     /// VirtualMachinePool (each needs its RBAC rule: see `deploy/components/`).
     pub scale_kinds: Vec<ScaleKind>,
+    /// The API server ends each watch after this long (the watch then resumes from its
+    /// last version, no re-list), and a watch that delivers nothing — not even a
+    /// bookmark — for 5 s more is taken for dead and restarted: a silently partitioned
+    /// API server is noticed within this + 5 s. kube-apiserver sends a bookmark about
+    /// once a minute. Default 55s; 5s to 290s.
+    #[serde(with = "human_duration")]
+    pub watch_timeout: Duration,
 }
 
 impl Default for KubevirtConfig {
@@ -37,6 +44,7 @@ impl Default for KubevirtConfig {
             pause: false,
             workloads: true,
             scale_kinds: Vec::new(),
+            watch_timeout: Duration::from_secs(55),
         }
     }
 }

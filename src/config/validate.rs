@@ -1,6 +1,8 @@
 //! Start-up checks of a whole configuration: ranges, uniqueness, and combinations
 //! that cannot work. Every error names the field.
 
+use std::time::Duration;
+
 use super::{invalid, AuthMode, BackendKind, Config, ConfigError};
 use crate::vm::Readiness;
 
@@ -61,6 +63,10 @@ impl Config {
             if !is_dns_label(ns) {
                 return Err(invalid(format!("kubevirt.namespaces[{i}]"), "must be a DNS label"));
             }
+        }
+        let watch_timeout = self.kubevirt.watch_timeout;
+        if watch_timeout < Duration::from_secs(5) || watch_timeout > Duration::from_secs(290) {
+            return Err(invalid("kubevirt.watch_timeout", "must be between 5s and 290s"));
         }
         for (i, kind) in self.kubevirt.scale_kinds.iter().enumerate() {
             let field = |name: &str| format!("kubevirt.scale_kinds[{i}].{name}");

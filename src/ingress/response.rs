@@ -87,6 +87,11 @@ impl IngressError {
             E::Admit(AdmitError::StartTimeout(_)) => (S::SERVICE_UNAVAILABLE, "start_timeout", Some(R::StartTimeout)),
             E::Admit(AdmitError::Stopped(_)) => (S::SERVICE_UNAVAILABLE, "vm_stopped", Some(R::StartFailed)),
             E::Admit(AdmitError::Draining) => (S::SERVICE_UNAVAILABLE, "draining", Some(R::Draining)),
+            E::Admit(AdmitError::BackendUnavailable) => (
+                S::SERVICE_UNAVAILABLE,
+                "backend_unavailable",
+                Some(R::BackendUnavailable),
+            ),
             E::Proxy(ProxyError::Timeout(_)) => (S::GATEWAY_TIMEOUT, "guest_timeout", None),
             E::Proxy(ProxyError::Unreachable(_) | ProxyError::BadRequest(_)) => {
                 (S::BAD_GATEWAY, "guest_unreachable", None)
@@ -181,6 +186,7 @@ mod tests {
             E::Admit(AdmitError::StartTimeout(_)) => "Admit(StartTimeout)",
             E::Admit(AdmitError::Stopped(_)) => "Admit(Stopped)",
             E::Admit(AdmitError::Draining) => "Admit(Draining)",
+            E::Admit(AdmitError::BackendUnavailable) => "Admit(BackendUnavailable)",
             E::Proxy(ProxyError::Timeout(_)) => "Proxy(Timeout)",
             E::Proxy(ProxyError::Unreachable(_)) => "Proxy(Unreachable)",
             E::Proxy(ProxyError::BadRequest(_)) => "Proxy(BadRequest)",
@@ -279,6 +285,12 @@ mod tests {
             ),
             (AdmitError::Draining.into(), 503, "draining", Some(R::Draining)),
             (
+                AdmitError::BackendUnavailable.into(),
+                503,
+                "backend_unavailable",
+                Some(R::BackendUnavailable),
+            ),
+            (
                 ProxyError::Timeout(Duration::from_secs(1)).into(),
                 504,
                 "guest_timeout",
@@ -361,6 +373,6 @@ mod tests {
             );
             assert_eq!(response.headers().contains_key(header::ALLOW), code == 405, "{detail}");
         }
-        assert_eq!(seen.len(), 23, "every variant of IngressError is in the table");
+        assert_eq!(seen.len(), 24, "every variant of IngressError is in the table");
     }
 }

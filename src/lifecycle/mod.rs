@@ -69,6 +69,10 @@ pub enum AdmitError {
     /// The activator is shutting down: retry elsewhere.
     #[error("the activator is shutting down; retry elsewhere")]
     Draining,
+    /// The VM is not ready and the backend cannot act now (its API is unreachable): no
+    /// start is tried and nothing is held.
+    #[error("the VM is not ready and its backend is unreachable; retry later")]
+    BackendUnavailable,
 }
 
 /// Why an explicit stop or pause was not begun.
@@ -214,6 +218,11 @@ impl VmHandle {
         if let Some(permit) = gate.try_enter() {
             self.share_activity();
             return Ok(permit);
+        }
+        // Held requests wait for a start, a probe or a slot; with the backend unreachable
+        // a VM that is not Ready will not get there: say so now, not at the start timeout.
+        if !self.0.context.backend.is_connected() && gate.state().phase != VmPhase::Ready {
+            return Err(AdmitError::BackendUnavailable);
         }
         let ticket = gate.reserve(body_bytes)?;
         let timeout = gate.policy().start_timeout;

@@ -43,11 +43,13 @@ pub enum RejectReason {
     Unauthorized,
     /// The name is refused (several opted-in workloads share it).
     Conflict,
+    /// The VM was not ready and the backend's API was unreachable.
+    BackendUnavailable,
 }
 
 impl RejectReason {
     /// Every reason.
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::BufferFull,
         RejectReason::StartFailed,
         RejectReason::StartTimeout,
@@ -56,6 +58,7 @@ impl RejectReason {
         RejectReason::InvalidEvent,
         RejectReason::Unauthorized,
         RejectReason::Conflict,
+        RejectReason::BackendUnavailable,
     ];
 
     /// The label value.
@@ -67,6 +70,7 @@ impl RejectReason {
             RejectReason::Draining => "draining",
             RejectReason::BodyTooLarge => "body_too_large",
             RejectReason::InvalidEvent => "invalid_event",
+            RejectReason::BackendUnavailable => "backend_unavailable",
             RejectReason::Unauthorized => "unauthorized",
             RejectReason::Conflict => "conflict",
         }

@@ -19,6 +19,7 @@
 //! Owns: everything Kubernetes. The only module that imports kube.
 //! Must not import `activator`, `lifecycle`, `ingress`, `server`.
 
+mod health;
 mod resources;
 mod scale;
 mod selector;
@@ -71,6 +72,8 @@ pub struct KubevirtBackend {
     statuses: Mutex<HashMap<VmKey, watch::Sender<BackendStatus>>>,
     /// Every watch and whether it is synced: `/readyz` needs them all.
     health: Vec<WatchHealth>,
+    /// Whether writes reach the API server: `/readyz` needs that too.
+    write_health: health::WriteHealth,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -130,11 +133,12 @@ impl KubevirtBackend {
             catalog: watch::channel(Arc::new(BTreeMap::new())).0,
             statuses: Mutex::new(HashMap::new()),
             health,
+            write_health: health::WriteHealth::default(),
             tasks: Mutex::new(Vec::new()),
         });
         let opted_in = Some(format!("{OPT_IN_LABEL}=true"));
         let weak = Arc::downgrade(&backend);
-        let mut tasks = Vec::new();
+        let mut tasks = vec![tokio::spawn(health::recheck(weak.clone()))];
         let labels = opted_in.clone();
         tasks.push(tokio::spawn(drive(
             weak.clone(),
@@ -232,14 +236,23 @@ impl KubevirtBackend {
     }
 }
 
-fn api_error(key: &VmKey, op: &'static str, e: kube::Error) -> BackendError {
-    match e {
-        kube::Error::Api(status) if status.code == 404 => BackendError::NotFound(key.clone()),
-        kube::Error::Api(status) => BackendError::Failed {
-            op,
-            message: format!("{} ({})", status.message, status.code),
-        },
-        other => BackendError::Unavailable(format!("{op} {key}: {other}")),
+impl KubevirtBackend {
+    /// The backend's error for a failed API call; a failure at the connection level
+    /// marks the write path degraded.
+    fn api_error(&self, key: &VmKey, op: &'static str, e: kube::Error) -> BackendError {
+        match e {
+            kube::Error::Api(status) if status.code == 404 => BackendError::NotFound(key.clone()),
+            kube::Error::Api(status) => BackendError::Failed {
+                op,
+                message: format!("{} ({})", status.message, status.code),
+            },
+            other => {
+                if health::is_connection_level(&other) {
+                    self.write_health.failed(&other);
+                }
+                BackendError::Unavailable(format!("{op} {key}: {other}"))
+            }
+        }
     }
 }
 
@@ -317,7 +330,7 @@ impl Backend for KubevirtBackend {
     }
 
     fn is_connected(&self) -> bool {
-        self.health.iter().all(|watch| watch.synced.load(Ordering::SeqCst))
+        !self.write_health.is_degraded() && self.health.iter().all(|watch| watch.synced.load(Ordering::SeqCst))
     }
 
     async fn record_activity(&self, key: &VmKey, at: SystemTime) -> Result<(), BackendError> {

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use super::workloads::{remembered_replicas, replicas};
 use super::writes::LAST_ACTIVITY_POINTER;
-use super::{api_error, KubevirtBackend};
+use super::KubevirtBackend;
 use crate::backend::{BackendError, StopOutcome};
 use crate::vm::VmKey;
 
@@ -51,13 +51,16 @@ impl KubevirtBackend {
                 }
                 Err(kube::Error::Api(status)) if status.code == 409 && !retry => {
                     // Changed since the store saw it: follow a scale made meanwhile.
-                    let scale = api.get_scale(&key.name).await.map_err(|e| api_error(key, "start", e))?;
+                    let scale = api
+                        .get_scale(&key.name)
+                        .await
+                        .map_err(|e| self.api_error(key, "start", e))?;
                     if scale.spec.and_then(|s| s.replicas).unwrap_or(0) > 0 {
                         return Ok(());
                     }
                     seen = scale.metadata.resource_version;
                 }
-                Err(e) => return Err(api_error(key, "start", e)),
+                Err(e) => return Err(self.api_error(key, "start", e)),
             }
         }
         Err(BackendError::Failed {
@@ -94,7 +97,7 @@ impl KubevirtBackend {
                 tracing::info!(target = %key, "a peer saw activity or the workload was rescaled; keeping it");
                 return Ok(StopOutcome::PeerActive);
             }
-            Err(e) => return Err(api_error(key, "stop", e)),
+            Err(e) => return Err(self.api_error(key, "stop", e)),
         };
         match patch_scale(&api, &key.name, 0, remembered.resource_version().as_deref()).await {
             Ok(()) => {
@@ -105,7 +108,7 @@ impl KubevirtBackend {
                 tracing::info!(target = %key, "the workload changed while scaling down; keeping it");
                 Ok(StopOutcome::PeerActive)
             }
-            Err(e) => Err(api_error(key, "stop", e)),
+            Err(e) => Err(self.api_error(key, "stop", e)),
         }
     }
 }

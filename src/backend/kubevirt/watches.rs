@@ -67,7 +67,12 @@ impl KubevirtBackend {
         // MostRecent: the initial list is paginated (500 objects a page, from etcd), so
         // thousands of VMs are never one response held in memory at once; `Any` would be
         // served from the watch cache, which ignores the page size.
-        let mut wc = watcher::Config::default().list_semantic(watcher::ListSemantic::MostRecent);
+        // The server ends each watch after `watch_timeout` (it resumes from its version);
+        // the watcher restarts one that stays silent for 5 s longer.
+        let timeout = self.config.watch_timeout.as_secs().clamp(5, 290) as u32;
+        let mut wc = watcher::Config::default()
+            .list_semantic(watcher::ListSemantic::MostRecent)
+            .timeout(timeout);
         if let Some(labels) = &labels {
             wc = wc.labels(labels);
         }

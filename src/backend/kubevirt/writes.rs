@@ -9,7 +9,7 @@ use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 use super::targets::Target;
-use super::{api_error, KubevirtBackend, VirtualMachine};
+use super::{KubevirtBackend, VirtualMachine};
 use crate::backend::{BackendError, StopOutcome};
 use crate::vm::{VmKey, LAST_ACTIVITY_ANNOTATION};
 
@@ -42,7 +42,7 @@ impl KubevirtBackend {
             .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map(|_| ())
-            .map_err(|e| api_error(key, op, e))
+            .map_err(|e| self.api_error(key, op, e))
     }
 
     pub(super) async fn subresource(&self, key: &VmKey, action: &'static str) -> Result<(), BackendError> {
@@ -64,7 +64,7 @@ impl KubevirtBackend {
             .request_text(request)
             .await
             .map(|_| ())
-            .map_err(|e| api_error(key, action, e))
+            .map_err(|e| self.api_error(key, action, e))
     }
 
     /// Records this replica's activity `at` on the target, unless a record at most a
@@ -94,7 +94,7 @@ impl KubevirtBackend {
                 .await
                 .map(|_| ()),
         }
-        .map_err(|e| api_error(key, "record activity", e))
+        .map_err(|e| self.api_error(key, "record activity", e))
     }
 
     /// One atomic JSON patch that halts the VM only if the activity record still reads
@@ -121,7 +121,7 @@ impl KubevirtBackend {
                 tracing::info!(vm = %key, "a peer saw activity (compare-and-stop failed); keeping the VM");
                 Ok(StopOutcome::PeerActive)
             }
-            Err(e) => Err(api_error(key, "stop", e)),
+            Err(e) => Err(self.api_error(key, "stop", e)),
         }
     }
 }

@@ -19,6 +19,14 @@ use crate::{Inner, Recorded, Res};
 
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
     Router::new()
+        .route(
+            "/version",
+            get(|| async {
+                axum::Json(serde_json::json!({
+                    "major": "1", "minor": "36", "gitVersion": "v1.36.2-fake", "platform": "linux/amd64",
+                }))
+            }),
+        )
         .route("/api/v1/{plural}", get(core_list_all))
         .route("/api/v1/namespaces/{ns}/{plural}", get(core_list_namespaced))
         .route(
@@ -430,6 +438,46 @@ pub(crate) async fn serve_router(listener: TcpListener, router: Router) {
         });
         while connections.try_join_next().is_some() {}
     }
+}
+
+/// Serves the API `router` on `listener` until `refusing` turns true; then accepts no
+/// more (the listener is closed: connections are refused) and closes each connection
+/// once the request it serves is done — a watch goes on until it ends — as Go's
+/// `http.Server.Shutdown` does for a terminating kube-apiserver.
+pub(crate) async fn serve_api(listener: TcpListener, router: Router, refusing: tokio::sync::watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    let stop = refusing.clone();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            () = until_refusing(stop.clone()) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_service(router.clone());
+        let refusing = refusing.clone();
+        connections.spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = until_refusing(refusing) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn until_refusing(mut refusing: tokio::sync::watch::Receiver<bool>) {
+    let _ = refusing.wait_for(|refusing| *refusing).await;
 }
 
 pub(crate) fn hyper_service(router: Router) -> hyper_util::service::TowerToHyperService<Router> {

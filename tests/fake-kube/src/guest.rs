@@ -71,23 +71,31 @@ pub async fn serve(listener: TcpListener, log: GuestLog) {
 }
 
 /// Listens on `socket` (bound by [`reserve_socket`]) and serves the guest application
-/// the way `style` says, until the task is dropped.
+/// the way `style` says, until the task is dropped (its connections with it).
 pub async fn run(socket: tokio::net::TcpSocket, log: GuestLog, style: GuestStyle) {
     let address = socket.local_addr().expect("bound");
     let Ok(listener) = socket.listen(style.backlog) else {
         return;
     };
-    let probed = Arc::new(tokio::sync::Notify::new());
+    // The first probe's answer waits until the listener is closed, so every connection
+    // made after the activator saw it answer is refused (none is caught half-accepted in
+    // the backlog and reset).
+    let refusing = Arc::new(Refusing {
+        armed: std::sync::atomic::AtomicBool::new(!style.refuse_after_ready.is_zero()),
+        probed: tokio::sync::Notify::new(),
+        closed: tokio::sync::Notify::new(),
+    });
     let app = router(log).layer(axum::middleware::from_fn({
-        let probed = probed.clone();
+        let refusing = refusing.clone();
         move |request: axum::extract::Request, next: axum::middleware::Next| {
-            let probed = probed.clone();
+            let refusing = refusing.clone();
             async move {
                 let is_probe = request.uri().path() == "/healthz";
-                let mut response = next.run(request).await;
-                if is_probe {
-                    probed.notify_one();
+                if is_probe && refusing.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    refusing.probed.notify_one();
+                    refusing.closed.notified().await;
                 }
+                let mut response = next.run(request).await;
                 if style.close_each {
                     response.headers_mut().insert(
                         axum::http::header::CONNECTION,
@@ -98,33 +106,52 @@ pub async fn run(socket: tokio::net::TcpSocket, log: GuestLog, style: GuestStyle
             }
         }
     }));
+    let mut connections = tokio::task::JoinSet::new();
     if style.refuse_after_ready.is_zero() {
-        serve_paced(listener, app, style).await;
-        return;
+        return accept(&listener, &app, style, &mut connections, None).await;
     }
-    tokio::select! {
-        () = serve_paced(listener, app.clone(), style) => return,
-        () = probed.notified() => {}
-    }
-    // The listener is closed now: connections are refused until it listens again.
+    accept(&listener, &app, style, &mut connections, Some(&refusing.probed)).await;
+    drop(listener);
+    refusing.closed.notify_one();
     tokio::time::sleep(style.refuse_after_ready).await;
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_reuseaddr(true).expect("reuseaddr");
     socket.bind(address).expect("the guest's address is free again");
     let listener = socket.listen(style.backlog).expect("listen");
-    serve_paced(listener, app, style).await;
+    accept(&listener, &app, style, &mut connections, None).await;
 }
 
-/// Accepts one connection per `style.accept_every` (all at once when zero).
-async fn serve_paced(listener: TcpListener, app: Router, style: GuestStyle) {
-    if style.accept_every.is_zero() {
-        return crate::api::serve_router(listener, app).await;
-    }
-    let mut connections = tokio::task::JoinSet::new();
+struct Refusing {
+    armed: std::sync::atomic::AtomicBool,
+    probed: tokio::sync::Notify,
+    closed: tokio::sync::Notify,
+}
+
+/// Accepts connections (one per `style.accept_every`) into `connections` until `until`
+/// is notified (never without it).
+async fn accept(
+    listener: &TcpListener,
+    app: &Router,
+    style: GuestStyle,
+    connections: &mut tokio::task::JoinSet<()>,
+    until: Option<&tokio::sync::Notify>,
+) {
+    let stop = async {
+        match until {
+            Some(notify) => notify.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            () = &mut stop => return,
         };
+        let _ = stream.set_nodelay(true);
         let service = crate::api::hyper_service(app.clone());
         connections.spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
@@ -132,7 +159,9 @@ async fn serve_paced(listener: TcpListener, app: Router, style: GuestStyle) {
                 .await;
         });
         while connections.try_join_next().is_some() {}
-        tokio::time::sleep(style.accept_every).await;
+        if !style.accept_every.is_zero() {
+            tokio::time::sleep(style.accept_every).await;
+        }
     }
 }
 

@@ -28,7 +28,7 @@ mod store;
 mod virt_controller;
 mod workloads;
 
-use api::{router, serve_router};
+use api::router;
 use guest::GuestLog;
 use store::{Change, Store};
 use virt_controller::virt_controller;
@@ -365,6 +365,11 @@ struct Inner {
     request_seen: Notify,
     options: Mutex<Options>,
     serving: Mutex<Option<JoinHandle<()>>>,
+    /// Servers that stopped accepting but still serve the connections they had.
+    draining: Mutex<Vec<JoinHandle<()>>>,
+    /// While true the server accepts no connection and closes idle ones, as a
+    /// terminating kube-apiserver does (see `refuse_new_connections`).
+    refusing: tokio::sync::watch::Sender<bool>,
     guests: Mutex<HashMap<(String, String), Guest>>,
     guest_logs: Mutex<HashMap<(String, String), GuestLog>>,
     controller: Mutex<Option<JoinHandle<()>>>,
@@ -394,6 +399,8 @@ impl FakeKube {
             request_seen: Notify::new(),
             options: Mutex::new(options),
             serving: Mutex::new(None),
+            draining: Mutex::new(Vec::new()),
+            refusing: tokio::sync::watch::channel(false).0,
             guests: Mutex::new(HashMap::new()),
             guest_logs: Mutex::new(HashMap::new()),
             controller: Mutex::new(None),
@@ -410,7 +417,7 @@ impl FakeKube {
 
     fn serve(&self, listener: TcpListener) {
         let router = router(self.inner.clone());
-        let task = tokio::spawn(serve_router(listener, router));
+        let task = tokio::spawn(api::serve_api(listener, router, self.inner.refusing.subscribe()));
         *self.inner.serving.lock().unwrap() = Some(task);
     }
 
@@ -608,6 +615,37 @@ impl FakeKube {
         }
     }
 
+    /// The VM's guest crashes: its application is gone at once and its VMI is removed;
+    /// a VM that should run gets a new VMI and boots again (as virt-controller does for
+    /// `runStrategy: Always`).
+    pub fn crash_vm(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        if let Some(guest) = self.inner.guests.lock().unwrap().remove(&key) {
+            guest.task.abort();
+        }
+        self.inner.write(Res::Vmi, namespace, name, None);
+    }
+
+    /// As a kube-apiserver shutting down gracefully: stops accepting connections (new
+    /// ones are refused) and closes idle keep-alive ones, while requests in progress —
+    /// open watches — go on. `false` accepts again on the same address.
+    pub async fn refuse_new_connections(&self, refuse: bool) {
+        self.inner.refusing.send_replace(refuse);
+        if refuse {
+            if let Some(task) = self.inner.serving.lock().unwrap().take() {
+                self.inner.draining.lock().unwrap().push(task);
+            }
+        } else {
+            let listener = loop {
+                match TcpListener::bind(self.inner.addr).await {
+                    Ok(l) => break l,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            };
+            self.serve(listener);
+        }
+    }
+
     /// Forgets the event history (etcd compaction) and ends every open watch cleanly,
     /// as a watch timeout does: a client resuming from its last version gets 410 Gone
     /// and must re-list.
@@ -629,6 +667,9 @@ impl Drop for FakeKube {
             if let Some(task) = slot.lock().unwrap().take() {
                 task.abort();
             }
+        }
+        for task in self.inner.draining.lock().unwrap().drain(..) {
+            task.abort();
         }
         for (_, guest) in self.inner.guests.lock().unwrap().drain() {
             guest.task.abort();

@@ -39,6 +39,8 @@ pub(crate) async fn virt_controller(inner: std::sync::Weak<Inner>) {
         let name = meta["name"].as_str().unwrap_or_default().to_string();
         match change.res {
             Res::Vm => reconcile(&inner, &ns, &name),
+            // A VMI gone (its guest crashed): a VM that should run gets a new one.
+            Res::Vmi if change.kind == "DELETED" => reconcile(&inner, &ns, &name),
             res if res.scalable() => crate::workloads::reconcile_workload(&inner, res, &ns, &name),
             // A pod gone: its workload replaces it.
             Res::Pod if change.kind == "DELETED" => {

@@ -28,6 +28,7 @@ use super::binary::Activator;
 
 mod audit;
 mod kubelet;
+pub mod own;
 mod virt_controller;
 
 use audit::AuditReader;
