@@ -325,4 +325,86 @@ mod tests {
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["ce-id", "traceparent"]);
     }
+
+    /// A guest on loopback answering 202 (and `close` when asked), counting the
+    /// connections it accepted.
+    async fn counting_guest(close: bool) -> (Endpoint, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let service = hyper::service::service_fn(move |_request: Request<Incoming>| async move {
+                    let mut response = Response::new(Full::new(Bytes::from_static(b"accepted")));
+                    *response.status_mut() = http::StatusCode::ACCEPTED;
+                    if close {
+                        response
+                            .headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        (endpoint, accepted)
+    }
+
+    async fn post(proxy: &Proxy, endpoint: Endpoint) -> http::StatusCode {
+        let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
+        let request = Proxy::prepare("/events", parts, Bytes::from_static(b"{}")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let response = match proxy.send(endpoint, request, deadline, Duration::from_secs(5)).await {
+            Ok(response) => response,
+            Err(_) => panic!("the guest answers"),
+        };
+        let status = response.status();
+        http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+        status
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_once_a_response_was_read() {
+        let proxy = Proxy::new(&ProxyConfig::default());
+        let (endpoint, accepted) = counting_guest(false).await;
+        for _ in 0..10 {
+            assert_eq!(post(&proxy, endpoint).await, http::StatusCode::ACCEPTED);
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one connection for all"
+        );
+
+        // A guest that closes each connection gets a new one per request, never an error.
+        let (endpoint, accepted) = counting_guest(true).await;
+        for _ in 0..5 {
+            assert_eq!(post(&proxy, endpoint).await, http::StatusCode::ACCEPTED);
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_gives_the_request_back() {
+        let proxy = Proxy::new(&ProxyConfig::default());
+        let endpoint = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
+        let request = Proxy::prepare("/events?a=1", parts, Bytes::from_static(b"{}")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        match proxy.send(endpoint, request, deadline, Duration::from_secs(5)).await {
+            Err(Failure::NotSent(back, ConnectError::Refused(_))) => {
+                assert_eq!(back.0.uri(), "/events?a=1");
+            }
+            other => panic!("expected the request back, got {:?}", other.map(|r| r.status())),
+        }
+    }
 }

@@ -55,6 +55,21 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .with_state(inner)
 }
 
+/// Applies a JSON patch as kube-apiserver does; the refusal, if it is not one (400) or
+/// does not apply (422, a failed `test` included).
+fn apply_json_patch(target: &mut Value, patch: Value) -> Option<Response> {
+    let ops: json_patch::Patch = match serde_json::from_value(patch) {
+        Ok(ops) => ops,
+        Err(e) => return Some(status(400, "BadRequest", &format!("invalid JSON patch: {e}"))),
+    };
+    let error = json_patch::patch(target, &ops).err()?;
+    Some(status(
+        422,
+        "Invalid",
+        &format!("the server rejected our request due to an error in our request: {error}"),
+    ))
+}
+
 /// Records every request (with its body) and the status it got.
 pub(crate) async fn record_requests(
     State(inner): State<Arc<Inner>>,
@@ -245,16 +260,8 @@ pub(crate) async fn patch_scale(
     match media.as_str() {
         "application/merge-patch+json" => json_patch::merge(&mut scale, &patch),
         "application/json-patch+json" => {
-            let ops: json_patch::Patch = match serde_json::from_value(patch) {
-                Ok(ops) => ops,
-                Err(e) => return status(400, "BadRequest", &format!("invalid JSON patch: {e}")),
-            };
-            if let Err(e) = json_patch::patch(&mut scale, &ops) {
-                return status(
-                    422,
-                    "Invalid",
-                    &format!("the server rejected our request due to an error in our request: {e}"),
-                );
+            if let Some(refused) = apply_json_patch(&mut scale, patch) {
+                return refused;
             }
         }
         _ => {
@@ -337,16 +344,8 @@ pub(crate) async fn patch_object(
             json_patch::merge(&mut object, &patch);
         }
         "application/json-patch+json" => {
-            let ops: json_patch::Patch = match serde_json::from_value(patch) {
-                Ok(ops) => ops,
-                Err(e) => return status(400, "BadRequest", &format!("invalid JSON patch: {e}")),
-            };
-            if let Err(e) = json_patch::patch(&mut object, &ops) {
-                return status(
-                    422,
-                    "Invalid",
-                    &format!("the server rejected our request due to an error in our request: {e}"),
-                );
+            if let Some(refused) = apply_json_patch(&mut object, patch) {
+                return refused;
             }
         }
         _ => {

@@ -421,6 +421,17 @@ impl FakeKube {
         *self.inner.serving.lock().unwrap() = Some(task);
     }
 
+    /// Listens on the server's address again (once the old listener is gone) and serves.
+    async fn serve_again(&self) {
+        let listener = loop {
+            match TcpListener::bind(self.inner.addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        self.serve(listener);
+    }
+
     /// The server's address.
     pub fn addr(&self) -> SocketAddr {
         self.inner.addr
@@ -605,13 +616,7 @@ impl FakeKube {
                 task.abort();
             }
         } else {
-            let listener = loop {
-                match TcpListener::bind(self.inner.addr).await {
-                    Ok(l) => break l,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                }
-            };
-            self.serve(listener);
+            self.serve_again().await;
         }
     }
 
@@ -636,13 +641,7 @@ impl FakeKube {
                 self.inner.draining.lock().unwrap().push(task);
             }
         } else {
-            let listener = loop {
-                match TcpListener::bind(self.inner.addr).await {
-                    Ok(l) => break l,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                }
-            };
-            self.serve(listener);
+            self.serve_again().await;
         }
     }
 
