@@ -18,6 +18,7 @@
 //! BENCH_SERVE=N keeps the warm-path targets up N seconds first (for a profiler);
 //! BENCH_ACTIVATOR_WRAPPER prefixes the binary's command (e.g. valgrind --tool=massif).
 
+mod allocs;
 mod burst;
 mod cold;
 mod load;
@@ -51,6 +52,10 @@ pub async fn send_until_accepted(url: &str) {
     }
 }
 
+/// Counts the process's heap allocations (the `allocs` section reads the count).
+#[global_allocator]
+static ALLOCATOR: allocs::Counting = allocs::Counting;
+
 fn main() {
     if std::env::var("BENCH_DEBUG").is_ok() {
         tracing_subscriber::fmt()
@@ -76,6 +81,9 @@ fn main() {
     runtime.block_on(async {
         if wanted("warm") {
             warm::run(mode, &generator).await;
+        }
+        if wanted("allocs") {
+            allocs::run(mode, &generator).await;
         }
         if wanted("cold") {
             cold::fake_backend(mode).await;
