@@ -128,6 +128,29 @@ impl<'a> Target<'a> {
         })
     }
 
+    /// The guest request target: the VM's prefix joined to `rest` with exactly one '/',
+    /// plus the query. The common case — the prefix alone — is parsed once per prefix
+    /// and thread and then shared (no allocation); otherwise the joined path's buffer
+    /// becomes the URI without a copy.
+    fn guest_uri(&self, prefix: &str, query: Option<&str>) -> Result<http::Uri, IngressError> {
+        thread_local! {
+            static PREFIX: std::cell::RefCell<Option<(String, http::Uri)>> = const { std::cell::RefCell::new(None) };
+        }
+        let invalid = |e: http::uri::InvalidUri| IngressError::BadPath(format!("guest path: {e}"));
+        if self.rest.is_empty() && query.is_none() {
+            return PREFIX.with_borrow_mut(|cached| match cached {
+                Some((text, uri)) if text == prefix => Ok(uri.clone()),
+                _ => {
+                    let uri = http::Uri::try_from(prefix).map_err(invalid)?;
+                    *cached = Some((prefix.to_string(), uri.clone()));
+                    Ok(uri)
+                }
+            });
+        }
+        let joined = self.guest_path(prefix, query).into_boxed_str();
+        http::Uri::from_maybe_shared(Bytes::from(joined.into_boxed_bytes())).map_err(invalid)
+    }
+
     /// The guest path: the VM's prefix joined to `rest` with exactly one '/', plus the query.
     fn guest_path(&self, prefix: &str, query: Option<&str>) -> String {
         let mut path = String::with_capacity(prefix.len() + self.rest.len() + 2);
@@ -227,8 +250,8 @@ async fn handle(
     let envelope = cloudevent::validate(&parts.headers, body)?;
     let body_bytes = envelope.body.len();
     let permit = vm.admit(body_bytes).await?;
-    let guest_path = target.guest_path(&policy.path, parts.uri.query());
-    let request = Proxy::prepare(&guest_path, parts, envelope.body)?;
+    let guest_uri = target.guest_uri(&policy.path, parts.uri.query())?;
+    let request = Proxy::prepare(guest_uri, parts, envelope.body);
     // Boxed: the forwarding future is large, and inline it would be part of every held
     // request's state (memory per held event), though only released requests need it.
     Box::pin(forward(state, vm, policy, request, permit, arrived, body_bytes)).await
@@ -359,6 +382,16 @@ mod tests {
         assert_eq!(t.guest_path("/", None), "/orders/42");
         assert_eq!(t.guest_path("/api/", None), "/api/orders/42");
         assert_eq!(t.guest_path("/api", None), "/api/orders/42");
+        assert_eq!(t.guest_uri("/api", Some("a=1")).unwrap(), "/api/orders/42?a=1");
+        let bare = Target::parse("/default/demo").unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                bare.guest_uri("/api", None).unwrap(),
+                "/api",
+                "parsed once, then shared"
+            );
+        }
+        assert_eq!(bare.guest_uri("/", None).unwrap(), "/");
     }
 
     #[test]

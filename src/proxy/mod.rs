@@ -81,17 +81,13 @@ impl Proxy {
         }
     }
 
-    /// Turns the sender's request into one for a guest at `path_and_query`.
-    pub fn prepare(
-        path_and_query: &str,
-        mut parts: http::request::Parts,
-        body: Bytes,
-    ) -> Result<GuestRequest, ProxyError> {
-        parts.uri = http::Uri::try_from(path_and_query).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+    /// Turns the sender's request into one for a guest at `target` (origin form).
+    pub fn prepare(target: http::Uri, mut parts: http::request::Parts, body: Bytes) -> GuestRequest {
+        parts.uri = target;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::CONTENT_LENGTH);
         parts.version = http::Version::HTTP_11;
-        Ok(GuestRequest(Request::from_parts(parts, Full::new(body))))
+        GuestRequest(Request::from_parts(parts, Full::new(body)))
     }
 
     /// Sends `request` to `endpoint` — on an idle connection, else a new one made by
@@ -358,7 +354,7 @@ mod tests {
 
     async fn post(proxy: &Proxy, endpoint: Endpoint) -> http::StatusCode {
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
-        let request = Proxy::prepare("/events", parts, Bytes::from_static(b"{}")).unwrap();
+        let request = Proxy::prepare(http::Uri::from_static("/events"), parts, Bytes::from_static(b"{}"));
         let deadline = Instant::now() + Duration::from_secs(5);
         let response = match proxy.send(endpoint, request, deadline, Duration::from_secs(5)).await {
             Ok(response) => response,
@@ -398,7 +394,7 @@ mod tests {
             listener.local_addr().unwrap()
         };
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
-        let request = Proxy::prepare("/events?a=1", parts, Bytes::from_static(b"{}")).unwrap();
+        let request = Proxy::prepare(http::Uri::from_static("/events?a=1"), parts, Bytes::from_static(b"{}"));
         let deadline = Instant::now() + Duration::from_secs(5);
         match proxy.send(endpoint, request, deadline, Duration::from_secs(5)).await {
             Err(Failure::NotSent(back, ConnectError::Refused(_))) => {

@@ -41,8 +41,10 @@ pub enum Mode {
 pub struct Envelope {
     /// The mode.
     pub mode: Mode,
-    /// The event's `id` (the first event's for a batch; empty for an empty batch).
-    pub id: String,
+    /// The event's `id` when it was read from the body (structured mode; the first
+    /// event's for a non-empty batch). Binary mode leaves it in the `ce-id` header
+    /// (validated, not copied).
+    pub id: Option<String>,
     /// The body as received.
     pub body: Bytes,
 }
@@ -118,36 +120,39 @@ impl EventError {
     }
 }
 
-/// The media type of a `Content-Type` value, lowercased, without parameters.
-fn media_type(headers: &HeaderMap) -> Option<String> {
+/// The media type of a `Content-Type` value, without parameters (compare it ignoring
+/// ASCII case).
+fn media_type(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
-    Some(value.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+    Some(value.split(';').next().unwrap_or("").trim())
 }
 
 /// Validates a request's headers and body as one CloudEvent (or a batch).
 pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError> {
-    match media_type(headers).as_deref() {
-        Some(STRUCTURED) => {
+    let media_type = media_type(headers);
+    let is = |wanted: &str| media_type.is_some_and(|m| m.eq_ignore_ascii_case(wanted));
+    match () {
+        () if is(STRUCTURED) => {
             let id = validate_structured(&body)?;
             Ok(Envelope {
                 mode: Mode::Structured,
-                id,
+                id: Some(id),
                 body,
             })
         }
-        Some(BATCH) => {
+        () if is(BATCH) => {
             let (count, id) = validate_batch(&body)?;
             Ok(Envelope {
                 mode: Mode::Batch(count),
-                id,
+                id: (count > 0).then_some(id),
                 body,
             })
         }
-        _ if headers.contains_key("ce-specversion") => {
-            let id = validate_binary(headers)?;
+        () if headers.contains_key("ce-specversion") => {
+            validate_binary(headers)?;
             Ok(Envelope {
                 mode: Mode::Binary,
-                id,
+                id: None,
                 body,
             })
         }

@@ -41,9 +41,14 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(envelope) = validate(&headers, Bytes::copy_from_slice(body)) {
         assert_eq!(envelope.body.as_ref(), body, "the body is forwarded untouched");
         match envelope.mode {
-            Mode::Binary | Mode::Structured => assert!(!envelope.id.is_empty(), "accepted without an id"),
-            Mode::Batch(0) => assert!(envelope.id.is_empty()),
-            Mode::Batch(_) => assert!(!envelope.id.is_empty()),
+            Mode::Binary => assert!(
+                headers.get("ce-id").is_some_and(|id| !id.is_empty()),
+                "accepted without an id"
+            ),
+            Mode::Structured | Mode::Batch(1..) => {
+                assert!(envelope.id.is_some_and(|id| !id.is_empty()), "accepted without an id")
+            }
+            Mode::Batch(0) => assert!(envelope.id.is_none()),
         }
     }
 });
