@@ -8,17 +8,18 @@
 
 pub mod cloudevent;
 pub mod response;
+mod service;
+
+pub use service::{Ingress, IngressBody};
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::response::Response;
-use axum::Router;
-use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use tokio::time::Instant;
 
@@ -61,23 +62,22 @@ impl IngressState {
         }))
     }
 
-    fn refuse(&self, error: IngressError) -> Response {
-        error.into_response_with(self.config.retry_after_seconds)
+    fn refuse(&self, error: IngressError) -> Response<IngressBody> {
+        error
+            .into_response_with(self.config.retry_after_seconds)
+            .map(IngressBody::Own)
     }
 }
 
-/// The ingress router: `POST /{namespace}/{vm}` and `POST /{namespace}/{vm}/{*rest}`;
-/// anything else is a JSON 404 (or 405 for another method on those paths).
-///
-/// One handler for every path: `Target::parse` reads the path (it must decode and check
-/// it anyway), so axum's path parameters — allocated per request, never read — are not
-/// built.
-pub fn router(state: IngressState) -> Router {
-    Router::new().fallback(deliver).with_state(state)
+/// The ingress: `POST /{namespace}/{vm}` and `POST /{namespace}/{vm}/{*rest}`; anything
+/// else is a JSON 404 (or 405 for another method on those paths). At most
+/// `max_concurrent` requests at once.
+pub fn service(state: IngressState, max_concurrent: usize) -> Ingress {
+    Ingress::new(state, max_concurrent)
 }
 
 /// Anything but POST: 405 on a VM's path, 404 elsewhere.
-fn refuse_method(state: &IngressState, request: &Request) -> Response {
+fn refuse_method<B>(state: &IngressState, request: &Request<B>) -> Response<IngressBody> {
     let error = match Target::parse(request.uri().path()) {
         Err(IngressError::NoRoute(path)) => IngressError::NoRoute(path),
         _ => IngressError::MethodNotAllowed(request.method().to_string()),
@@ -171,7 +171,11 @@ impl<'a> Target<'a> {
 
 /// The ingress handler. One async fn (no wrapper future): its state is what every held
 /// event keeps alive.
-async fn deliver(State(state): State<IngressState>, request: Request) -> Response {
+async fn deliver<B>(state: IngressState, request: Request<B>) -> Response<IngressBody>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<service::BoxError>,
+{
     if request.method() != http::Method::POST {
         return refuse_method(&state, &request);
     }
@@ -237,15 +241,19 @@ async fn deliver(State(state): State<IngressState>, request: Request) -> Respons
     response
 }
 
-async fn handle(
+async fn handle<B>(
     state: &IngressState,
     vm: &VmHandle,
     policy: &Policy,
     target: &Target<'_>,
     parts: http::request::Parts,
-    body: Body,
+    body: B,
     arrived: Instant,
-) -> Result<Response, IngressError> {
+) -> Result<Response<IngressBody>, IngressError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<service::BoxError>,
+{
     let body = read_body(&parts.headers, body, state.config.max_body_bytes).await?;
     let envelope = cloudevent::validate(&parts.headers, body)?;
     let body_bytes = envelope.body.len();
@@ -271,7 +279,7 @@ async fn forward(
     mut permit: Permit,
     arrived: Instant,
     body_bytes: usize,
-) -> Result<Response, IngressError> {
+) -> Result<Response<IngressBody>, IngressError> {
     let budget_end = match permit.was_held() {
         true => arrived + policy.start_timeout,
         false => Instant::now() + policy.request_timeout,
@@ -290,7 +298,10 @@ async fn forward(
                 permit.answered();
                 tracing::debug!(vm = %vm.key(), status = response.status().as_u16(), attempts, "guest answered");
                 let (parts, body) = response.into_parts();
-                return Ok(Response::from_parts(parts, Body::new(GuardedBody::new(body, permit))));
+                return Ok(Response::from_parts(
+                    parts,
+                    IngressBody::Guest(GuardedBody::new(body, permit)),
+                ));
             }
             Err(Failure::Failed(error)) => {
                 if matches!(error, ProxyError::Unreachable(_)) {
@@ -352,7 +363,11 @@ impl Backoff {
 
 /// Reads the body, refusing (413) as soon as it passes `limit` — from `Content-Length`
 /// before reading anything, or while streaming a chunked body.
-async fn read_body(headers: &http::HeaderMap, body: Body, limit: usize) -> Result<Bytes, IngressError> {
+async fn read_body<B>(headers: &http::HeaderMap, body: B, limit: usize) -> Result<Bytes, IngressError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<service::BoxError>,
+{
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -424,8 +439,29 @@ mod held_state {
         let app = crate::server::app(&Config::for_tests(), backend).await.unwrap();
         let auth = Authenticator::from_config(&Default::default()).await.unwrap();
         let state = IngressState::new(app.activator, Proxy::new(&Default::default()), Default::default(), auth);
-        let future = deliver(State(state), Request::new(Body::empty()));
+        // The listener's request body is hyper's `Incoming`, which a test cannot make:
+        // a body of the same size stands in for it.
+        let future = deliver(state, Request::new(LikeIncoming::default()));
         let size = std::mem::size_of_val(&future);
         assert!(size <= 2048, "the ingress future is {size} bytes");
+    }
+
+    const INCOMING_WORDS: usize = std::mem::size_of::<hyper::body::Incoming>().div_ceil(8);
+
+    #[derive(Default)]
+    struct LikeIncoming {
+        _size: [u64; INCOMING_WORDS],
+    }
+
+    impl http_body::Body for LikeIncoming {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(None)
+        }
     }
 }

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -23,14 +22,25 @@ pub(super) struct ListenerLimits {
     pub(super) max_connections: usize,
 }
 
-/// Serves `router` on `listener` until `stop` turns true, then lets open connections
+/// Serves `service` on `listener` until `stop` turns true, then lets open connections
 /// finish their current exchange.
-pub(super) async fn serve(
+pub(super) async fn serve<S, B>(
     listener: TcpListener,
-    router: Router,
+    service: S,
     limits: ListenerLimits,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -57,7 +67,7 @@ pub(super) async fn serve(
             _ = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(service.clone());
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

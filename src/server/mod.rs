@@ -19,14 +19,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tower::ServiceBuilder;
 
 use crate::activator::Activator;
 use crate::auth::Authenticator;
 use crate::backend::qemu::QemuBackend;
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config};
-use crate::ingress::{self, IngressState};
+use crate::ingress::{self, Ingress, IngressState};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::readiness::Prober;
@@ -92,7 +91,7 @@ pub struct App {
     /// The registry of VMs.
     pub activator: Arc<Activator>,
     /// `POST /{namespace}/{vm}[/{rest}]`, behind the ingress concurrency limit.
-    pub ingress: Router,
+    pub ingress: Ingress,
     /// `/metrics`, `/healthz`, `/readyz`, `/v1/vms`.
     pub admin: Router,
 }
@@ -114,8 +113,7 @@ pub async fn app(config: &Config, backend: Arc<dyn Backend>) -> Result<App, Serv
         config.ingress.clone(),
         auth,
     );
-    let ingress =
-        ingress::router(state).layer(ServiceBuilder::new().concurrency_limit(config.ingress.max_concurrent_requests));
+    let ingress = ingress::service(state, config.ingress.max_concurrent_requests);
     let admin = admin::router(activator.clone());
     Ok(App {
         activator,

@@ -1,0 +1,97 @@
+//! The ingress as the tower `Service` the listener drives: one handler for every path
+//! (no router — `Target::parse` reads the path, which it must check anyway), the
+//! ingress-wide concurrency limit, and the response body type that streams a guest's
+//! answer without boxing it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::Semaphore;
+
+use super::{deliver, IngressState};
+use crate::lifecycle::Permit;
+use crate::proxy::{GuardedBody, PooledBody};
+
+/// Errors of a response body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `POST /{namespace}/{vm}[/{rest}]`: the ingress, at most `max_concurrent_requests`
+/// requests at once (more wait for a slot). Cheap to clone.
+#[derive(Clone)]
+pub struct Ingress {
+    state: IngressState,
+    slots: Arc<Semaphore>,
+}
+
+impl Ingress {
+    /// The ingress over `state`, admitting at most `max_concurrent` requests at once.
+    pub fn new(state: IngressState, max_concurrent: usize) -> Ingress {
+        Ingress {
+            state,
+            slots: Arc::new(Semaphore::new(max_concurrent)),
+        }
+    }
+}
+
+impl<B> tower::Service<Request<B>> for Ingress
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<IngressBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<IngressBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let (state, slots) = (self.state.clone(), self.slots.clone());
+        Box::pin(async move {
+            let _slot = slots.acquire_owned().await.expect("never closed");
+            Ok(deliver(state, request).await)
+        })
+    }
+}
+
+/// A response of the ingress: the guest's answer streaming back (holding the request's
+/// permit until it is done), or one the activator made.
+pub enum IngressBody {
+    /// The guest's body.
+    Guest(GuardedBody<PooledBody, Permit>),
+    /// An answer of the activator's own (errors).
+    Own(axum::body::Body),
+}
+
+impl Body for IngressBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            IngressBody::Guest(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            IngressBody::Own(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            IngressBody::Guest(body) => body.is_end_stream(),
+            IngressBody::Own(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            IngressBody::Guest(body) => body.size_hint(),
+            IngressBody::Own(body) => body.size_hint(),
+        }
+    }
+}
