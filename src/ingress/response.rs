@@ -93,9 +93,7 @@ impl IngressError {
                 Some(R::BackendUnavailable),
             ),
             E::Proxy(ProxyError::Timeout(_)) => (S::GATEWAY_TIMEOUT, "guest_timeout", None),
-            E::Proxy(ProxyError::Unreachable(_) | ProxyError::BadRequest(_)) => {
-                (S::BAD_GATEWAY, "guest_unreachable", None)
-            }
+            E::Proxy(ProxyError::Unreachable(_)) => (S::BAD_GATEWAY, "guest_unreachable", None),
             E::Proxy(ProxyError::NotConnected {
                 last: ConnectError::Timeout(_),
                 ..
@@ -189,7 +187,6 @@ mod tests {
             E::Admit(AdmitError::BackendUnavailable) => "Admit(BackendUnavailable)",
             E::Proxy(ProxyError::Timeout(_)) => "Proxy(Timeout)",
             E::Proxy(ProxyError::Unreachable(_)) => "Proxy(Unreachable)",
-            E::Proxy(ProxyError::BadRequest(_)) => "Proxy(BadRequest)",
             E::Proxy(ProxyError::NotConnected {
                 last: ConnectError::Timeout(_),
                 ..
@@ -303,12 +300,6 @@ mod tests {
                 None,
             ),
             (
-                ProxyError::BadRequest("bad header".into()).into(),
-                502,
-                "guest_unreachable",
-                None,
-            ),
-            (
                 ProxyError::NotConnected {
                     attempts: 9,
                     last: ConnectError::Timeout(Duration::from_secs(2)),
@@ -373,6 +364,6 @@ mod tests {
             );
             assert_eq!(response.headers().contains_key(header::ALLOW), code == 405, "{detail}");
         }
-        assert_eq!(seen.len(), 24, "every variant of IngressError is in the table");
+        assert_eq!(seen.len(), 23, "every variant of IngressError is in the table");
     }
 }

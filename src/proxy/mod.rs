@@ -46,9 +46,6 @@ pub enum ProxyError {
         /// The last attempt's failure.
         last: ConnectError,
     },
-    /// The request could not be built (a bug or a header the guest cannot take).
-    #[error("the request could not be forwarded: {0}")]
-    BadRequest(String),
 }
 
 /// A request made ready for a guest: origin-form target, hop-by-hop headers stripped.
