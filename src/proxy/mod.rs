@@ -7,25 +7,23 @@
 //! Owns: the connections to guests (`pool.rs`) and header hygiene. Must not import the
 //! lifecycle, activator, backend or ingress.
 
+mod body;
 mod pool;
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::config::ProxyConfig;
 use crate::vm::Endpoint;
+pub use body::{GuardedBody, PooledBody};
 pub use pool::ConnectError;
-use pool::{Pool, Sender};
+use pool::Pool;
 
 /// Why a request did not get an answer from the guest.
 #[derive(Debug, thiserror::Error)]
@@ -135,57 +133,6 @@ impl Proxy {
     }
 }
 
-/// A guest's response body; its connection goes back to the pool once the body has been
-/// read to the end (a body dropped half-read takes its connection with it).
-pub struct PooledBody {
-    body: Incoming,
-    conn: Option<(Arc<Pool>, Endpoint, Sender)>,
-}
-
-impl PooledBody {
-    fn check_in_if_done(&mut self) {
-        if self.body.is_end_stream() {
-            if let Some((pool, endpoint, sender)) = self.conn.take() {
-                pool.checkin(endpoint, sender);
-            }
-        }
-    }
-}
-
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => {
-                if let Some((pool, endpoint, sender)) = self.conn.take() {
-                    pool.checkin(endpoint, sender);
-                }
-            }
-            Poll::Ready(Some(Ok(_))) => self.check_in_if_done(),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // An empty body may never be polled.
-        self.check_in_if_done();
-    }
-}
-
 /// `endpoint` as a `Host` value, formatted once per endpoint and thread: a warm VM's
 /// endpoint does not change between requests.
 fn endpoint_host(endpoint: Endpoint) -> http::HeaderValue {
@@ -263,40 +210,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// A response body that keeps `guard` alive until the body has been fully streamed
-/// (or the client went away), so in-flight counting covers the whole exchange.
-pub struct GuardedBody<B, G> {
-    body: B,
-    _guard: G,
-}
-
-impl<B, G> GuardedBody<B, G> {
-    /// Wraps `body`, holding `guard` until it is dropped.
-    pub fn new(body: B, guard: G) -> Self {
-        Self { body, _guard: guard }
-    }
-}
-
-impl<B: Body + Unpin, G: Unpin> Body for GuardedBody<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,7 +243,7 @@ mod tests {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let service = hyper::service::service_fn(move |_request: Request<Incoming>| async move {
+                let service = hyper::service::service_fn(move |_request: Request<hyper::body::Incoming>| async move {
                     let mut response = Response::new(Full::new(Bytes::from_static(b"accepted")));
                     *response.status_mut() = http::StatusCode::ACCEPTED;
                     if close {
