@@ -381,6 +381,37 @@ struct Inner {
     guests_held: tokio::sync::watch::Sender<bool>,
 }
 
+/// A VirtualMachine object (no namespace): `spec` merged over `{"runStrategy": "Halted"}`
+/// (unless it sets `running`, the deprecated field, itself) and a minimal template (which
+/// it may extend, e.g. with Multus `networks`). The fake and the real-cluster harness
+/// create the same objects.
+pub fn vm_object(name: &str, labels: Value, annotations: Value, spec: Value) -> Value {
+    let mut full_spec = if spec.get("running").is_some() {
+        json!({})
+    } else {
+        json!({"runStrategy": "Halted"})
+    };
+    full_spec["template"] = json!({"spec": {"domain": {"devices": {}}}});
+    json_patch::merge(&mut full_spec, &spec);
+    json!({
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
+        "spec": full_spec,
+    })
+}
+
+/// The name of the VM's first interface on a Multus network, if it has one (what a
+/// simulated virt-controller attaches there).
+pub fn multus_interface(vm: &Value) -> Option<String> {
+    vm["spec"]["template"]["spec"]["networks"]
+        .as_array()?
+        .iter()
+        .find(|network| network["multus"]["networkName"].is_string())
+        .and_then(|network| network["name"].as_str())
+        .map(str::to_string)
+}
+
 /// The fake API server. Dropping it stops everything.
 pub struct FakeKube {
     inner: Arc<Inner>,
@@ -463,19 +494,8 @@ impl FakeKube {
     /// (unless it sets `running`, the deprecated field, itself) and a minimal template
     /// (which it may extend, e.g. with Multus `networks`).
     pub fn create_vm(&self, namespace: &str, name: &str, labels: Value, annotations: Value, spec: Value) {
-        let mut full_spec = if spec.get("running").is_some() {
-            json!({})
-        } else {
-            json!({"runStrategy": "Halted"})
-        };
-        full_spec["template"] = json!({"spec": {"domain": {"devices": {}}}});
-        json_patch::merge(&mut full_spec, &spec);
-        let object = json!({
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachine",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations},
-            "spec": full_spec,
-        });
+        let mut object = vm_object(name, labels, annotations, spec);
+        object["metadata"]["namespace"] = json!(namespace);
         self.inner.write(Res::Vm, namespace, name, Some(object));
     }
 

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::guest::reserve_socket;
-use crate::{Guest, Inner, Options, Res};
+use crate::{multus_interface, Guest, Inner, Options, Res};
 
 pub(crate) fn wants_running(vm: &Value) -> bool {
     match vm["spec"]["runStrategy"].as_str() {
@@ -115,16 +115,6 @@ pub(crate) fn reconcile(inner: &Arc<Inner>, ns: &str, name: &str) {
         }
         _ => {}
     }
-}
-
-/// The name of the VM's first interface on a Multus network, if it has one.
-fn multus_interface(vm: &Value) -> Option<String> {
-    vm["spec"]["template"]["spec"]["networks"]
-        .as_array()?
-        .iter()
-        .find(|network| network["multus"]["networkName"].is_string())
-        .and_then(|network| network["name"].as_str())
-        .map(str::to_string)
 }
 
 /// Pending → Scheduled → Running (with an IP, and one on its Multus network if it is on

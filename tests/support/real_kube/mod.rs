@@ -258,20 +258,8 @@ impl RealKube {
 
     /// Creates a VirtualMachine (halted unless `spec` says otherwise) in this namespace.
     pub async fn create_vm(&self, name: &str, labels: Value, annotations: Value, spec: Value) {
-        let mut full_spec = if spec.get("running").is_some() {
-            json!({})
-        } else {
-            json!({"runStrategy": "Halted"})
-        };
-        full_spec["template"] = json!({"spec": {"domain": {"devices": {}}}});
-        json_patch::merge(&mut full_spec, &spec);
-        let object = json!({
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachine",
-            "metadata": {"name": name, "labels": labels, "annotations": annotations},
-            "spec": full_spec,
-        });
-        let object: DynamicObject = serde_json::from_value(object).unwrap();
+        let object: DynamicObject =
+            serde_json::from_value(fake_kube::vm_object(name, labels, annotations, spec)).unwrap();
         self.vms()
             .create(&PostParams::default(), &object)
             .await

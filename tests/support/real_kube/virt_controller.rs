@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use fake_kube::guest::{self, GuestLog};
+use fake_kube::multus_interface;
 use futures_util::StreamExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
@@ -75,16 +76,6 @@ pub(super) async fn virt_controller(
             let _ = vmis.delete(&name, &DeleteParams::default()).await;
         }
     }
-}
-
-/// The name of the VM's first interface on a Multus network, if it has one.
-fn multus_interface(vm: &Value) -> Option<String> {
-    vm["spec"]["template"]["spec"]["networks"]
-        .as_array()?
-        .iter()
-        .find(|network| network["multus"]["networkName"].is_string())
-        .and_then(|network| network["name"].as_str())
-        .map(str::to_string)
 }
 
 /// One VMI's life: created, Scheduled, Running with an address (and one on the Multus
