@@ -200,11 +200,15 @@ where
         }
     };
     let Some(vm) = state.activator.vm(&target.namespace, &target.name) else {
-        let vm = format!("{}/{}", target.namespace, target.name);
-        let error = if state.activator.backend().is_connected() {
-            IngressError::UnknownVm(vm)
+        let key = crate::vm::VmKey::new(&*target.namespace, &*target.name);
+        let backend = state.activator.backend();
+        // Listed by the backend but not in the registry yet (a replica just started):
+        // retryable, never a 404 for a VM that exists.
+        let known = backend.catalog().borrow().contains_key(&key);
+        let error = if backend.is_connected() && !known {
+            IngressError::UnknownVm(key.to_string())
         } else {
-            IngressError::BackendUnavailable(vm)
+            IngressError::BackendUnavailable(key.to_string())
         };
         state.activator.metrics().unknown_vm_request(error.status().as_u16());
         return state.refuse(error);
