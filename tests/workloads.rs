@@ -110,10 +110,14 @@ async fn a_burst_to_a_deployment_at_zero_scales_it_once_to_the_remembered_count_
         ids.iter().collect::<HashSet<_>>()
     );
 
-    // One scale call, to the remembered count, on condition of the version it saw.
+    // One scale-up, to the remembered count, on condition of the version it saw. (On the
+    // real server the Deployment controller may write the object's status between the
+    // store's view and the patch: that patch gets 409, re-reads `/scale` and patches
+    // again — more calls, still one applied.)
     let scale = |r: &Recorded| r.is_scale_patch(Res::Deployment, &ns, "web");
-    assert_eq!(kube.count(scale), 1, "one /scale call for the burst");
-    let call = kube.expect_request("scale up", Duration::from_secs(1), scale).await;
+    let applied = |r: &Recorded| scale(r) && (200..300).contains(&r.status);
+    assert_eq!(kube.count(applied), 1, "one /scale applied for the burst");
+    let call = kube.expect_request("scale up", Duration::from_secs(1), applied).await;
     let body: Value = serde_json::from_str(&call.body).unwrap();
     assert_eq!(body["spec"]["replicas"], 3);
     assert!(body["metadata"]["resourceVersion"].is_string(), "{body}");
@@ -154,10 +158,7 @@ async fn a_burst_to_a_deployment_at_zero_scales_it_once_to_the_remembered_count_
 
     // The next event brings all three back.
     assert_eq!(activator.send_status(&path, "again").await, 202);
-    // Up, down, up. (On the real server the controller may have touched the object
-    // after the scale-down, before the store saw it: that scale-up then gets 409,
-    // re-reads `/scale` and patches again — one more call, still one scale-up.)
-    let applied = |r: &Recorded| scale(r) && (200..300).contains(&r.status);
+    // Up, down, up.
     assert_eq!(kube.count(applied), 3);
     assert_eq!(
         wait_replicas(&kube, Res::Deployment, "web", 3, Duration::from_secs(1)).await["spec"]["replicas"],
@@ -598,6 +599,33 @@ async fn a_configured_scale_kind_is_managed_like_a_deployment() {
     let pool = kube.object(Res::VmPool, &ns, "pool").unwrap();
     assert_eq!(pool["metadata"]["annotations"]["vm-activator.io/scaled-down-from"], "2");
     assert_rbac_covers_every_request(kube.requests());
+}
+
+/// A Deployment controller rewriting the status races the scale-up again and again: each
+/// 409 is followed by a re-read of `/scale` and one more patch, until one applies — the
+/// held event is delivered, the workload scaled up once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_up_that_keeps_losing_to_status_writes_reads_again_until_it_applies() {
+    let cluster = FakeCluster::start(Timings::default()).await;
+    let kube = &cluster.kube;
+    let ns = cluster.ns().to_string();
+    let mut web = WorkloadSpec::opted_in(Res::Deployment, &ns, "web");
+    web.annotations = settings("1m", json!({"vm-activator.io/replicas": "2"}));
+    web.replicas = 0;
+    kube.create_workload(&web);
+    let activator = ready_activator(&cluster).await;
+    activator
+        .wait_vm_state(&ns, "web", "stopped", Duration::from_secs(5))
+        .await;
+    kube.race_scale_patches(3);
+    assert_eq!(activator.send_status(&cluster.path("web"), "raced").await, 202);
+    assert_eq!(all_events(&cluster.workload_events("web")), ["raced"]);
+    let scale = |r: &Recorded| r.is_scale_patch(Res::Deployment, &ns, "web");
+    let codes: Vec<u16> = kube.requests().iter().filter(|r| scale(r)).map(|r| r.status).collect();
+    assert_eq!(codes, [409, 409, 409, 200]);
+    let get_scale = |r: &Recorded| r.method == "GET" && r.path.ends_with("/deployments/web/scale");
+    assert_eq!(kube.count(get_scale), 3, "one re-read per conflict");
+    assert_eq!(kube.object(Res::Deployment, &ns, "web").unwrap()["spec"]["replicas"], 2);
 }
 
 /// The fake answers `/scale` as kube-apiserver does: 409 on a stale resourceVersion,

@@ -28,6 +28,11 @@ use crate::vm::VmKey;
 /// JSON pointer to the remembered replica count.
 const SCALED_DOWN_FROM_POINTER: &str = "/metadata/annotations/vm-activator.io~1scaled-down-from";
 
+/// How often a scale-up meets a changed object (409) and re-reads before it gives up: a
+/// workload's controller rewrites its status — and so its resourceVersion — several times
+/// while it scales, and each of those is a 409 for a write that raced it.
+const SCALE_UP_ATTEMPTS: u32 = 5;
+
 impl KubevirtBackend {
     /// The API of the `kind`-th workload kind in `namespace`.
     pub(super) fn workload_api(&self, kind: usize, namespace: &str) -> Api<DynamicObject> {
@@ -43,14 +48,16 @@ impl KubevirtBackend {
         let to = remembered_replicas(object).or(configured).unwrap_or(1);
         let api = self.workload_api(kind, &key.namespace);
         let mut seen = object.resource_version();
-        for retry in [false, true] {
+        for _ in 0..SCALE_UP_ATTEMPTS {
             match patch_scale(&api, &key.name, to, seen.as_deref()).await {
                 Ok(()) => {
                     tracing::info!(target = %key, replicas = to, "scaled up");
                     return Ok(());
                 }
-                Err(kube::Error::Api(status)) if status.code == 409 && !retry => {
-                    // Changed since the store saw it: follow a scale made meanwhile.
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    // Changed since the store saw it — most often only its status (a
+                    // controller writing it bumps the resourceVersion too). Re-read: a
+                    // scale made meanwhile is followed, a status change is tried again.
                     let scale = api
                         .get_scale(&key.name)
                         .await

@@ -2,6 +2,7 @@
 //! `/scale` subresource of scalable ones, KubeVirt's pause/unpause subresources, every
 //! request recorded, and the server itself.
 
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -255,6 +256,14 @@ pub(crate) async fn patch_scale(
     let Some(mut object) = inner.get(res, &ns, &name) else {
         return not_found(res, &name);
     };
+    let raced = inner
+        .scale_races
+        .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+        .is_ok();
+    if raced {
+        object["status"]["observedGeneration"] = json!(object["metadata"]["generation"]);
+        object = inner.write(res, &ns, &name, Some(object)).expect("the object exists");
+    }
     let mut scale = scale_of(&object);
     let current_rv = scale["metadata"]["resourceVersion"].clone();
     match media.as_str() {

@@ -379,6 +379,8 @@ struct Inner {
     watch_epoch: tokio::sync::watch::Sender<u64>,
     /// While true, booted guests wait before they start listening (see `hold_guests`).
     guests_held: tokio::sync::watch::Sender<bool>,
+    /// Scale patches still to be raced by a status write (see `race_scale_patches`).
+    scale_races: std::sync::atomic::AtomicUsize,
 }
 
 /// A VirtualMachine object (no namespace): `spec` merged over `{"runStrategy": "Halted"}`
@@ -432,6 +434,7 @@ impl FakeKube {
             serving: Mutex::new(None),
             draining: Mutex::new(Vec::new()),
             refusing: tokio::sync::watch::channel(false).0,
+            scale_races: Default::default(),
             guests: Mutex::new(HashMap::new()),
             guest_logs: Mutex::new(HashMap::new()),
             controller: Mutex::new(None),
@@ -663,6 +666,14 @@ impl FakeKube {
         } else {
             self.serve_again().await;
         }
+    }
+
+    /// The next `count` PATCHes of a `/scale` each lose a race with a controller writing
+    /// the workload's status just before: the object's resourceVersion moves on, so a
+    /// patch carrying the one it read gets 409 — what a real Deployment controller does
+    /// to a scale-up that follows its scale-down closely.
+    pub fn race_scale_patches(&self, count: usize) {
+        self.inner.scale_races.store(count, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Forgets the event history (etcd compaction) and ends every open watch cleanly,
