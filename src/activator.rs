@@ -96,6 +96,10 @@ impl Activator {
                 match namespace.get(&key.name) {
                     None => {
                         let vm = VmHandle::new(key.clone(), policy.clone(), self.metrics.vm(key), self.context.clone());
+                        if policy.keep_warm.is_some() {
+                            // Its owner runs from now on, to start it ahead of each window.
+                            vm.set_policy(policy.clone());
+                        }
                         namespace.insert(key.name.clone(), vm);
                     }
                     Some(vm) if vm.gate().policy() != *policy => vm.set_policy(policy.clone()),

@@ -151,3 +151,139 @@ async fn real_vm_cold_start_burst_idle_stop_and_reboot() {
         .unwrap();
     assert!(qemu_left.stdout.is_empty(), "QEMU outlived the activator");
 }
+
+/// Asks the admin API to hibernate the VM now and waits until it is.
+async fn hibernate(activator: &Activator) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/vms/default/demo/hibernate", activator.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    activator
+        .wait_vm_state("default", "demo", "hibernated", Duration::from_secs(60))
+        .await;
+    assert_eq!(qemu_children(activator.child.id()), 0, "hibernated: no QEMU process");
+}
+
+async fn restores(activator: &Activator) -> f64 {
+    activator
+        .metric("vm_activator_cold_start_phase_seconds_count{namespace=\"default\",phase=\"restore\",vm=\"demo\"}")
+        .await
+}
+
+/// Hibernate and back: the guest keeps its memory (its in-memory `/events` log survives)
+/// and the events held across the restore are delivered once; a truncated state file
+/// and one QEMU refuses both fall back to a boot that loses no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_hibernates_and_continues_where_it_was() {
+    if let Some(missing) = prerequisites_missing() {
+        if std::env::var("VM_ACTIVATOR_SKIP_QEMU").as_deref() == Ok("1") {
+            eprintln!("skipping: {missing}");
+            return;
+        }
+        panic!("{missing}: run deploy/local/setup.sh (or set VM_ACTIVATOR_SKIP_QEMU=1)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "1h");
+    let mut activator = Activator::spawn(&["--config", config.to_str().unwrap()]).await;
+    let state_file = dir.path().join("run/default_demo.state");
+    for id in ["before-1", "before-2"] {
+        assert_eq!(activator.send_status("/default/demo", id).await, 202);
+    }
+
+    hibernate(&activator).await;
+    assert!(state_file.is_file(), "the state is on disk");
+    let listed = vm(&activator).await;
+    assert!(
+        listed["reason"].as_str().unwrap().starts_with("hibernated:"),
+        "{listed}"
+    );
+    assert_eq!(
+        activator
+            .metric("vm_activator_scale_downs_total{action=\"hibernate\",namespace=\"default\",vm=\"demo\"}")
+            .await,
+        1.0
+    );
+
+    // Held across the restore, delivered once each; the guest remembers what it had.
+    let ids: Vec<String> = (0..20).map(|i| format!("held-{i}")).collect();
+    let codes = join_all(ids.iter().map(|id| activator.send_status("/default/demo", id))).await;
+    assert!(codes.iter().all(|c| *c == 202), "{codes:?}");
+    let events = guest_events(&activator).await;
+    assert_eq!(events[..2], ["before-1", "before-2"], "memory survived: {events:?}");
+    assert_eq!(
+        events[2..].iter().collect::<HashSet<_>>(),
+        ids.iter().collect::<HashSet<_>>()
+    );
+    assert_eq!(events.len(), 22, "each exactly once: {events:?}");
+    assert_eq!(restores(&activator).await, 1.0);
+    assert_eq!(cold_starts(&activator).await, 2.0);
+    assert!(!state_file.exists(), "a restored state is spent");
+    let listed = vm(&activator).await;
+    assert!(
+        listed["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("restored from a hibernated state"),
+        "{listed}"
+    );
+
+    // A truncated state file: caught by its sidecar, the VM boots, the event arrives.
+    hibernate(&activator).await;
+    let bytes = std::fs::metadata(&state_file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state_file)
+        .unwrap()
+        .set_len(bytes / 2)
+        .unwrap();
+    assert_eq!(activator.send_status("/default/demo", "after-truncation").await, 202);
+    assert_eq!(guest_events(&activator).await, ["after-truncation"], "a fresh boot");
+    let listed = vm(&activator).await;
+    assert!(
+        listed["reason"].as_str().unwrap_or_default().contains("truncated"),
+        "{listed}"
+    );
+
+    // A state QEMU refuses (its stream header overwritten, its size unchanged): QEMU
+    // exits, the VM boots instead, the event arrives.
+    hibernate(&activator).await;
+    {
+        use std::io::{Seek, Write};
+        let mut file = std::fs::OpenOptions::new().write(true).open(&state_file).unwrap();
+        file.seek(std::io::SeekFrom::Start(0)).unwrap();
+        file.write_all(b"not a QEMU migration stream").unwrap();
+    }
+    assert_eq!(activator.send_status("/default/demo", "after-corruption").await, 202);
+    assert_eq!(guest_events(&activator).await, ["after-corruption"], "a fresh boot");
+    let listed = vm(&activator).await;
+    assert!(
+        listed["reason"].as_str().unwrap_or_default().contains("could not load"),
+        "{listed}"
+    );
+    assert!(!state_file.exists(), "a bad state is removed");
+    assert_eq!(
+        restores(&activator).await,
+        1.0,
+        "the fallbacks count as the boots they were"
+    );
+    let boots = "vm_activator_cold_start_phase_seconds_count{namespace=\"default\",phase=\"boot\",vm=\"demo\"}";
+    assert_eq!(activator.metric(boots).await, 3.0);
+
+    // Stopped for good: the state goes with it.
+    hibernate(&activator).await;
+    assert!(state_file.is_file());
+    let stop = reqwest::Client::new()
+        .post(format!("{}/v1/vms/default/demo/stop", activator.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stop.status(), 202);
+    activator
+        .wait_vm_state("default", "demo", "stopped", Duration::from_secs(30))
+        .await;
+    assert!(!state_file.exists(), "stopped for good: no state left");
+    let status = activator.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit status {status}");
+}

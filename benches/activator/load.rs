@@ -26,6 +26,8 @@ pub struct LoadResult {
     pub p99: Duration,
     /// Non-2xx answers and socket errors.
     pub errors: u64,
+    /// Requests answered, whatever the status.
+    pub requests: u64,
 }
 
 /// Which generator runs.
@@ -137,6 +139,7 @@ fn parse_wrk(text: &str) -> Option<LoadResult> {
             _ => {}
         }
     }
+    result.requests = total;
     // wrk's Requests/sec counts every answer; report 2xx only.
     if total > 0 {
         result.rps *= total.saturating_sub(result.errors) as f64 / total as f64;
@@ -186,6 +189,7 @@ async fn hyper_load(url: &str, concurrency: usize, duration: Duration) -> LoadRe
     }
     latencies.sort();
     LoadResult {
+        requests: latencies.len() as u64 + errors,
         rps: latencies.len() as f64 / started.elapsed().as_secs_f64(),
         p50: crate::report::percentile(&latencies, 0.5),
         p99: crate::report::percentile(&latencies, 0.99),

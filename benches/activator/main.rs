@@ -3,6 +3,8 @@
 //!
 //! - `warm`: wrk (or a hyper client) against the guest directly, through the real
 //!   binary, and through nginx `proxy_pass`.
+//! - `allocs`: heap allocations per warm request (counting allocator, in process).
+//! - `instructions`: instructions per warm request, the binary under callgrind.
 //! - `cold`: cold-start overhead and start signal (fake backend, in process), and cold
 //!   starts through the KubeVirt backend against the fake API server.
 //! - `burst`: 10,000 events held during one cold start of the real binary; delivery
@@ -21,6 +23,7 @@
 mod allocs;
 mod burst;
 mod cold;
+mod instructions;
 mod load;
 mod procs;
 mod real_vm;
@@ -84,6 +87,9 @@ fn main() {
         }
         if wanted("allocs") {
             allocs::run(mode, &generator).await;
+        }
+        if wanted("instructions") {
+            instructions::run(mode, &generator).await;
         }
         if wanted("cold") {
             cold::fake_backend(mode).await;

@@ -86,11 +86,17 @@ impl ActivatorProcess {
     /// Starts `vm-activator` with `args` plus `--listen`/`--admin-listen` on free ports;
     /// waits for `/healthz`.
     pub async fn spawn(args: &[String]) -> ActivatorProcess {
-        let ingress: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         // BENCH_ACTIVATOR_WRAPPER runs the binary under a profiler, e.g.
         // "valgrind --tool=massif --massif-out-file=/tmp/massif.out".
         let wrapper = std::env::var("BENCH_ACTIVATOR_WRAPPER").unwrap_or_default();
+        Self::spawn_under(&wrapper, args).await
+    }
+
+    /// As [`ActivatorProcess::spawn`], the binary run by `wrapper` (a command line, e.g.
+    /// `valgrind --tool=callgrind`; empty for none).
+    pub async fn spawn_under(wrapper: &str, args: &[String]) -> ActivatorProcess {
+        let ingress: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let mut command: Vec<String> = wrapper.split_whitespace().map(str::to_string).collect();
         command.push(env!("CARGO_BIN_EXE_vm-activator").to_string());
         let child = Command::new(&command[0])
@@ -121,16 +127,25 @@ impl ActivatorProcess {
     /// Starts the binary with the KubeVirt backend against a fake API server, with no
     /// ingress authentication and `config` (YAML) for anything else.
     pub async fn kubevirt(kubeconfig: &Path, dir: &Path, config: &str) -> ActivatorProcess {
+        let wrapper = std::env::var("BENCH_ACTIVATOR_WRAPPER").unwrap_or_default();
+        Self::kubevirt_under(&wrapper, kubeconfig, dir, config).await
+    }
+
+    /// As [`ActivatorProcess::kubevirt`], run by `wrapper`.
+    pub async fn kubevirt_under(wrapper: &str, kubeconfig: &Path, dir: &Path, config: &str) -> ActivatorProcess {
         let file = dir.join(format!("activator-{}.yaml", free_port()));
         std::fs::write(&file, format!("backend: kubevirt\n{config}")).expect("write config");
-        Self::spawn(&[
-            "--config".into(),
-            file.display().to_string(),
-            "--kubeconfig".into(),
-            kubeconfig.display().to_string(),
-            "--auth".into(),
-            "none".into(),
-        ])
+        Self::spawn_under(
+            wrapper,
+            &[
+                "--config".into(),
+                file.display().to_string(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+                "--auth".into(),
+                "none".into(),
+            ],
+        )
         .await
     }
 

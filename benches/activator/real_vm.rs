@@ -1,6 +1,7 @@
 //! Real VM: the binary with the local QEMU backend and the guest image of
-//! `deploy/local/setup.sh` (skipped when either is missing): cold start from stopped to
-//! the first delivered event, and resume from pause to the next delivered event.
+//! `deploy/local/setup.sh` (skipped when either is missing): the three idle tiers side by
+//! side — boot from stopped, resume from pause, restore from hibernation — each to the
+//! guest's answer to one event, plus the hibernated state's size and save time.
 
 use std::path::Path;
 use std::time::Duration;
@@ -18,7 +19,7 @@ fn vm(name: &str, scale_down: &str, guest: &Path) -> String {
     name: {name}
     port: 8080
     readiness: http:/healthz
-    idle_timeout: 2s
+    idle_timeout: 1h
     scale_down: {scale_down}
     concurrency: 4
     start_timeout: 120s
@@ -50,7 +51,49 @@ async fn wait_state(activator: &ActivatorProcess, name: &str, state: &str) {
     }
 }
 
-/// Cold start and resume of a real QEMU guest (skipped without QEMU or the image).
+/// Scales `name` down now through the admin API (`stop`, `pause` or `hibernate`) and
+/// waits until it shows `state`.
+async fn scale_down(activator: &ActivatorProcess, name: &str, verb: &str, state: &str) {
+    let url = format!("http://{}/v1/vms/bench/{name}/{verb}", activator.admin);
+    let status = post_once(&url, "admin", b"").await;
+    assert_eq!(status, 202, "{verb} {name}");
+    wait_state(activator, name, state).await;
+}
+
+/// The VM's `reason` in `/v1/vms`.
+async fn reason(activator: &ActivatorProcess, name: &str) -> String {
+    let (_, body) = activator.admin_get("/v1/vms").await;
+    let vms: serde_json::Value = serde_json::from_str(&body).expect("/v1/vms is JSON");
+    vms.as_array()
+        .into_iter()
+        .flatten()
+        .find(|vm| vm["namespace"] == "bench" && vm["name"] == name)
+        .and_then(|vm| vm["reason"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The number right before `unit` in `text` (e.g. "saved in 812 ms" → 812).
+fn number_before(text: &str, unit: &str) -> Option<f64> {
+    let at = text.find(unit)?;
+    text[..at].split_whitespace().last()?.parse().ok()
+}
+
+/// Cycles of one tier: scale down by `verb`, then time an event to the guest's 202.
+async fn cycles(activator: &ActivatorProcess, name: &str, verb: &str, state: &str, samples: usize) -> Vec<Duration> {
+    let url = format!("http://{}/bench/{name}", activator.ingress);
+    deliver(&url, "boot").await;
+    let mut taken = Vec::new();
+    for i in 0..samples {
+        scale_down(activator, name, verb, state).await;
+        taken.push(deliver(&url, &format!("{verb}-{i}")).await);
+    }
+    taken.sort();
+    taken
+}
+
+/// Boot, pause-resume and hibernate-resume of a real QEMU guest, side by side
+/// (skipped without QEMU or the image).
 pub async fn run(mode: Mode) {
     let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest");
     let qemu = std::process::Command::new("qemu-system-x86_64")
@@ -62,13 +105,16 @@ pub async fn run(mode: Mode) {
         println!("Skipped: needs qemu-system-x86_64 and target/guest (run deploy/local/setup.sh).");
         return;
     }
-    let samples = if mode.quick { 1 } else { 5 };
+    let samples = if mode.quick { 1 } else { 10 };
     let dir = tempfile::tempdir().expect("tempdir");
+    let run_dir = dir.path().join("run");
     let config = dir.path().join("qemu.yaml");
     let yaml = format!(
-        "backend: qemu\nqemu:\n  accel: auto\n  stop_grace: 5s\nvms:\n{}{}",
+        "backend: qemu\nqemu:\n  accel: auto\n  stop_grace: 5s\n  run_dir: {}\nvms:\n{}{}{}",
+        run_dir.display(),
         vm("stop-tier", "stop", &guest),
-        vm("pause-tier", "pause", &guest)
+        vm("pause-tier", "pause", &guest),
+        vm("hibernate-tier", "hibernate", &guest),
     );
     std::fs::write(&config, yaml).expect("write config");
     let activator = ActivatorProcess::spawn(&["--config".into(), config.display().to_string()]).await;
@@ -80,38 +126,64 @@ pub async fn run(mode: Mode) {
         "TCG (no KVM on this CPU)"
     };
 
-    let stop_url = format!("http://{}/bench/stop-tier", activator.ingress);
-    let mut cold = Vec::new();
+    let boots = cycles(&activator, "stop-tier", "stop", "stopped", samples).await;
+    scale_down(&activator, "stop-tier", "stop", "stopped").await;
+    let resumes = cycles(&activator, "pause-tier", "pause", "paused", samples).await;
+    scale_down(&activator, "pause-tier", "stop", "stopped").await;
+    // Hibernate cycles, with the save's own figures read after each.
+    let url = format!("http://{}/bench/hibernate-tier", activator.ingress);
+    deliver(&url, "boot").await;
+    let (mut restores, mut saves, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..samples {
-        wait_state(&activator, "stop-tier", "stopped").await;
-        cold.push(deliver(&stop_url, &format!("cold-{i}")).await);
+        scale_down(&activator, "hibernate-tier", "hibernate", "hibernated").await;
+        let saved = reason(&activator, "hibernate-tier").await;
+        if let Some(took) = number_before(&saved, "ms") {
+            saves.push(Duration::from_secs_f64(took / 1000.0));
+        }
+        if let Ok(meta) = std::fs::metadata(run_dir.join("bench_hibernate-tier.state")) {
+            sizes.push(meta.len());
+        }
+        restores.push(deliver(&url, &format!("restore-{i}")).await);
+        let restored = reason(&activator, "hibernate-tier").await;
+        assert!(
+            restored.starts_with("restored"),
+            "the hibernate tier booted instead of restoring: {restored}"
+        );
     }
-    let pause_url = format!("http://{}/bench/pause-tier", activator.ingress);
-    wait_state(&activator, "stop-tier", "stopped").await;
-    deliver(&pause_url, "boot").await;
-    let mut resumes = Vec::new();
-    for i in 0..samples {
-        wait_state(&activator, "pause-tier", "paused").await;
-        resumes.push(deliver(&pause_url, &format!("resume-{i}")).await);
-    }
-    cold.sort();
-    resumes.sort();
-    println!("Accelerator: {accel}; guest: Debian cloud kernel + busybox initramfs, 1 vCPU, 256 MiB; {samples} samples each.\n");
-    println!("| measure | p50 ms | max ms |");
+    restores.sort();
+    saves.sort();
+    sizes.sort();
+    println!("Accelerator: {accel}; guest: Debian cloud kernel + busybox initramfs, 1 vCPU, 256 MiB; {samples} cycles per tier (scale-down by the admin API, then one event).\n");
+    println!("| tier: event sent → guest's 202 | p50 ms | max ms |");
     println!("|---|---:|---:|");
+    for (tier, taken) in [
+        ("boot (VM stopped)", &boots),
+        ("resume (VM paused: RAM kept)", &resumes),
+        ("restore (VM hibernated: RAM on disk)", &restores),
+    ] {
+        println!(
+            "| {tier} | {} | {} |",
+            ms(percentile(taken, 0.5)),
+            ms(*taken.last().expect("samples"))
+        );
+    }
+    if let (Some(size), Some(save)) = (sizes.get(sizes.len() / 2), saves.get(saves.len() / 2)) {
+        println!(
+            "\nHibernate: state file p50 {:.1} MiB (the guest's RAM is 256 MiB), save (stop → synced, renamed file) p50 {} ms, max {} ms.",
+            *size as f64 / (1024.0 * 1024.0),
+            ms(*save),
+            ms(*saves.last().expect("samples"))
+        );
+    }
     println!(
-        "| cold start: event sent → guest's 202 (VM stopped) | {} | {} |",
-        ms(percentile(&cold, 0.5)),
-        ms(*cold.last().expect("samples"))
-    );
-    println!(
-        "| resume: event sent → guest's 202 (VM paused) | {} | {} |",
-        ms(percentile(&resumes, 0.5)),
-        ms(*resumes.last().expect("samples"))
-    );
-    println!(
-        "\nActivator RSS idle with the QEMU backend (2 VMs configured, none running): {} MiB.",
+        "\nActivator RSS idle with the QEMU backend (3 VMs configured, none running): {} MiB.",
         mib(idle.rss_kib)
+    );
+    let restore_p50 = percentile(&restores, 0.5);
+    target(
+        "hibernate tier: restore to the first delivered event p50 ≤ 300 ms (local guest)",
+        format!("p50 {} ms", ms(restore_p50)),
+        restore_p50 <= Duration::from_millis(300),
     );
     target(
         "idle process ≤ 15 MiB RSS (local QEMU backend)",

@@ -43,6 +43,9 @@ pub enum BackendPhase {
     Running,
     /// Suspended in memory.
     Paused,
+    /// Saved to disk and not running (costs disk only); the next start continues the
+    /// guest from there.
+    Hibernated,
     /// Asked to stop; not stopped yet.
     Stopping,
 }
@@ -101,7 +104,7 @@ pub enum BackendError {
     /// The backend refused or failed the operation.
     #[error("{op} failed: {message}")]
     Failed {
-        /// The operation: start, stop, pause or resume.
+        /// The operation: start, stop, pause, resume or hibernate.
         op: &'static str,
         /// What happened.
         message: String,
@@ -143,6 +146,13 @@ pub trait Backend: Send + Sync + 'static {
     /// when it runs). Starting a VM that is already starting or running is a no-op.
     async fn start(&self, vm: &VmKey) -> Result<(), BackendError>;
 
+    /// Whether the VM's last `start` continued it from a hibernated state (rather than
+    /// booting it): read once that call returned.
+    fn restored(&self, vm: &VmKey) -> bool {
+        let _ = vm;
+        false
+    }
+
     /// Stops the VM and returns once it is stopped.
     async fn stop(&self, vm: &VmKey) -> Result<(), BackendError>;
 
@@ -150,6 +160,14 @@ pub trait Backend: Send + Sync + 'static {
     async fn pause(&self, vm: &VmKey) -> Result<(), BackendError> {
         let _ = vm;
         Err(BackendError::Unsupported("pause"))
+    }
+
+    /// Saves the VM's memory and device state to disk and ends it; the next `start`
+    /// continues the guest where it was (or boots it, if the state cannot be used).
+    /// Returns once the state is saved and the VM no longer runs.
+    async fn hibernate(&self, vm: &VmKey) -> Result<(), BackendError> {
+        let _ = vm;
+        Err(BackendError::Unsupported("hibernate"))
     }
 
     /// Resumes a paused VM. Returns once the request is accepted.

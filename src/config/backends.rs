@@ -128,8 +128,12 @@ pub struct QemuConfig {
     /// After QMP `system_powerdown`, wait this long before `quit`. Default 5s.
     #[serde(with = "human_duration")]
     pub stop_grace: Duration,
-    /// Where QMP sockets and console logs go. Default: a directory under the system temp dir.
+    /// Where QMP sockets, console logs and hibernated VMs' state files go. Default: a
+    /// directory under the system temp dir.
     pub run_dir: Option<PathBuf>,
+    /// The most disk all hibernated VMs' state files may take, in MiB. A hibernation that
+    /// could pass it (counting the VM's whole RAM) stops the VM instead. Default 4096.
+    pub hibernate_disk_budget_mib: u64,
 }
 
 impl Default for QemuConfig {
@@ -139,6 +143,7 @@ impl Default for QemuConfig {
             accel: Accel::Auto,
             stop_grace: Duration::from_secs(5),
             run_dir: None,
+            hibernate_disk_budget_mib: 4096,
         }
     }
 }
@@ -158,7 +163,8 @@ pub struct VmConfig {
     /// Idle time before scale-down. Default 10m.
     #[serde(default, with = "human_duration::option")]
     pub idle_timeout: Option<Duration>,
-    /// `stop`, `pause` or `pause-then-stop`. Default stop.
+    /// `stop`, `pause`, `pause-then-stop`, `hibernate`, `pause-then-hibernate` or
+    /// `hibernate-then-stop`. Default stop.
     pub scale_down: Option<ScaleDown>,
     /// Start call to Ready. Default 120s.
     #[serde(default, with = "human_duration::option")]
@@ -178,6 +184,9 @@ pub struct VmConfig {
     /// subject the global list allows.
     #[serde(default)]
     pub allowed_subjects: Vec<String>,
+    /// Windows in which the VM is kept running whatever its traffic, e.g.
+    /// `Mon-Fri 08:00-18:00 Europe/Berlin` (several joined by `;`). Default none.
+    pub keep_warm: Option<String>,
     /// The machine to boot.
     pub machine: MachineConfig,
 }
@@ -203,6 +212,12 @@ impl VmConfig {
             readiness: self.readiness.clone().unwrap_or(d.readiness),
             request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
             allowed_subjects: self.allowed_subjects.clone(),
+            // Validated at load (`config::validate`): a bad schedule never gets here.
+            keep_warm: self
+                .keep_warm
+                .as_deref()
+                .and_then(|s| s.parse().ok())
+                .map(std::sync::Arc::new),
             ..d
         }
     }

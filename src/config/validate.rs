@@ -113,6 +113,11 @@ impl Config {
             if !seen.insert(vm.key()) {
                 return Err(invalid(field("name"), format!("{} is listed twice", vm.key())));
             }
+            if let Some(schedule) = &vm.keep_warm {
+                if let Err(e) = schedule.parse::<crate::vm::Schedule>() {
+                    return Err(invalid(field("keep_warm"), e));
+                }
+            }
             let policy = vm.policy();
             if policy.port == 0 {
                 return Err(invalid(field("port"), "must be 1-65535"));

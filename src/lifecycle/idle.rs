@@ -1,6 +1,6 @@
 //! When an idle VM is scaled down, and how: pure functions the owner's idle timer uses.
 //!
-//! Owns: the scale-down plan (stop, pause, pause-then-stop) and the idle deadline,
+//! Owns: the scale-down plan (stop, pause, hibernate, and the two-tier plans) and the idle deadline,
 //! which honours activity any replica recorded. Must not import anything with effects.
 
 use std::time::{Duration, SystemTime};
@@ -16,6 +16,8 @@ pub enum Action {
     Stop,
     /// Suspend it in memory.
     Pause,
+    /// Save it to disk and end it.
+    Hibernate,
 }
 
 impl Action {
@@ -24,6 +26,7 @@ impl Action {
         match self {
             Action::Stop => "stop",
             Action::Pause => "pause",
+            Action::Hibernate => "hibernate",
         }
     }
 }
@@ -32,9 +35,16 @@ impl Action {
 pub(super) fn plan(phase: VmPhase, scale_down: ScaleDown, idle_timeout: Duration) -> Option<(Action, Duration)> {
     match (phase, scale_down) {
         (VmPhase::Ready, ScaleDown::Stop) => Some((Action::Stop, idle_timeout)),
-        (VmPhase::Ready, ScaleDown::Pause | ScaleDown::PauseThenStop) => Some((Action::Pause, idle_timeout)),
-        // Paused once for `idle_timeout` already: stop after a second one.
+        (VmPhase::Ready, ScaleDown::Pause | ScaleDown::PauseThenStop | ScaleDown::PauseThenHibernate) => {
+            Some((Action::Pause, idle_timeout))
+        }
+        (VmPhase::Ready, ScaleDown::Hibernate | ScaleDown::HibernateThenStop) => {
+            Some((Action::Hibernate, idle_timeout))
+        }
+        // In the first tier for `idle_timeout` already: the second after another one.
         (VmPhase::Paused, ScaleDown::PauseThenStop) => Some((Action::Stop, idle_timeout * 2)),
+        (VmPhase::Paused, ScaleDown::PauseThenHibernate) => Some((Action::Hibernate, idle_timeout * 2)),
+        (VmPhase::Hibernated, ScaleDown::HibernateThenStop) => Some((Action::Stop, idle_timeout * 2)),
         _ => None,
     }
 }
@@ -74,6 +84,27 @@ mod tests {
             Some((Action::Stop, t * 2))
         );
         assert_eq!(plan(VmPhase::Starting, ScaleDown::Stop, t), None);
+        assert_eq!(
+            plan(VmPhase::Ready, ScaleDown::Hibernate, t),
+            Some((Action::Hibernate, t))
+        );
+        assert_eq!(plan(VmPhase::Hibernated, ScaleDown::Hibernate, t), None);
+        assert_eq!(
+            plan(VmPhase::Ready, ScaleDown::PauseThenHibernate, t),
+            Some((Action::Pause, t))
+        );
+        assert_eq!(
+            plan(VmPhase::Paused, ScaleDown::PauseThenHibernate, t),
+            Some((Action::Hibernate, t * 2))
+        );
+        assert_eq!(
+            plan(VmPhase::Ready, ScaleDown::HibernateThenStop, t),
+            Some((Action::Hibernate, t))
+        );
+        assert_eq!(
+            plan(VmPhase::Hibernated, ScaleDown::HibernateThenStop, t),
+            Some((Action::Stop, t * 2))
+        );
         assert_eq!(plan(VmPhase::Stopped, ScaleDown::Stop, t), None);
     }
 

@@ -101,16 +101,33 @@ pub struct Context {
     /// How often an idle VM that is still busy (a long request in flight) is re-checked.
     idle_recheck: Duration,
     draining: AtomicBool,
+    /// The wall clock keep-warm schedules are read on (tests run one off tokio's paused
+    /// clock).
+    wall_clock: WallClock,
 }
+
+/// Where the wall-clock time comes from.
+pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 impl Context {
     /// Owners over `backend`, probing guests with `probe`.
     pub fn new(backend: Arc<dyn Backend>, probe: Arc<dyn GuestProbe>, idle_recheck: Duration) -> Arc<Context> {
+        Self::with_wall_clock(backend, probe, idle_recheck, Arc::new(SystemTime::now))
+    }
+
+    /// As [`Context::new`], reading the wall clock from `wall_clock`.
+    pub fn with_wall_clock(
+        backend: Arc<dyn Backend>,
+        probe: Arc<dyn GuestProbe>,
+        idle_recheck: Duration,
+        wall_clock: WallClock,
+    ) -> Arc<Context> {
         Arc::new(Context {
             backend,
             probe,
             idle_recheck,
             draining: AtomicBool::new(false),
+            wall_clock,
         })
     }
 

@@ -82,21 +82,33 @@ impl RejectReason {
 pub enum ColdStartPhase {
     /// The backend's start (or resume) call.
     StartCall,
-    /// From the start call returning until the backend reports the VM running.
+    /// From the start call returning until the backend reports the VM running (a boot).
     Boot,
+    /// As `Boot`, for a resume from pause.
+    Resume,
+    /// As `Boot`, for a restore from a hibernated state.
+    Restore,
     /// From running until the guest application answered its probe.
     Probe,
 }
 
 impl ColdStartPhase {
     /// Every phase, in the order of its series.
-    pub const ALL: [ColdStartPhase; 3] = [ColdStartPhase::StartCall, ColdStartPhase::Boot, ColdStartPhase::Probe];
+    pub const ALL: [ColdStartPhase; 5] = [
+        ColdStartPhase::StartCall,
+        ColdStartPhase::Boot,
+        ColdStartPhase::Resume,
+        ColdStartPhase::Restore,
+        ColdStartPhase::Probe,
+    ];
 
     /// The `phase` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             ColdStartPhase::StartCall => "start_call",
             ColdStartPhase::Boot => "boot",
+            ColdStartPhase::Resume => "resume",
+            ColdStartPhase::Restore => "restore",
             ColdStartPhase::Probe => "probe",
         }
     }

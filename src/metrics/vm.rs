@@ -80,7 +80,7 @@ pub struct VmSeries {
     pub scale_ups: IntCounter,
     /// `guest_connect_retries_total`.
     pub connect_retries: IntCounter,
-    phases: [Histogram; 3],
+    phases: [Histogram; ColdStartPhase::ALL.len()],
     rejected: [IntCounter; RejectReason::ALL.len()],
     scale_downs: [IntCounter; SCALE_DOWN_ACTIONS.len()],
     /// `requests_total` by code, resolved on first use of each code: no label hashing
@@ -88,7 +88,7 @@ pub struct VmSeries {
     requests: [OnceLock<IntCounter>; STATUS_LABELS.len()],
 }
 
-pub(super) const SCALE_DOWN_ACTIONS: [&str; 2] = ["stop", "pause"];
+pub(super) const SCALE_DOWN_ACTIONS: [&str; 3] = ["stop", "pause", "hibernate"];
 
 impl VmMetrics {
     /// Handles for `key`'s series in `families`; no series is created yet.

@@ -1,6 +1,6 @@
 //! Admin routes on their own listener: `/metrics` (Prometheus text), `/healthz`
 //! (process alive), `/readyz` (backend connected and not draining), `/v1/vms` (what
-//! each VM is doing) and `POST /v1/vms/{namespace}/{name}/stop|pause` (scale an idle
+//! each VM is doing) and `POST /v1/vms/{namespace}/{name}/stop|pause|hibernate` (scale an idle
 //! VM down now). Keep this listener inside the cluster: it names every VM, and any
 //! caller can make an idle VM pay one more cold start.
 //!
@@ -32,7 +32,7 @@ pub struct VmView {
     /// configured kind.
     #[serde(default)]
     pub kind: String,
-    /// Gate phase (`stopped`, `starting`, `probing`, `ready`, `stopping`, `paused`, `failed`).
+    /// Gate phase (`stopped`, `starting`, `probing`, `ready`, `stopping`, `paused`, `hibernated`, `failed`).
     pub state: String,
     /// The guest's `host:port` while it runs (the first, when there are several).
     pub endpoint: Option<String>,
@@ -70,6 +70,7 @@ pub fn router(activator: Arc<Activator>) -> Router {
         .route("/v1/vms", get(vms))
         .route("/v1/vms/{namespace}/{name}/stop", post(stop))
         .route("/v1/vms/{namespace}/{name}/pause", post(pause))
+        .route("/v1/vms/{namespace}/{name}/hibernate", post(hibernate))
         .with_state(activator)
 }
 
@@ -127,6 +128,13 @@ async fn stop(State(activator): State<Arc<Activator>>, Path((namespace, name)): 
 
 async fn pause(State(activator): State<Arc<Activator>>, Path((namespace, name)): Path<(String, String)>) -> Response {
     scale_down(&activator, &namespace, &name, Action::Pause).await
+}
+
+async fn hibernate(
+    State(activator): State<Arc<Activator>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    scale_down(&activator, &namespace, &name, Action::Hibernate).await
 }
 
 /// 202 with the VM's view once the scale-down has begun; 409 if the VM is busy or not

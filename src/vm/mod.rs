@@ -8,6 +8,9 @@
 //! nor HTTP, Kubernetes or process APIs.
 
 mod policy;
+mod schedule;
+
+pub use schedule::Schedule;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -63,19 +66,23 @@ pub enum VmPhase {
     Stopping,
     /// Suspended in memory; resuming is much faster than a cold boot.
     Paused,
+    /// Saved to disk, not running; the next event restores it (slower than a resume
+    /// from pause, faster than a boot).
+    Hibernated,
     /// The last start failed or timed out; the next event tries again.
     Failed,
 }
 
 impl VmPhase {
     /// Every phase, in the order used for the `vm_state` gauge.
-    pub const ALL: [VmPhase; 7] = [
+    pub const ALL: [VmPhase; 8] = [
         VmPhase::Stopped,
         VmPhase::Starting,
         VmPhase::Probing,
         VmPhase::Ready,
         VmPhase::Stopping,
         VmPhase::Paused,
+        VmPhase::Hibernated,
         VmPhase::Failed,
     ];
 
@@ -88,6 +95,7 @@ impl VmPhase {
             VmPhase::Ready => "ready",
             VmPhase::Stopping => "stopping",
             VmPhase::Paused => "paused",
+            VmPhase::Hibernated => "hibernated",
             VmPhase::Failed => "failed",
         }
     }
@@ -110,6 +118,23 @@ pub enum ScaleDown {
     Pause,
     /// Pause first; stop once it has stayed paused for another idle timeout.
     PauseThenStop,
+    /// Save the VM to disk and end it: no memory while idle, a restore (not a boot) on
+    /// the next event. Backends that cannot hibernate stop instead.
+    Hibernate,
+    /// Pause first; hibernate once it has stayed paused for another idle timeout.
+    PauseThenHibernate,
+    /// Hibernate first; stop (dropping the saved state) after another idle timeout.
+    HibernateThenStop,
+}
+
+impl ScaleDown {
+    /// Whether this plan hibernates at some point.
+    pub fn hibernates(self) -> bool {
+        matches!(
+            self,
+            ScaleDown::Hibernate | ScaleDown::PauseThenHibernate | ScaleDown::HibernateThenStop
+        )
+    }
 }
 
 impl fmt::Display for ScaleDown {
@@ -118,6 +143,9 @@ impl fmt::Display for ScaleDown {
             ScaleDown::Stop => "stop",
             ScaleDown::Pause => "pause",
             ScaleDown::PauseThenStop => "pause-then-stop",
+            ScaleDown::Hibernate => "hibernate",
+            ScaleDown::PauseThenHibernate => "pause-then-hibernate",
+            ScaleDown::HibernateThenStop => "hibernate-then-stop",
         })
     }
 }
@@ -129,8 +157,11 @@ impl FromStr for ScaleDown {
             "stop" => Ok(ScaleDown::Stop),
             "pause" => Ok(ScaleDown::Pause),
             "pause-then-stop" => Ok(ScaleDown::PauseThenStop),
+            "hibernate" => Ok(ScaleDown::Hibernate),
+            "pause-then-hibernate" => Ok(ScaleDown::PauseThenHibernate),
+            "hibernate-then-stop" => Ok(ScaleDown::HibernateThenStop),
             other => Err(format!(
-                "unknown scale-down action {other:?} (expected stop, pause or pause-then-stop)"
+                "unknown scale-down action {other:?} (expected stop, pause, pause-then-stop, hibernate, pause-then-hibernate or hibernate-then-stop)"
             )),
         }
     }

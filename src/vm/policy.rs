@@ -2,9 +2,10 @@
 //! or the YAML config (local QEMU) — and how annotations are read: a bad value never
 //! fails, it is replaced by its default and listed as a warning.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Readiness, ScaleDown};
+use super::{Readiness, ScaleDown, Schedule};
 
 /// Per-VM settings: from VM annotations (KubeVirt) or the YAML config (local QEMU).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +46,9 @@ pub struct Policy {
     /// The Multus network (`namespace/name` or `name`, in the target's namespace) whose
     /// address is the guest's (`vm-activator.io/network`); `None` = the pod network.
     pub network: Option<String>,
+    /// When the VM must be running whatever its traffic (`vm-activator.io/keep-warm`):
+    /// started ahead of each window, never scaled down inside one.
+    pub keep_warm: Option<Arc<Schedule>>,
     /// Problems found while reading this policy (bad annotation values, each replaced
     /// by its default). Shown in `/v1/vms`.
     pub warnings: Vec<String>,
@@ -68,6 +72,7 @@ impl Default for Policy {
             refused: None,
             replicas: None,
             network: None,
+            keep_warm: None,
             warnings: Vec::new(),
         }
     }
@@ -89,7 +94,7 @@ pub const SCALED_DOWN_FROM_ANNOTATION: &str = "vm-activator.io/scaled-down-from"
 impl Policy {
     /// Reads a policy from VirtualMachine annotations (`vm-activator.io/port`, `/path`,
     /// `/idle-timeout`, `/scale-down`, `/start-timeout`, `/max-buffered`,
-    /// `/concurrency`, `/readiness`, `/request-timeout`, `/allowed-subjects`, and for
+    /// `/concurrency`, `/readiness`, `/request-timeout`, `/allowed-subjects`, `/keep-warm`, and for
     /// workloads `/replicas` and `/network`). A bad value never fails: it is
     /// replaced by the default and recorded in `warnings`.
     ///
@@ -127,6 +132,7 @@ impl Policy {
                 "start-timeout" => parse_positive_duration(value).map(|d| policy.start_timeout = d),
                 "request-timeout" => parse_positive_duration(value).map(|d| policy.request_timeout = d),
                 "scale-down" => value.parse().map(|s| policy.scale_down = s),
+                "keep-warm" => value.parse().map(|s| policy.keep_warm = Some(Arc::new(s))),
                 "max-buffered" => value
                     .parse::<usize>()
                     .ok()
@@ -243,6 +249,18 @@ mod tests {
             (
                 "scale-down",
                 "hibernate",
+                Box::new(|p| p.scale_down == ScaleDown::Hibernate),
+                false,
+            ),
+            (
+                "scale-down",
+                "hibernate-then-stop",
+                Box::new(|p| p.scale_down == ScaleDown::HibernateThenStop),
+                false,
+            ),
+            (
+                "scale-down",
+                "halt",
                 Box::new(|p| p.scale_down == ScaleDown::Stop),
                 true,
             ),

@@ -101,7 +101,8 @@ impl KubevirtBackend {
     }
 
     /// A target's policy from its annotations, with its kind; a workload asked to pause
-    /// gets a warning and is scaled to zero instead.
+    /// gets a warning and is scaled to zero instead, a VM asked to hibernate a warning and
+    /// the nearest plan KubeVirt has.
     pub(super) fn policy_of(&self, target: &Target) -> Policy {
         let annotations = target.annotations();
         let mut policy = Policy::from_annotations(annotations.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -112,6 +113,17 @@ impl KubevirtBackend {
                 policy.scale_down, policy.kind
             ));
             policy.scale_down = ScaleDown::Stop;
+        } else if policy.scale_down.hibernates() {
+            // KubeVirt has no memory snapshot to restore from (kubevirt/kubevirt#18054).
+            let instead = match policy.scale_down {
+                ScaleDown::PauseThenHibernate => ScaleDown::PauseThenStop,
+                _ => ScaleDown::Stop,
+            };
+            policy.warnings.push(format!(
+                "vm-activator.io/scale-down={}: KubeVirt cannot hibernate a VM; {instead} instead",
+                policy.scale_down
+            ));
+            policy.scale_down = instead;
         }
         policy
     }

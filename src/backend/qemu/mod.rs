@@ -2,7 +2,9 @@
 //! `qemu-system-x86_64` process with a QMP socket, its guest port forwarded to a free
 //! 127.0.0.1 port by QEMU user networking. Start = spawn; stop = QMP
 //! `system_powerdown`, then `quit` after a grace period (then SIGKILL); pause/resume =
-//! QMP `stop`/`cont`. A VM that exits on its own is reported `Stopped` with its exit
+//! QMP `stop`/`cont`; hibernate = the guest's state saved to a file and the process
+//! ended, start = a new process continuing from that file when there is a usable one
+//! (`hibernate.rs`). A VM that exits on its own is reported `Stopped` with its exit
 //! status and the tail of QEMU's stderr.
 //!
 //! Acceleration `auto` uses KVM only when `/proc/cpuinfo` shows `vmx` or `svm` *and*
@@ -10,19 +12,21 @@
 //! guest started with KVM there hangs.
 //!
 //! This file has the backend and its trait methods; `process.rs` one VM's QEMU process
-//! (command line, spawn, supervision, stop), `qmp.rs` the QMP client, `accel.rs` the
-//! choice of KVM or TCG.
+//! (command line, spawn, supervision, stop), `hibernate.rs` state files (save, check,
+//! restore), `qmp.rs` the QMP client, `accel.rs` the choice of KVM or TCG.
 //!
 //! Owns: QEMU processes, QMP. The only module that spawns processes.
 //! Must not import `activator`, `lifecycle`, `ingress`, `server`.
 
 mod accel;
+mod hibernate;
 mod process;
 mod qmp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch, Mutex};
@@ -40,6 +44,8 @@ pub struct QemuBackend {
     config: QemuConfig,
     run_dir: PathBuf,
     accel: &'static str,
+    /// `qemu-system-x86_64 --version`'s first line: a state file belongs to one version.
+    qemu_version: String,
     catalog: watch::Sender<Catalog>,
     vms: HashMap<VmKey, Arc<LocalVm>>,
 }
@@ -51,6 +57,11 @@ struct LocalVm {
     /// The running process, if any. Held across awaits while starting/stopping, so
     /// start and stop of one VM never interleave.
     process: Mutex<Option<Process>>,
+    /// How the last start went with the hibernated state (restored, or why it booted
+    /// instead): shown in `/v1/vms` while the status itself has no message.
+    restore_note: std::sync::Mutex<Option<String>>,
+    /// Whether the last start was a restore (not a boot).
+    restored: std::sync::atomic::AtomicBool,
 }
 
 struct Process {
@@ -58,7 +69,14 @@ struct Process {
     endpoint: Endpoint,
     kill: Option<oneshot::Sender<()>>,
     exited: watch::Receiver<bool>,
+    /// What the supervisor reports when the process ends.
+    on_exit: Arc<std::sync::Mutex<process::OnExit>>,
+    /// The end of QEMU's stderr (why a restore failed).
+    stderr_tail: Arc<std::sync::Mutex<String>>,
 }
+
+/// How long a restore may take to run the guest before it is given up for a boot.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl QemuBackend {
     /// A backend for these VMs. Fails if the run directory cannot be created or KVM
@@ -71,7 +89,8 @@ impl QemuBackend {
         std::fs::create_dir_all(&run_dir)
             .map_err(|e| BackendError::Unavailable(format!("cannot create run dir {}: {e}", run_dir.display())))?;
         let accel = resolve_accel(config.accel, kvm_usable())?;
-        tracing::info!(accel, run_dir = %run_dir.display(), "local QEMU backend");
+        let qemu_version = qemu_version(&config.binary);
+        tracing::info!(accel, run_dir = %run_dir.display(), %qemu_version, "local QEMU backend");
         let catalog: BTreeMap<VmKey, Arc<crate::vm::Policy>> =
             vms.iter().map(|vm| (vm.key(), Arc::new(vm.policy()))).collect();
         let vms = vms
@@ -83,17 +102,101 @@ impl QemuBackend {
                     spec,
                     status: watch::channel(BackendStatus::stopped()).0,
                     process: Mutex::new(None),
+                    restore_note: Default::default(),
+                    restored: Default::default(),
                 };
                 (key, Arc::new(vm))
             })
             .collect();
-        Ok(Arc::new(QemuBackend {
+        let backend = QemuBackend {
             config,
             run_dir,
             accel,
+            qemu_version,
             catalog: watch::channel(Arc::new(catalog)).0,
             vms,
-        }))
+        };
+        // A configured run directory keeps hibernated VMs across restarts of the
+        // activator: those are Hibernated from the start.
+        for vm in backend.vms.values() {
+            match backend.restorable(vm) {
+                Ok(Some(_)) => {
+                    vm.status.send_modify(|s| s.phase = BackendPhase::Hibernated);
+                }
+                Ok(None) => {}
+                Err(reason) => tracing::warn!(vm = %vm.key, %reason, "hibernated state discarded"),
+            }
+        }
+        Ok(Arc::new(backend))
+    }
+
+    /// Starts `vm`'s process: restored from its hibernated state when there is a usable
+    /// one, else booted. Called with the VM's process lock held.
+    async fn spawn_or_restore(&self, vm: &Arc<LocalVm>) -> Result<Process, BackendError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        vm.restored.store(false, SeqCst);
+        let reason = match self.restorable(vm) {
+            Ok(None) => None,
+            Ok(Some(state)) => match self.restore(vm, &state).await {
+                Ok(process) => {
+                    vm.restored.store(true, SeqCst);
+                    return Ok(process);
+                }
+                Err(reason) => Some(reason),
+            },
+            Err(reason) => Some(reason),
+        };
+        if let Some(reason) = &reason {
+            tracing::warn!(vm = %vm.key, %reason, "hibernated state not used; booting");
+            self.note(vm, format!("booted: the hibernated state was not used: {reason}"));
+        }
+        self.spawn(vm, None).await
+    }
+
+    /// Runs a process that loads `state` and waits until the guest runs. On failure the
+    /// process is gone, the state files are removed, and the reason is returned.
+    async fn restore(&self, vm: &Arc<LocalVm>, state: &std::path::Path) -> Result<Process, String> {
+        let started = tokio::time::Instant::now();
+        let bytes = std::fs::metadata(state).map(|m| m.len()).unwrap_or(0);
+        let mut process = self.spawn(vm, Some(state)).await.map_err(|e| e.to_string())?;
+        let mut status = vm.status.subscribe();
+        let mut exited = process.exited.clone();
+        let outcome = tokio::time::timeout(RESTORE_TIMEOUT, async {
+            tokio::select! {
+                _ = status.wait_for(|s| s.phase == BackendPhase::Running) => Ok(()),
+                _ = exited.wait_for(|e| *e) => {
+                    let stderr = process.stderr_tail.lock().map(|s| s.trim().to_string()).unwrap_or_default();
+                    Err(format!("QEMU could not load the state: {stderr}"))
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("the restore did not finish within {RESTORE_TIMEOUT:?}")));
+        // Either way the file is spent: the guest has moved on from it, or it is bad.
+        self.state_files(vm).remove();
+        match outcome {
+            Ok(()) => {
+                let took = started.elapsed();
+                tracing::info!(vm = %vm.key, bytes, took_ms = took.as_millis() as u64, "restored from the hibernated state");
+                self.note(
+                    vm,
+                    format!(
+                        "restored from a hibernated state of {} MiB in {} ms",
+                        bytes / (1024 * 1024),
+                        took.as_millis()
+                    ),
+                );
+                Ok(process)
+            }
+            Err(reason) => {
+                process::quit(vm, &mut process).await;
+                Err(reason)
+            }
+        }
+    }
+
+    fn note(&self, vm: &LocalVm, note: String) {
+        *vm.restore_note.lock().unwrap_or_else(|e| e.into_inner()) = Some(note);
     }
 
     fn vm(&self, key: &VmKey) -> Result<&Arc<LocalVm>, BackendError> {
@@ -111,6 +214,18 @@ impl Backend for QemuBackend {
         self.vms.get(vm).map(|v| v.status.subscribe())
     }
 
+    fn restored(&self, vm: &VmKey) -> bool {
+        self.vms
+            .get(vm)
+            .is_some_and(|vm| vm.restored.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn status_message(&self, vm: &VmKey) -> Option<String> {
+        let vm = self.vms.get(vm)?;
+        let message = vm.status.borrow().message.clone();
+        message.or_else(|| vm.restore_note.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
     async fn start(&self, key: &VmKey) -> Result<(), BackendError> {
         let vm = self.vm(key)?;
         let mut process = vm.process.lock().await;
@@ -124,7 +239,7 @@ impl Backend for QemuBackend {
             endpoints: Vec::new(),
             message: None,
         });
-        match self.spawn(vm).await {
+        match self.spawn_or_restore(vm).await {
             Ok(p) => {
                 *process = Some(p);
                 Ok(())
@@ -147,6 +262,48 @@ impl Backend for QemuBackend {
         if let Some(mut p) = process.take() {
             self.stop_process(vm, &mut p).await;
         }
+        // Stopped for good: a hibernated state is spent.
+        let files = self.state_files(vm);
+        if files.exists() {
+            files.remove();
+            vm.status.send_replace(BackendStatus {
+                phase: BackendPhase::Stopped,
+                endpoints: Vec::new(),
+                message: Some("stopped; the hibernated state was removed".into()),
+            });
+        }
+        Ok(())
+    }
+
+    async fn hibernate(&self, key: &VmKey) -> Result<(), BackendError> {
+        let vm = self.vm(key)?;
+        let fail = |message: String| BackendError::Failed {
+            op: "hibernate",
+            message,
+        };
+        let mut process = vm.process.lock().await;
+        let Some(mut p) = process.take().filter(|p| !*p.exited.borrow()) else {
+            return Err(fail("the VM is not running".into()));
+        };
+        let saved = match self.save_state(vm, &p.qmp).await {
+            Ok(saved) => saved,
+            Err(message) => {
+                *process = Some(p);
+                return Err(fail(message));
+            }
+        };
+        let message = format!(
+            "hibernated: {} MiB of state saved in {} ms",
+            saved.bytes / (1024 * 1024),
+            saved.took.as_millis()
+        );
+        tracing::info!(vm = %key, bytes = saved.bytes, took_ms = saved.took.as_millis() as u64, "hibernated");
+        *p.on_exit.lock().unwrap_or_else(|e| e.into_inner()) = process::OnExit::Publish(BackendStatus {
+            phase: BackendPhase::Hibernated,
+            endpoints: Vec::new(),
+            message: Some(message),
+        });
+        process::quit(vm, &mut p).await;
         Ok(())
     }
 
@@ -185,8 +342,32 @@ impl Backend for QemuBackend {
         Ok(())
     }
 
+    /// Stops every running VM. Hibernated states are kept when the run directory is
+    /// configured (the next activator restores them) and removed from the default,
+    /// per-process one (nothing would ever use them).
     async fn shutdown(&self) {
-        let stops = self.vms.keys().map(|key| self.stop(key));
+        let keep_states = self.config.run_dir.is_some();
+        let stops = self.vms.values().map(|vm| async move {
+            if let Some(mut p) = vm.process.lock().await.take() {
+                self.stop_process(vm, &mut p).await;
+            }
+            if !keep_states {
+                self.state_files(vm).remove();
+            }
+        });
         futures_util::future::join_all(stops).await;
+    }
+}
+
+/// The first line of `binary --version`, or why there is none.
+fn qemu_version(binary: &std::path::Path) -> String {
+    match std::process::Command::new(binary).arg("--version").output() {
+        Ok(output) => String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or("unknown")
+            .trim()
+            .to_string(),
+        Err(e) => format!("unknown ({e})"),
     }
 }

@@ -12,6 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch, Mutex};
 
+use super::hibernate::shell_quote;
 use super::qmp::{qmp_execute, Qmp};
 use super::{LocalVm, Process, QemuBackend};
 use crate::backend::{BackendError, BackendPhase, BackendStatus};
@@ -19,12 +20,14 @@ use crate::vm::Endpoint;
 
 /// After `quit`, how long before SIGKILL.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a restoring QEMU is asked whether the guest runs yet.
+const INCOMING_POLL: Duration = Duration::from_millis(2);
 /// How much of QEMU's stderr is kept for error messages.
 const STDERR_TAIL: usize = 2048;
 
 impl QemuBackend {
     /// The QEMU command line for one VM (without the program name).
-    fn args(&self, vm: &LocalVm, host_port: u16, qmp: &Path, console: &Path) -> Vec<String> {
+    fn args(&self, vm: &LocalVm, host_port: u16, qmp: &Path, console: &Path, incoming: Option<&Path>) -> Vec<String> {
         let m = &vm.spec.machine;
         let guest_port = vm.spec.policy().port;
         let mut args = vec![
@@ -59,10 +62,20 @@ impl QemuBackend {
         if self.accel == "kvm" {
             args.extend(["-cpu".into(), "host".into()]);
         }
+        if let Some(state) = incoming {
+            // QEMU 7.2 has no `file:` source: the state is streamed in through cat.
+            args.extend([
+                "-incoming".into(),
+                format!("exec:cat {}", shell_quote(&state.display().to_string())),
+            ]);
+        }
         args
     }
 
-    pub(super) async fn spawn(&self, vm: &Arc<LocalVm>) -> Result<Process, BackendError> {
+    /// Spawns the VM's QEMU process: a boot, or with `incoming` a restore from that
+    /// state file (reported Running only once the state is loaded and the guest runs; a
+    /// process that ends before is not reported at all — the caller boots instead).
+    pub(super) async fn spawn(&self, vm: &Arc<LocalVm>, incoming: Option<&Path>) -> Result<Process, BackendError> {
         let fail = |message: String| BackendError::Failed { op: "start", message };
         for file in [&vm.spec.machine.kernel, &vm.spec.machine.initrd] {
             if !file.is_file() {
@@ -80,7 +93,7 @@ impl QemuBackend {
         let _ = std::fs::remove_file(&qmp_path);
         let mut command = Command::new(&self.config.binary);
         command
-            .args(self.args(vm, host_port, &qmp_path, &console))
+            .args(self.args(vm, host_port, &qmp_path, &console, incoming))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -106,21 +119,30 @@ impl QemuBackend {
         let (kill_tx, kill_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = watch::channel(false);
         let qmp = Arc::new(Mutex::new(None));
-        tokio::spawn(supervise(
-            vm.clone(),
+        let on_exit = Arc::new(std::sync::Mutex::new(if incoming.is_some() {
+            OnExit::Silent
+        } else {
+            OnExit::Report
+        }));
+        tokio::spawn(supervise(Supervised {
+            vm: vm.clone(),
             child,
-            kill_rx,
-            exited_tx,
-            stderr_tail,
-            qmp.clone(),
+            kill: kill_rx,
+            exited: exited_tx,
+            stderr_tail: stderr_tail.clone(),
+            qmp_slot: qmp.clone(),
             qmp_path,
             endpoint,
-        ));
+            on_exit: on_exit.clone(),
+            restoring: incoming.is_some(),
+        }));
         Ok(Process {
             qmp,
             endpoint,
             kill: Some(kill_tx),
             exited: exited_rx,
+            on_exit,
+            stderr_tail,
         })
     }
 
@@ -143,35 +165,88 @@ impl QemuBackend {
         if qmp_execute(&process.qmp, "system_powerdown").await.is_ok() && wait_exit(grace).await {
             return;
         }
-        let _ = qmp_execute(&process.qmp, "quit").await;
-        if wait_exit(QUIT_TIMEOUT).await {
-            return;
-        }
-        tracing::warn!(vm = %vm.key, "QEMU ignored quit; killing it");
-        if let Some(kill) = process.kill.take() {
-            let _ = kill.send(());
-        }
-        let _ = wait_exit(QUIT_TIMEOUT).await;
+        quit(vm, process).await;
     }
 }
 
-/// Watches one QEMU process: brings up QMP, reports Running once QEMU says the
-/// machine runs, then waits for the process to exit (or to be killed) and reports
-/// Stopped with the reason.
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
+/// Ends a QEMU process at once: QMP `quit`, then SIGKILL if it ignores that.
+pub(super) async fn quit(vm: &LocalVm, process: &mut Process) {
+    let wait_exit = |limit: Duration| {
+        let mut exited = process.exited.clone();
+        async move { tokio::time::timeout(limit, exited.wait_for(|e| *e)).await.is_ok() }
+    };
+    if *process.exited.borrow() {
+        return;
+    }
+    let _ = qmp_execute(&process.qmp, "quit").await;
+    if wait_exit(QUIT_TIMEOUT).await {
+        return;
+    }
+    tracing::warn!(vm = %vm.key, "QEMU ignored quit; killing it");
+    if let Some(kill) = process.kill.take() {
+        let _ = kill.send(());
+    }
+    let _ = wait_exit(QUIT_TIMEOUT).await;
+}
+
+/// What the supervisor reports when the process ends.
+#[derive(Debug, Clone)]
+pub(super) enum OnExit {
+    /// `Stopped`, with the exit status and the tail of stderr.
+    Report,
+    /// Nothing: a restore that has not run yet (its caller boots instead).
+    Silent,
+    /// This status (e.g. `Hibernated` after a save).
+    Publish(BackendStatus),
+}
+
+/// What `supervise` watches.
+struct Supervised {
     vm: Arc<LocalVm>,
-    mut child: Child,
+    child: Child,
     kill: oneshot::Receiver<()>,
     exited: watch::Sender<bool>,
     stderr_tail: Arc<std::sync::Mutex<String>>,
     qmp_slot: Arc<Mutex<Option<Qmp>>>,
     qmp_path: PathBuf,
     endpoint: Endpoint,
-) {
+    on_exit: Arc<std::sync::Mutex<OnExit>>,
+    /// Loading a saved state (`-incoming`) rather than booting.
+    restoring: bool,
+}
+
+/// Watches one QEMU process: brings up QMP, reports Running once QEMU says the
+/// machine runs (for a restore: once the state is loaded), then waits for the process to
+/// exit (or to be killed) and reports what `on_exit` says.
+async fn supervise(supervised: Supervised) {
+    let Supervised {
+        vm,
+        mut child,
+        kill,
+        exited,
+        stderr_tail,
+        qmp_slot,
+        qmp_path,
+        endpoint,
+        on_exit,
+        restoring,
+    } = supervised;
     let boot = async {
         let mut qmp = Qmp::connect(&qmp_path).await?;
-        let status = qmp.execute("query-status", None).await?;
+        let mut status = qmp.execute("query-status", None).await?;
+        // Loading a saved state: QEMU says `inmigrate` until it is loaded. The state was
+        // saved stopped, and QEMU keeps a guest that was stopped at the source stopped:
+        // a restore continues it.
+        if restoring {
+            while status.get("status").and_then(Value::as_str) == Some("inmigrate") {
+                tokio::time::sleep(INCOMING_POLL).await;
+                status = qmp.execute("query-status", None).await?;
+            }
+            if status.get("running").and_then(Value::as_bool) != Some(true) {
+                qmp.execute("cont", None).await?;
+                status = qmp.execute("query-status", None).await?;
+            }
+        }
         *qmp_slot.lock().await = Some(qmp);
         Ok::<_, String>(status)
     };
@@ -186,6 +261,11 @@ async fn supervise(
                     Ok(status) => {
                         let running = status.get("running").and_then(Value::as_bool).unwrap_or(false);
                         let phase = if running { BackendPhase::Running } else { BackendPhase::Paused };
+                        let mut on_exit = on_exit.lock().unwrap_or_else(|e| e.into_inner());
+                        if matches!(*on_exit, OnExit::Silent) {
+                            *on_exit = OnExit::Report;
+                        }
+                        drop(on_exit);
                         vm.status.send_modify(|s| {
                             if s.phase == BackendPhase::Starting {
                                 *s = BackendStatus { phase, endpoints: vec![endpoint], message: None };
@@ -218,11 +298,20 @@ async fn supervise(
     };
     tracing::info!(vm = %vm.key, %message, "QEMU process ended");
     *qmp_slot.lock().await = None;
-    vm.status.send_replace(BackendStatus {
-        phase: BackendPhase::Stopped,
-        endpoints: Vec::new(),
-        message: Some(message),
-    });
+    let report = on_exit.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match report {
+        OnExit::Report => {
+            vm.status.send_replace(BackendStatus {
+                phase: BackendPhase::Stopped,
+                endpoints: Vec::new(),
+                message: Some(message),
+            });
+        }
+        OnExit::Silent => {}
+        OnExit::Publish(status) => {
+            vm.status.send_replace(status);
+        }
+    }
     let _ = exited.send(true);
 }
 

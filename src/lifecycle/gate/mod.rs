@@ -261,7 +261,7 @@ impl GateTx {
         async move { gate.0.slot_freed.notified().await }
     }
 
-    /// Closes a Ready (or Paused) gate for a scale-down — `Stopping` — only if nothing
+    /// Closes a Ready (or Paused, or Hibernated) gate for a scale-down — `Stopping` — only if nothing
     /// is in flight or held. Returns whether it closed.
     pub(super) fn close_if_idle(&self) -> bool {
         let inner = self.inner();
@@ -272,7 +272,7 @@ impl GateTx {
             // Under the state's write lock: a warm request either counted itself before
             // this check, or will read `Stopping` after it. The endpoint is kept: a stop
             // that is called off reopens the gate on it.
-            let open = matches!(s.phase, VmPhase::Ready | VmPhase::Paused);
+            let open = matches!(s.phase, VmPhase::Ready | VmPhase::Paused | VmPhase::Hibernated);
             if open && inner.in_flight.load(Ordering::SeqCst) == 0 {
                 s.phase = VmPhase::Stopping;
                 return true;

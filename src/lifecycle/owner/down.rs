@@ -1,7 +1,7 @@
 //! The way down: the idle timer (a deadline that honours every replica's recorded
-//! activity, re-checked while the VM is busy), an explicit stop or pause, the scale-down
-//! itself, and what follows it — stopped, paused, called off by a peer, or started
-//! again for requests that arrived meanwhile.
+//! activity, re-checked while the VM is busy), an explicit stop, pause or hibernate, the
+//! scale-down itself, and what follows it — stopped, paused, hibernated, called off by a
+//! peer, or started again for requests that arrived meanwhile.
 
 use futures_util::FutureExt;
 use tokio::time::Instant;
@@ -27,6 +27,9 @@ impl Owner {
             context.backend.shared_activity(self.handle.key()),
             idle_for,
         );
+        // Inside a keep-warm window (or the lead before one) the idle timeout waits for
+        // its end.
+        let due = due.max(self.kept_warm_until().unwrap_or(due));
         let now = Instant::now();
         if now < due {
             self.idle_at = Some(due);
@@ -39,11 +42,13 @@ impl Owner {
         }
     }
 
-    /// An explicit stop or pause: at once if nothing is in flight or held.
+    /// An explicit stop, pause or hibernate: at once if nothing is in flight or held.
     pub(super) fn scale_down_now(&mut self, action: Action) -> Result<(), ScaleDownRefused> {
         let applicable = matches!(
             (action, self.phase()),
-            (_, VmPhase::Ready) | (Action::Stop, VmPhase::Paused)
+            (_, VmPhase::Ready)
+                | (Action::Stop | Action::Hibernate, VmPhase::Paused)
+                | (Action::Stop, VmPhase::Hibernated)
         );
         if !applicable {
             return Err(ScaleDownRefused::NotApplicable(self.phase(), action.as_str()));
@@ -60,7 +65,7 @@ impl Owner {
         Ok(())
     }
 
-    /// The gate is closed (`Stopping`): stop or pause the VM. An idle scale-down stops
+    /// The gate is closed (`Stopping`): stop, pause or hibernate the VM. An idle scale-down stops
     /// with the backend's compare-and-stop, which other replicas' activity calls off.
     pub(super) fn begin_scale_down(&mut self, action: Action, idle: bool) {
         // The endpoints taking traffic are kept, in case the stop is called off.
@@ -72,19 +77,34 @@ impl Owner {
         let local_activity = idle::wall_clock(self.tx.gate().last_activity());
         self.op = Some(
             async move {
+                let stop = || async {
+                    if idle {
+                        backend.stop_if_idle(&key, local_activity).await.map(|o| match o {
+                            StopOutcome::Stopped => ScaledDown::Stopped,
+                            StopOutcome::PeerActive => ScaledDown::PeerActive,
+                        })
+                    } else {
+                        backend.stop(&key).await.map(|()| ScaledDown::Stopped)
+                    }
+                };
                 let result = match action {
-                    Action::Stop if idle => backend.stop_if_idle(&key, local_activity).await.map(|o| match o {
-                        StopOutcome::Stopped => ScaledDown::Stopped,
-                        StopOutcome::PeerActive => ScaledDown::PeerActive,
-                    }),
-                    Action::Stop => backend.stop(&key).await.map(|()| ScaledDown::Stopped),
+                    Action::Stop => stop().await,
                     Action::Pause => match backend.pause(&key).await {
                         Ok(()) => Ok(ScaledDown::Paused),
                         Err(BackendError::Unsupported(_)) => {
                             tracing::warn!(vm = %key, "backend cannot pause; stopping instead");
-                            backend.stop(&key).await.map(|()| ScaledDown::Stopped)
+                            stop().await
                         }
                         Err(error) => Err(error),
+                    },
+                    // An idle VM that cannot be saved (no support, disk budget, a failed
+                    // save) is stopped: it was going to cost nothing either way.
+                    Action::Hibernate => match backend.hibernate(&key).await {
+                        Ok(()) => Ok(ScaledDown::Hibernated),
+                        Err(error) => {
+                            tracing::warn!(vm = %key, %error, "cannot hibernate; stopping instead");
+                            stop().await
+                        }
                     },
                 };
                 Done::ScaledDown(result)
@@ -93,7 +113,7 @@ impl Owner {
         );
     }
 
-    /// The scale-down finished: stopped, paused, failed, or called off.
+    /// The scale-down finished: stopped, paused, hibernated, failed, or called off.
     pub(super) fn on_scaled_down(&mut self, result: Result<ScaledDown, BackendError>) {
         let Life::Stopping { from } = self.life else {
             return;
@@ -113,6 +133,10 @@ impl Owner {
                 metrics.scaled_down(Action::Pause.as_str());
                 (VmPhase::Paused, None)
             }
+            Ok(ScaledDown::Hibernated) => {
+                metrics.scaled_down(Action::Hibernate.as_str());
+                (VmPhase::Hibernated, None)
+            }
             Err(error) => {
                 // The VM may still be running: `Failed` makes the next request go through
                 // a start (a no-op on a running VM) and a probe before it gets traffic.
@@ -123,15 +147,16 @@ impl Owner {
         self.endpoints.clear();
         self.life = match to {
             VmPhase::Paused => Life::Paused,
+            VmPhase::Hibernated => Life::Hibernated,
             VmPhase::Failed => Life::Failed,
             _ => Life::Stopped,
         };
         if !self.queue.is_empty() {
             tracing::info!(vm = %key, "requests arrived while scaling down; starting again");
-            let kind = if to == VmPhase::Paused {
-                StartKind::Resume
-            } else {
-                StartKind::Boot
+            let kind = match to {
+                VmPhase::Paused => StartKind::Resume,
+                VmPhase::Hibernated => StartKind::Restore,
+                _ => StartKind::Boot,
             };
             return self.start(kind);
         }
@@ -158,7 +183,11 @@ impl Owner {
             }
         } else {
             self.endpoints.clear();
-            self.life = Life::Paused;
+            self.life = if from == VmPhase::Hibernated {
+                Life::Hibernated
+            } else {
+                Life::Paused
+            };
         }
         self.publish();
         self.arm_idle_timer();
@@ -166,6 +195,7 @@ impl Owner {
         self.idle_at = self.idle_at.map(|at| at.max(not_before));
         match self.life {
             Life::Running { .. } => self.release_held(),
+            Life::Hibernated if !self.queue.is_empty() => self.start(StartKind::Restore),
             _ if !self.queue.is_empty() => self.start(StartKind::Resume),
             _ => {}
         }

@@ -22,6 +22,7 @@ mod down;
 mod endpoints;
 mod timer;
 mod up;
+mod warm;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -45,6 +46,19 @@ enum StartKind {
     Boot,
     /// A resume from Paused.
     Resume,
+    /// A restore from Hibernated (the backend boots instead if the state is unusable).
+    Restore,
+}
+
+impl StartKind {
+    /// The cold-start phase the time from the start call to running counts as.
+    fn phase(self) -> ColdStartPhase {
+        match self {
+            StartKind::Boot => ColdStartPhase::Boot,
+            StartKind::Resume => ColdStartPhase::Resume,
+            StartKind::Restore => ColdStartPhase::Restore,
+        }
+    }
 }
 
 /// Where the VM is in its life, with what each phase needs to remember.
@@ -62,6 +76,7 @@ enum Life {
         /// after that means the VM died while starting.
         left_stopped: bool,
         deadline: Instant,
+        kind: StartKind,
     },
     /// The backend reports it running: Ready while an endpoint takes traffic, else
     /// Probing (its endpoints are probed).
@@ -78,6 +93,7 @@ enum Life {
         from: VmPhase,
     },
     Paused,
+    Hibernated,
 }
 
 /// The one backend call in progress, with what it returns.
@@ -92,13 +108,14 @@ enum Done {
 enum ScaledDown {
     Stopped,
     Paused,
+    Hibernated,
     /// Another replica saw activity meanwhile: the VM keeps running.
     PeerActive,
 }
 
 /// One input of the owner: a command from outside, or something it waited for.
 enum Event {
-    /// From a `VmHandle`: `Activate`, `Unreachable`, `ScaleDown` (Stop, Pause),
+    /// From a `VmHandle`: `Activate`, `Unreachable`, `ScaleDown` (Stop, Pause, Hibernate),
     /// `CatalogChanged`, `Removed`, `RejectHeld`.
     Command(Command),
     /// The backend's status stream has news.
@@ -109,6 +126,8 @@ enum Event {
     StartDeadline,
     /// The idle timer fired.
     IdleExpired,
+    /// The keep-warm timer fired: a window begins soon.
+    WarmDue,
     /// The backend call in progress finished.
     Done(Done),
     /// This endpoint passed its probe.
@@ -144,8 +163,13 @@ pub(super) struct Owner {
     /// Waiting for a concurrency slot for the first held request.
     slot_wait: Option<BoxFuture<'static, ()>>,
     idle_at: Option<Instant>,
+    /// When to start the VM ahead of the next keep-warm window.
+    warm_at: Option<Instant>,
+    /// The end of the keep-warm window the VM was last started (or kept) for.
+    warm_hold: Option<std::time::SystemTime>,
     start_timer: Timer,
     idle_timer: Timer,
+    warm_timer: Timer,
 }
 
 impl Owner {
@@ -153,6 +177,7 @@ impl Owner {
         // A new owner takes over where the last one parked the VM.
         let life = match tx.gate().phase() {
             VmPhase::Paused => Life::Paused,
+            VmPhase::Hibernated => Life::Hibernated,
             VmPhase::Failed => Life::Failed,
             _ => Life::Stopped,
         };
@@ -170,10 +195,14 @@ impl Owner {
             endpoints: Endpoints::default(),
             slot_wait: None,
             idle_at: None,
+            warm_at: None,
+            warm_hold: None,
             start_timer: Timer::new(),
             idle_timer: Timer::new(),
+            warm_timer: Timer::new(),
         };
         owner.arm_idle_timer();
+        owner.keep_warm();
         owner
     }
 
@@ -201,6 +230,7 @@ impl Owner {
     async fn next_event(&mut self) -> Event {
         self.start_timer.set(self.start_deadline());
         self.idle_timer.set(self.idle_at);
+        self.warm_timer.set(self.warm_at);
         tokio::select! {
             biased;
             changed = maybe(self.status.as_mut().map(|s| s.changed())) => match changed {
@@ -213,6 +243,7 @@ impl Owner {
             Some(command) = self.inbox.recv() => Event::Command(command),
             () = maybe(self.slot_wait.as_mut()) => Event::Slot,
             _ = self.idle_timer.fired() => Event::IdleExpired,
+            _ = self.warm_timer.fired() => Event::WarmDue,
         }
     }
 
@@ -240,6 +271,7 @@ impl Owner {
                 }
             }
             Event::IdleExpired => self.on_idle_expired(),
+            Event::WarmDue => self.keep_warm(),
             Event::Done(done) => {
                 self.op = None;
                 self.on_done(done);
@@ -263,6 +295,7 @@ impl Owner {
             Command::CatalogChanged(policy) => {
                 self.pending_policy = Some(policy);
                 self.apply_pending_policy();
+                self.keep_warm();
             }
             Command::Removed => {
                 tracing::info!(vm = %self.handle.key(), "VM left the catalog");
@@ -283,9 +316,12 @@ impl Owner {
     fn on_done(&mut self, done: Done) {
         match done {
             Done::Started(result) => {
+                let key = self.handle.key();
+                let backend = &self.handle.0.context.backend;
                 let Life::Starting {
                     called_at,
                     ref mut returned_at,
+                    ref mut kind,
                     ..
                 } = self.life
                 else {
@@ -299,7 +335,16 @@ impl Owner {
                     Ok(()) => {
                         let now = Instant::now();
                         *returned_at = Some(now);
-                        metrics.cold_start_phase(ColdStartPhase::StartCall, (now - called_at).as_secs_f64());
+                        // A restore the backend turned into a boot (an unusable state)
+                        // is counted as the boot it was.
+                        if *kind == StartKind::Restore && !backend.restored(key) {
+                            *kind = StartKind::Boot;
+                        }
+                        // A restore happens inside the start call: its whole time is the
+                        // `restore` phase, not `start_call`.
+                        if *kind != StartKind::Restore {
+                            metrics.cold_start_phase(ColdStartPhase::StartCall, (now - called_at).as_secs_f64());
+                        }
                         tracing::debug!(vm = %self.handle.key(), "start call returned");
                         self.check_running();
                     }
@@ -350,6 +395,7 @@ impl Owner {
             Life::Running { .. } => VmPhase::Probing,
             Life::Stopping { .. } => VmPhase::Stopping,
             Life::Paused => VmPhase::Paused,
+            Life::Hibernated => VmPhase::Hibernated,
         }
     }
 
@@ -381,7 +427,11 @@ impl Owner {
             && self.queue.is_empty()
             && self.slot_wait.is_none()
             && !self.endpoints.probing()
-            && matches!(self.life, Life::Stopped | Life::Failed | Life::Paused)
+            && matches!(
+                self.life,
+                Life::Stopped | Life::Failed | Life::Paused | Life::Hibernated
+            )
             && self.idle_at.is_none()
+            && self.warm_at.is_none()
     }
 }

@@ -33,6 +33,7 @@ impl Owner {
         match self.life {
             Life::Stopped | Life::Failed if self.op.is_none() => self.start(StartKind::Boot),
             Life::Paused => self.start(StartKind::Resume),
+            Life::Hibernated => self.start(StartKind::Restore),
             Life::Running { .. } => self.release_held(),
             // On its way up (released when Ready), or a stop or clean-up is running
             // (started again when it is done).
@@ -54,8 +55,12 @@ impl Owner {
             );
             return;
         };
-        // What the backend said before this start is not news about it.
-        status.borrow_and_update();
+        // What the backend said before this start is not news about it. A VM it kept
+        // hibernated (from before this owner, or this activator) is a restore.
+        let kind = match status.borrow_and_update().phase {
+            BackendPhase::Hibernated if kind == StartKind::Boot => StartKind::Restore,
+            _ => kind,
+        };
         let now = Instant::now();
         self.cold_start_from = Some(self.queue.front().map_or(now, |w| w.arrived));
         self.endpoints.clear();
@@ -64,6 +69,7 @@ impl Owner {
             returned_at: None,
             left_stopped: false,
             deadline: now + self.policy().start_timeout,
+            kind,
         };
         self.idle_at = None;
         self.publish();
@@ -71,7 +77,7 @@ impl Owner {
         self.op = Some(
             async move {
                 let result = match kind {
-                    StartKind::Boot => context.backend.start(&key).await,
+                    StartKind::Boot | StartKind::Restore => context.backend.start(&key).await,
                     StartKind::Resume => context.backend.resume(&key).await,
                 };
                 Done::Started(result)
@@ -106,9 +112,9 @@ impl Owner {
                 BackendPhase::Running | BackendPhase::Starting | BackendPhase::Stopping => {
                     self.follow_endpoints(&status.endpoints)
                 }
-                BackendPhase::Paused => {}
+                BackendPhase::Paused | BackendPhase::Hibernated => {}
             },
-            // Stopping: the stop we asked for. Stopped, Failed, Paused: not running.
+            // Stopping: the stop we asked for. Stopped, Failed, Paused, Hibernated: not running.
             _ => {}
         }
     }
@@ -117,10 +123,11 @@ impl Owner {
     /// dead.
     pub(super) fn check_running(&mut self) {
         let Life::Starting {
+            called_at,
             returned_at,
             left_stopped,
             deadline,
-            ..
+            kind,
         } = self.life
         else {
             return;
@@ -131,7 +138,12 @@ impl Owner {
         match (status.phase, returned_at) {
             (BackendPhase::Running, Some(returned_at)) if !status.endpoints.is_empty() => {
                 let metrics = self.tx.gate().metrics();
-                metrics.cold_start_phase(ColdStartPhase::Boot, returned_at.elapsed().as_secs_f64());
+                let from = if kind == StartKind::Restore {
+                    called_at
+                } else {
+                    returned_at
+                };
+                metrics.cold_start_phase(kind.phase(), from.elapsed().as_secs_f64());
                 tracing::debug!(vm = %self.handle.key(), endpoints = ?status.endpoints, "backend reports running; probing");
                 self.life = Life::Running {
                     cold: true,

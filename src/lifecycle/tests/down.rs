@@ -85,9 +85,76 @@ async fn pause_falls_back_to_stop_when_the_backend_cannot_pause() {
     *w.backend.pause_supported.lock().unwrap() = false;
     drop(w.bring_up().await);
     pass(IDLE + Duration::from_secs(1)).await;
-    assert_eq!(w.backend.calls(), ["start", "stop"]);
+    // An idle stop is the compare-and-stop, whatever plan it stands in for.
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
     assert_eq!(w.phase(), VmPhase::Stopped);
     assert!(w.scale_downs("stop"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hibernate_falls_back_to_stop_when_the_backend_cannot_hibernate() {
+    let w = world(Policy {
+        scale_down: ScaleDown::Hibernate,
+        ..policy()
+    });
+    *w.backend.hibernate_supported.lock().unwrap() = false;
+    drop(w.bring_up().await);
+    pass(IDLE + Duration::from_secs(1)).await;
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
+    assert_eq!(w.phase(), VmPhase::Stopped);
+    assert!(w.scale_downs("stop"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hibernated_vm_is_restored_and_stopped_after_a_second_idle_timeout() {
+    let w = world(Policy {
+        scale_down: ScaleDown::HibernateThenStop,
+        ..policy()
+    });
+    drop(w.bring_up().await);
+    pass(IDLE + Duration::from_secs(1)).await;
+    assert_eq!(w.backend.calls(), ["start", "hibernate"]);
+    assert_eq!(w.phase(), VmPhase::Hibernated);
+    assert!(w.scale_downs("hibernate"));
+
+    // The next event restores it; the restore is its own cold-start phase.
+    *w.backend.restores.lock().unwrap() = true;
+    let held = w.admit();
+    settle().await;
+    assert_eq!(w.backend.calls(), ["start", "hibernate", "start"]);
+    w.backend.report(BackendPhase::Running, Some(endpoint()));
+    assert!(held.await.unwrap().is_ok());
+    assert_eq!(w.phase(), VmPhase::Ready);
+    assert_eq!(w.phase_count("restore"), 1);
+    assert_eq!(w.phase_count("start_call"), 1, "only the first start, a boot, has one");
+
+    // Hibernated again, then a second idle timeout: stopped for good.
+    pass(IDLE + Duration::from_secs(1)).await;
+    assert_eq!(w.phase(), VmPhase::Hibernated);
+    pass(IDLE * 2 + Duration::from_secs(1)).await;
+    assert_eq!(w.phase(), VmPhase::Stopped);
+    assert_eq!(
+        w.backend.calls(),
+        ["start", "hibernate", "start", "hibernate", "stop_if_idle"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_the_backend_turned_into_a_boot_counts_as_a_boot() {
+    let w = world(Policy {
+        scale_down: ScaleDown::Hibernate,
+        ..policy()
+    });
+    drop(w.bring_up().await);
+    pass(IDLE + Duration::from_secs(1)).await;
+    assert_eq!(w.phase(), VmPhase::Hibernated);
+    // `restores` stays false: the state was unusable and the backend booted.
+    let held = w.admit();
+    settle().await;
+    w.backend.report(BackendPhase::Running, Some(endpoint()));
+    assert!(held.await.unwrap().is_ok());
+    assert_eq!(w.phase_count("restore"), 0);
+    assert_eq!(w.phase_count("boot"), 2);
 }
 
 #[tokio::test(start_paused = true)]

@@ -5,6 +5,7 @@
 mod down;
 mod endpoints;
 mod up;
+mod warm;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -26,6 +27,9 @@ struct Scripted {
     calls: Mutex<Vec<&'static str>>,
     start_error: Mutex<Option<String>>,
     pause_supported: Mutex<bool>,
+    hibernate_supported: Mutex<bool>,
+    /// What `restored` says after a start.
+    restores: Mutex<bool>,
     stop_outcome: Mutex<StopOutcome>,
     /// While true, stops do not return.
     stops_blocked: watch::Sender<bool>,
@@ -67,6 +71,19 @@ impl Backend for Scripted {
         self.record("pause");
         self.report(BackendPhase::Paused, None);
         Ok(())
+    }
+
+    async fn hibernate(&self, _: &VmKey) -> Result<(), BackendError> {
+        if !*self.hibernate_supported.lock().unwrap() {
+            return Err(BackendError::Unsupported("hibernate"));
+        }
+        self.record("hibernate");
+        self.report(BackendPhase::Hibernated, None);
+        Ok(())
+    }
+
+    fn restored(&self, _: &VmKey) -> bool {
+        *self.restores.lock().unwrap()
     }
 
     async fn stop_if_idle(&self, _: &VmKey, _: SystemTime) -> Result<StopOutcome, BackendError> {
@@ -142,6 +159,8 @@ fn endpoint() -> Endpoint {
 }
 
 const IDLE: Duration = Duration::from_secs(30);
+/// The test wall clock's start: Tuesday 2026-12-01 06:00:00 UTC, in seconds.
+const WALL_START: u64 = 1_796_104_800;
 const START: Duration = Duration::from_secs(10);
 
 fn world(policy: Policy) -> World {
@@ -151,6 +170,8 @@ fn world(policy: Policy) -> World {
         calls: Mutex::default(),
         start_error: Mutex::default(),
         pause_supported: Mutex::new(true),
+        hibernate_supported: Mutex::new(true),
+        restores: Mutex::new(false),
         stop_outcome: Mutex::new(StopOutcome::Stopped),
         stops_blocked: watch::channel(false).0,
     });
@@ -160,7 +181,11 @@ fn world(policy: Policy) -> World {
     });
     let metrics = Metrics::new();
     let key = VmKey::new("ns", "vm");
-    let context = Context::new(backend.clone(), probe.clone(), Duration::from_secs(1));
+    // The wall clock moves with tokio's paused clock, from Tuesday 2026-12-01 06:00 UTC.
+    let started = tokio::time::Instant::now();
+    let wall_clock: WallClock =
+        Arc::new(move || SystemTime::UNIX_EPOCH + Duration::from_secs(WALL_START) + started.elapsed());
+    let context = Context::with_wall_clock(backend.clone(), probe.clone(), Duration::from_secs(1), wall_clock);
     let vm = VmHandle::new(key.clone(), Arc::new(policy), metrics.vm(&key), context);
     World {
         backend,
@@ -208,6 +233,17 @@ impl World {
         settle().await;
         assert_eq!(self.phase(), VmPhase::Ready);
         first.await.unwrap().expect("admitted")
+    }
+
+    /// Observations of one cold-start phase.
+    fn phase_count(&self, phase: &str) -> u64 {
+        let series =
+            format!("vm_activator_cold_start_phase_seconds_count{{namespace=\"ns\",phase=\"{phase}\",vm=\"vm\"}} ");
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0)
     }
 
     fn scale_downs(&self, action: &str) -> bool {
