@@ -236,3 +236,74 @@ async fn drain_finishes_held_events_refuses_new_ones_and_fails_readyz() {
     assert!(drain.await.unwrap(), "drain completed within its timeout");
     assert_eq!(h.backend.event_ids(&demo()), vec!["held"]);
 }
+
+/// A CloudEvent of the pre-warm type starts the VM and is answered 202 once the start is
+/// issued — nothing reaches the guest; the next event finds the VM warm. An operator's
+/// `POST …/start` does the same (here behind a bearer token file).
+#[tokio::test]
+async fn a_prewarm_event_or_the_admin_start_verb_starts_the_vm_and_delivers_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("admin-tokens");
+    std::fs::write(&tokens, "# operators\nop-secret\n").unwrap();
+    let mut config = vm_activator::config::Config::for_tests();
+    config.admin.verbs_auth = Some(vm_activator::config::VerbAuthMode::Bearer);
+    config.admin.bearer_tokens_file = Some(tokens);
+    let h = Harness::start_with(vec![(demo(), policy())], FakeOptions::default(), config).await;
+
+    let prewarm = h
+        .client
+        .post(format!("{}/default/demo", h.ingress))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "warm-up-1")
+        .header("ce-source", "/ci/queue")
+        .header("ce-type", "io.vm-activator.prewarm")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(prewarm.status(), 202);
+    let body: serde_json::Value = prewarm.json().await.unwrap();
+    assert_eq!(body["prewarm"], true);
+    assert_eq!(body["state"], "starting");
+    h.wait_state("ready", Duration::from_secs(5)).await;
+    assert_eq!(h.backend.starts(&demo()), 1);
+    assert!(h.backend.event_ids(&demo()).is_empty(), "a pre-warm is not delivered");
+    assert_eq!(h.send("/default/demo", "real").await.status(), 202);
+    assert_eq!(h.backend.event_ids(&demo()), vec!["real"]);
+    assert_eq!(h.backend.starts(&demo()), 1, "the event found it warm");
+
+    // The admin verbs need the operator's token; with it, stop and start again.
+    let admin = |verb: &str, token: Option<&str>| {
+        let mut request = h.client.post(format!("{}/v1/vms/default/demo/{verb}", h.admin));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(admin("stop", None).await.unwrap().status(), 401);
+    assert_eq!(admin("stop", Some("guess")).await.unwrap().status(), 401);
+    assert_eq!(h.demo_state().await, "ready", "nothing moved");
+    assert_eq!(admin("stop", Some("op-secret")).await.unwrap().status(), 202);
+    h.wait_state("stopped", Duration::from_secs(5)).await;
+    assert_eq!(admin("start", None).await.unwrap().status(), 401);
+    assert_eq!(h.demo_state().await, "stopped", "nothing moved");
+    let started = admin("start", Some("op-secret")).await.unwrap();
+    assert_eq!(started.status(), 202);
+    assert_eq!(started.json::<serde_json::Value>().await.unwrap()["name"], "demo");
+    h.wait_state("ready", Duration::from_secs(5)).await;
+    assert_eq!(h.backend.starts(&demo()), 2);
+    assert_eq!(
+        admin("start", Some("op-secret")).await.unwrap().status(),
+        202,
+        "already up: fine"
+    );
+    assert_eq!(h.backend.starts(&demo()), 2);
+    assert_eq!(admin("start", Some("op-secret")).await.unwrap().status(), 202);
+    let unknown = h
+        .client
+        .post(format!("{}/v1/vms/default/nope/start", h.admin))
+        .bearer_auth("op-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+}

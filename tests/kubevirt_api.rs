@@ -227,3 +227,72 @@ async fn a_catalog_larger_than_one_page_is_listed_completely_through_paginated_l
     assert_eq!(activator.send_status(&kube.path("vm-1199"), "last").await, 202);
     assert_rbac_covers_every_request(kube.requests());
 }
+
+/// The admin verbs on KubeVirt are authorized by the API server: no token or an unknown
+/// one is 401, a user without the permission `virtctl start` needs is 403 — and nothing
+/// moves either way; with the grant the VM starts. Each review asks exactly that
+/// permission of exactly that user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_verbs_are_authorized_by_the_api_server() {
+    let c = cluster(Options::default(), |k| {
+        k.create_opted_in_vm(NS, "svc", annotations("1m"));
+        k.add_token("alice-token", "alice");
+    })
+    .await;
+    c.activator
+        .wait_vm_state(NS, "svc", "stopped", Duration::from_secs(5))
+        .await;
+    let client = reqwest::Client::new();
+    let verb = |verb: &str, token: Option<&str>| {
+        let mut request = client.post(format!("{}/v1/vms/{NS}/svc/{verb}", c.activator.admin));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let vm_patches = || c.kube.count(|r| r.is_vm_patch(NS, "svc"));
+
+    let anonymous = verb("start", None).await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    assert_eq!(verb("start", Some("stolen")).await.unwrap().status(), 401);
+    let forbidden = verb("start", Some("alice-token")).await.unwrap();
+    assert_eq!(forbidden.status(), 403);
+    let body: serde_json::Value = forbidden.json().await.unwrap();
+    assert_eq!(body["error"], "forbidden");
+    assert!(
+        body["detail"].as_str().unwrap().contains("virtualmachines/start"),
+        "{body}"
+    );
+    assert_eq!(vm_patches(), 0, "nothing moved");
+    assert_eq!(c.activator.vm(NS, "svc").await.unwrap()["state"], "stopped");
+
+    let review = c
+        .kube
+        .expect_request("the access review", Duration::from_secs(1), |r| {
+            r.path == "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+        })
+        .await;
+    let asked: serde_json::Value = serde_json::from_str(&review.body).unwrap();
+    assert_eq!(asked["spec"]["user"], "alice");
+    assert_eq!(
+        asked["spec"]["resourceAttributes"],
+        serde_json::json!({
+            "namespace": NS, "verb": "update", "group": "subresources.kubevirt.io",
+            "resource": "virtualmachines", "subresource": "start", "name": "svc",
+        })
+    );
+
+    c.kube
+        .grant("alice", NS, "subresources.kubevirt.io", "virtualmachines", "start");
+    let started = verb("start", Some("alice-token")).await.unwrap();
+    assert_eq!(started.status(), 202);
+    c.activator
+        .wait_vm_state(NS, "svc", "ready", Duration::from_secs(10))
+        .await;
+    assert!(vm_patches() >= 1);
+    // Starting is not stopping.
+    assert_eq!(verb("stop", Some("alice-token")).await.unwrap().status(), 403);
+    assert_eq!(c.activator.vm(NS, "svc").await.unwrap()["state"], "ready");
+    assert_rbac_covers_every_request(c.kube.requests());
+}

@@ -26,8 +26,8 @@ fn vm(name: &str, scale_down: &str, guest: &Path) -> String {
     machine:
       kernel: {kernel}
       initrd: {initrd}
-      append: console=ttyS0 quiet panic=-1
-      memory_mib: 256
+      append: console=ttyS0 quiet panic=-1 init_on_free=1
+      memory_mib: 128
       cpus: 1
 "#,
         kernel = guest.join("vmlinuz").display(),
@@ -153,7 +153,7 @@ pub async fn run(mode: Mode) {
     restores.sort();
     saves.sort();
     sizes.sort();
-    println!("Accelerator: {accel}; guest: Debian cloud kernel + busybox initramfs, 1 vCPU, 256 MiB; {samples} cycles per tier (scale-down by the admin API, then one event).\n");
+    println!("Accelerator: {accel}; guest: Debian cloud kernel + busybox initramfs, 1 vCPU, 128 MiB, init_on_free=1; {samples} cycles per tier (scale-down by the admin API, then one event).\n");
     println!("| tier: event sent → guest's 202 | p50 ms | max ms |");
     println!("|---|---:|---:|");
     for (tier, taken) in [
@@ -169,7 +169,7 @@ pub async fn run(mode: Mode) {
     }
     if let (Some(size), Some(save)) = (sizes.get(sizes.len() / 2), saves.get(saves.len() / 2)) {
         println!(
-            "\nHibernate: state file p50 {:.1} MiB (the guest's RAM is 256 MiB), save (stop → synced, renamed file) p50 {} ms, max {} ms.",
+            "\nHibernate: state file p50 {:.1} MiB (the guest's RAM is 128 MiB), save (stop → synced, renamed file) p50 {} ms, max {} ms.",
             *size as f64 / (1024.0 * 1024.0),
             ms(*save),
             ms(*saves.last().expect("samples"))

@@ -6,7 +6,7 @@
 //! Owns: credentials checks. Must not import the activator, lifecycle, backend or axum (it
 //! takes `http` headers only).
 
-mod bearer;
+pub mod bearer;
 mod oidc;
 
 use std::sync::Arc;
@@ -101,7 +101,7 @@ impl Authenticator {
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
-fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
     let value = headers.get(http::header::AUTHORIZATION).ok_or(AuthError::Missing)?;
     let value = value
         .to_str()

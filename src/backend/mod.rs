@@ -92,6 +92,50 @@ pub enum StopOutcome {
     PeerActive,
 }
 
+/// An admin verb on a VM (`POST /v1/vms/{ns}/{name}/{verb}`), for access reviews.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminVerb {
+    /// Start now.
+    Start,
+    /// Stop now.
+    Stop,
+    /// Pause now.
+    Pause,
+    /// Hibernate now.
+    Hibernate,
+}
+
+impl AdminVerb {
+    /// The verb as in the route.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminVerb::Start => "start",
+            AdminVerb::Stop => "stop",
+            AdminVerb::Pause => "pause",
+            AdminVerb::Hibernate => "hibernate",
+        }
+    }
+}
+
+/// What an access review decided about the caller of an admin verb.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The token is valid and its user may do this.
+    Allowed {
+        /// Who the token belongs to.
+        user: String,
+    },
+    /// The token is not valid (→ 401).
+    Unauthenticated(String),
+    /// The token is valid but its user may not do this (→ 403).
+    Forbidden {
+        /// Who the token belongs to.
+        user: String,
+        /// Why not, as the reviewer says.
+        reason: String,
+    },
+}
+
 /// What went wrong in a backend call. `metric_label` gives a bounded label value.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
@@ -174,6 +218,14 @@ pub trait Backend: Send + Sync + 'static {
     async fn resume(&self, vm: &VmKey) -> Result<(), BackendError> {
         let _ = vm;
         Err(BackendError::Unsupported("resume"))
+    }
+
+    /// Reviews the caller of an admin verb: is `token` valid, and may its user do
+    /// `verb` to `vm`? Backends with an authority of their own (Kubernetes: TokenReview,
+    /// then SubjectAccessReview) answer; the default has none.
+    async fn review_access(&self, token: &str, vm: &VmKey, verb: AdminVerb) -> Result<Access, BackendError> {
+        let _ = (token, vm, verb);
+        Err(BackendError::Unsupported("access review"))
     }
 
     /// Whether the backend can currently act (for `/readyz`).

@@ -26,7 +26,14 @@ pub struct IngressConfig {
     pub max_connections: usize,
     /// Who may deliver events.
     pub auth: AuthConfig,
+    /// CloudEvent types that pre-warm the VM instead of being delivered: answered 202
+    /// (`{"prewarm": true, "state": …}`) once its start is issued. Default
+    /// `["io.vm-activator.prewarm"]`; empty turns pre-warming off.
+    pub prewarm_types: Vec<String>,
 }
+
+/// The CloudEvent type that pre-warms a VM by default.
+pub const PREWARM_TYPE: &str = "io.vm-activator.prewarm";
 
 /// Ingress authentication mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -110,6 +117,7 @@ impl Default for IngressConfig {
             max_header_bytes: 64 * 1024,
             max_connections: 20_000,
             auth: AuthConfig::default(),
+            prewarm_types: vec![PREWARM_TYPE.to_string()],
         }
     }
 }

@@ -89,6 +89,43 @@ pub struct Config {
     pub kubevirt: KubevirtConfig,
     /// The VMs of the local QEMU backend (the KubeVirt backend discovers its VMs).
     pub vms: Vec<VmConfig>,
+    /// Who may use the admin listener's verbs (start, stop, pause, hibernate).
+    pub admin: AdminConfig,
+}
+
+/// How callers of the admin verbs are authenticated and authorized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerbAuthMode {
+    /// Anyone who reaches the admin listener.
+    None,
+    /// A token from `admin.bearer_tokens_file`.
+    Bearer,
+    /// The Kubernetes API server decides: TokenReview of the caller's token, then a
+    /// SubjectAccessReview for the permission `virtctl` needs for the same action.
+    Kubernetes,
+}
+
+/// The admin section.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `none`, `bearer` or `kubernetes`. Unset: `kubernetes` with the kubevirt backend;
+    /// with the qemu backend `none` when `admin_listen` is loopback, else it must be set.
+    pub verbs_auth: Option<VerbAuthMode>,
+    /// Bearer mode: file of tokens (one per line, `#` comments), re-read when it changes.
+    pub bearer_tokens_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The effective admin verb authentication (validation ruled out an unset mode
+    /// where there is no default).
+    pub fn verbs_auth(&self) -> VerbAuthMode {
+        self.admin.verbs_auth.unwrap_or(match self.backend {
+            BackendKind::Kubevirt => VerbAuthMode::Kubernetes,
+            BackendKind::Qemu => VerbAuthMode::None,
+        })
+    }
 }
 
 impl Default for Config {
@@ -105,6 +142,7 @@ impl Default for Config {
             qemu: QemuConfig::default(),
             kubevirt: KubevirtConfig::default(),
             vms: Vec::new(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -235,6 +273,7 @@ mod tests {
     /// A valid file with one local VM, for tests to vary.
     pub(super) const VM: &str = "
 listen: 127.0.0.1:8080
+admin_listen: 127.0.0.1:9090
 vms:
   - namespace: default
     name: demo
@@ -275,10 +314,14 @@ vms:
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
             let mut config = Config::from_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
             if file.ends_with("reference.yaml") {
-                // The defaults listen on every interface, where an auth mode must be chosen.
+                // The defaults listen on every interface, where an auth mode must be chosen
+                // for the ingress and for the admin verbs.
                 let err = config.validate().unwrap_err().to_string();
                 assert!(err.contains("ingress.auth.mode"), "{err}");
                 config.ingress.auth.mode = Some(AuthMode::None);
+                let err = config.validate().unwrap_err().to_string();
+                assert!(err.contains("admin.verbs_auth"), "{err}");
+                config.admin.verbs_auth = Some(VerbAuthMode::None);
             }
             config.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
         }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{invalid, AuthMode, BackendKind, Config, ConfigError};
+use super::{invalid, AuthMode, BackendKind, Config, ConfigError, VerbAuthMode};
 use crate::vm::Readiness;
 
 impl Config {
@@ -102,6 +102,25 @@ impl Config {
             ));
         }
         let mut seen = std::collections::HashSet::new();
+        match self.admin.verbs_auth {
+            None if self.backend == BackendKind::Qemu && !self.admin_listen.ip().is_loopback() => {
+                return Err(invalid(
+                    "admin.verbs_auth",
+                    "must be set (bearer, or none explicitly): anyone who can reach the admin listener could start and stop VMs; \
+                     none is the default only for the local qemu backend with admin_listen on loopback",
+                ))
+            }
+            Some(VerbAuthMode::Bearer) if self.admin.bearer_tokens_file.is_none() => {
+                return Err(invalid("admin.bearer_tokens_file", "is required with verbs_auth bearer"))
+            }
+            Some(VerbAuthMode::Kubernetes) if self.backend != BackendKind::Kubevirt => {
+                return Err(invalid(
+                    "admin.verbs_auth",
+                    "kubernetes needs the kubevirt backend (its API server reviews the tokens)",
+                ))
+            }
+            _ => {}
+        }
         for (i, vm) in self.vms.iter().enumerate() {
             let field = |name: &str| format!("vms[{i}].{name}");
             if !is_dns_label(&vm.namespace) {
@@ -212,6 +231,29 @@ mod tests {
         config.ingress.auth.mode = Some(AuthMode::None);
         config.ingress.auth.allowed_subjects = vec!["x".into()];
         assert!(config.validate().unwrap_err().to_string().contains("allowed_subjects"));
+    }
+
+    #[test]
+    fn admin_verbs_auth_rules() {
+        let mut config = Config::from_yaml(VM).unwrap();
+        config
+            .validate()
+            .expect("none is the default for qemu with a loopback admin listener");
+        config.admin_listen = "0.0.0.0:9090".parse().unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("admin.verbs_auth"));
+        config.admin.verbs_auth = Some(VerbAuthMode::Bearer);
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("admin.bearer_tokens_file"));
+        config.admin.bearer_tokens_file = Some("/tokens".into());
+        config.validate().unwrap();
+        config.admin.verbs_auth = Some(VerbAuthMode::Kubernetes);
+        assert!(config.validate().unwrap_err().to_string().contains("kubevirt backend"));
+        config.backend = BackendKind::Kubevirt;
+        config.admin.verbs_auth = None;
+        assert_eq!(config.verbs_auth(), VerbAuthMode::Kubernetes, "the kubevirt default");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub use service::{Ingress, IngressBody};
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use axum::response::IntoResponse;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -260,6 +261,15 @@ where
 {
     let body = read_body(&parts.headers, body, state.config.max_body_bytes).await?;
     let envelope = cloudevent::validate(&parts.headers, body)?;
+    if let Some(kind) = envelope.event_type(&parts.headers) {
+        if state.config.prewarm_types.iter().any(|t| t == kind) {
+            // A pre-warm: start the VM, deliver nothing.
+            let phase = vm.warm().await?;
+            let body = serde_json::json!({"prewarm": true, "state": phase.as_str()});
+            let response = (http::StatusCode::ACCEPTED, axum::Json(body)).into_response();
+            return Ok(response.map(IngressBody::Own));
+        }
+    }
     let body_bytes = envelope.body.len();
     let permit = vm.admit(body_bytes).await?;
     let guest_uri = target.guest_uri(&policy.path, parts.uri.query())?;

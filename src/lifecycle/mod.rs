@@ -18,13 +18,15 @@
 //! gate. Must not import HTTP frameworks, `ingress`, `server`, `activator`, or any
 //! backend implementation (only the `backend` trait).
 
+mod context;
 mod gate;
 mod idle;
 mod owner;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+pub use context::{Context, WallClock};
+
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -35,9 +37,7 @@ use tokio::time::Instant;
 pub use gate::{Gate, Permit, VmState};
 pub use idle::Action;
 
-use crate::backend::Backend;
 use crate::metrics::VmMetrics;
-use crate::readiness::GuestProbe;
 use crate::vm::{Endpoint, Policy, VmKey, VmPhase};
 use gate::{GateTx, Release};
 
@@ -94,59 +94,6 @@ pub enum ScaleDownRefused {
     Removed,
 }
 
-/// What every VM's owner works with: the process-wide side effects and settings.
-pub struct Context {
-    backend: Arc<dyn Backend>,
-    probe: Arc<dyn GuestProbe>,
-    /// How often an idle VM that is still busy (a long request in flight) is re-checked.
-    idle_recheck: Duration,
-    draining: AtomicBool,
-    /// The wall clock keep-warm schedules are read on (tests run one off tokio's paused
-    /// clock).
-    wall_clock: WallClock,
-}
-
-/// Where the wall-clock time comes from.
-pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
-
-impl Context {
-    /// Owners over `backend`, probing guests with `probe`.
-    pub fn new(backend: Arc<dyn Backend>, probe: Arc<dyn GuestProbe>, idle_recheck: Duration) -> Arc<Context> {
-        Self::with_wall_clock(backend, probe, idle_recheck, Arc::new(SystemTime::now))
-    }
-
-    /// As [`Context::new`], reading the wall clock from `wall_clock`.
-    pub fn with_wall_clock(
-        backend: Arc<dyn Backend>,
-        probe: Arc<dyn GuestProbe>,
-        idle_recheck: Duration,
-        wall_clock: WallClock,
-    ) -> Arc<Context> {
-        Arc::new(Context {
-            backend,
-            probe,
-            idle_recheck,
-            draining: AtomicBool::new(false),
-            wall_clock,
-        })
-    }
-
-    /// The backend.
-    pub fn backend(&self) -> &Arc<dyn Backend> {
-        &self.backend
-    }
-
-    /// From now on new requests get [`AdmitError::Draining`]; held and in-flight ones go on.
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether `start_draining` was called.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-}
-
 /// What the rest of the process asks of a VM's owner.
 enum Command {
     /// A request that missed the warm path wants in. It has reserved its place among
@@ -159,6 +106,9 @@ enum Command {
         action: Action,
         reply: oneshot::Sender<Result<(), ScaleDownRefused>>,
     },
+    /// Start the VM now if it is not running or on its way (a pre-warm: nothing held,
+    /// nothing delivered); answered with the phase once the start is issued.
+    Warm(oneshot::Sender<Result<VmPhase, AdmitError>>),
     /// The VM's catalog entry changed; the policy takes effect when the VM is stopped.
     CatalogChanged(Arc<Policy>),
     /// The VM left the catalog: answer held requests, end.
@@ -277,6 +227,19 @@ impl VmHandle {
         self.send(Command::ScaleDown { action, reply })
             .map_err(|_| ScaleDownRefused::Removed)?;
         answer.await.unwrap_or(Err(ScaleDownRefused::Removed))
+    }
+
+    /// Starts the VM now unless it is running or on its way — a pre-warm: nothing is
+    /// delivered, and its idle timeout counts from now. Returns the phase once the start
+    /// is issued; refused while draining or after the drain deadline.
+    pub async fn warm(&self) -> Result<VmPhase, AdmitError> {
+        if self.0.context.is_draining() {
+            return Err(AdmitError::Draining);
+        }
+        let (reply, answer) = oneshot::channel();
+        let removed = || AdmitError::Stopped("the VM was removed from the catalog".into());
+        self.send(Command::Warm(reply)).map_err(|_| removed())?;
+        answer.await.unwrap_or_else(|_| Err(removed()))
     }
 
     /// The VM's catalog entry has a new policy. Only the registry calls this.

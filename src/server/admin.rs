@@ -1,6 +1,6 @@
 //! Admin routes on their own listener: `/metrics` (Prometheus text), `/healthz`
 //! (process alive), `/readyz` (backend connected and not draining), `/v1/vms` (what
-//! each VM is doing) and `POST /v1/vms/{namespace}/{name}/stop|pause|hibernate` (scale an idle
+//! each VM is doing) and `POST /v1/vms/{namespace}/{name}/start|stop|pause|hibernate` (scale an idle
 //! VM down now). Keep this listener inside the cluster: it names every VM, and any
 //! caller can make an idle VM pay one more cold start.
 //!
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,7 +18,9 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::time::Instant;
 
+use super::VerbGuard;
 use crate::activator::Activator;
+use crate::backend::AdminVerb;
 use crate::lifecycle::{Action, ScaleDownRefused, VmHandle};
 
 /// One VM in `/v1/vms`.
@@ -62,16 +64,31 @@ pub struct VmView {
 }
 
 /// The admin router.
-pub fn router(activator: Arc<Activator>) -> Router {
+pub fn router(activator: Arc<Activator>, verbs: VerbGuard) -> Router {
+    let state = Admin { activator, verbs };
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/v1/vms", get(vms))
+        .route("/v1/vms/{namespace}/{name}/start", post(start))
         .route("/v1/vms/{namespace}/{name}/stop", post(stop))
         .route("/v1/vms/{namespace}/{name}/pause", post(pause))
         .route("/v1/vms/{namespace}/{name}/hibernate", post(hibernate))
-        .with_state(activator)
+        .with_state(state)
+}
+
+/// What the admin handlers share.
+#[derive(Clone)]
+struct Admin {
+    activator: Arc<Activator>,
+    verbs: VerbGuard,
+}
+
+impl axum::extract::FromRef<Admin> for Arc<Activator> {
+    fn from_ref(admin: &Admin) -> Arc<Activator> {
+        admin.activator.clone()
+    }
 }
 
 async fn metrics(State(activator): State<Arc<Activator>>) -> Response {
@@ -122,29 +139,79 @@ fn view(activator: &Activator, vm: &VmHandle) -> VmView {
     }
 }
 
-async fn stop(State(activator): State<Arc<Activator>>, Path((namespace, name)): Path<(String, String)>) -> Response {
-    scale_down(&activator, &namespace, &name, Action::Stop).await
+/// `POST …/start`: 202 with the VM's view once the start is issued (or at once if it
+/// runs or is on its way); 404 for an unknown VM, 409 for a refused name, 503 while
+/// draining; 401/403 from the verb guard.
+async fn start(
+    State(admin): State<Admin>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let activator = &admin.activator;
+    let Some(vm) = activator.vm(&namespace, &name) else {
+        return unknown_vm(&namespace, &name);
+    };
+    if let Err(refused) = admin.verbs.check(&headers, activator, vm.key(), AdminVerb::Start).await {
+        return refused.into_response();
+    }
+    if let Some(reason) = &vm.gate().policy().refused {
+        let body = json!({"error": "conflict", "detail": reason});
+        return (StatusCode::CONFLICT, Json(body)).into_response();
+    }
+    match vm.warm().await {
+        Ok(_) => (StatusCode::ACCEPTED, Json(view(activator, &vm))).into_response(),
+        Err(error) => {
+            let body = json!({"error": "unavailable", "detail": error.to_string()});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
 }
 
-async fn pause(State(activator): State<Arc<Activator>>, Path((namespace, name)): Path<(String, String)>) -> Response {
-    scale_down(&activator, &namespace, &name, Action::Pause).await
+fn unknown_vm(namespace: &str, name: &str) -> Response {
+    let body =
+        json!({"error": "unknown_vm", "detail": format!("no VM {namespace}/{name} is managed by this activator")});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+async fn stop(
+    State(admin): State<Admin>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    scale_down(&admin, &headers, &namespace, &name, Action::Stop).await
+}
+
+async fn pause(
+    State(admin): State<Admin>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    scale_down(&admin, &headers, &namespace, &name, Action::Pause).await
 }
 
 async fn hibernate(
-    State(activator): State<Arc<Activator>>,
+    State(admin): State<Admin>,
     Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Response {
-    scale_down(&activator, &namespace, &name, Action::Hibernate).await
+    scale_down(&admin, &headers, &namespace, &name, Action::Hibernate).await
 }
 
 /// 202 with the VM's view once the scale-down has begun; 409 if the VM is busy or not
 /// in a phase the action applies to; 404 for an unknown VM.
-async fn scale_down(activator: &Activator, namespace: &str, name: &str, action: Action) -> Response {
+async fn scale_down(admin: &Admin, headers: &HeaderMap, namespace: &str, name: &str, action: Action) -> Response {
+    let activator = &admin.activator;
     let Some(vm) = activator.vm(namespace, name) else {
-        let body =
-            json!({"error": "unknown_vm", "detail": format!("no VM {namespace}/{name} is managed by this activator")});
-        return (StatusCode::NOT_FOUND, Json(body)).into_response();
+        return unknown_vm(namespace, name);
     };
+    let verb = match action {
+        Action::Stop => AdminVerb::Stop,
+        Action::Pause => AdminVerb::Pause,
+        Action::Hibernate => AdminVerb::Hibernate,
+    };
+    if let Err(refused) = admin.verbs.check(headers, activator, vm.key(), verb).await {
+        return refused.into_response();
+    }
     match vm.scale_down(action).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(view(activator, &vm))).into_response(),
         Err(refused) => {

@@ -9,6 +9,9 @@
 
 pub mod admin;
 mod listener;
+mod verbs;
+
+pub use verbs::VerbGuard;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -114,7 +117,8 @@ pub async fn app(config: &Config, backend: Arc<dyn Backend>) -> Result<App, Serv
         auth,
     );
     let ingress = ingress::service(state, config.ingress.max_concurrent_requests);
-    let admin = admin::router(activator.clone());
+    let verbs = VerbGuard::from_config(config).await.map_err(ServerError::Auth)?;
+    let admin = admin::router(activator.clone(), verbs);
     Ok(App {
         activator,
         ingress,

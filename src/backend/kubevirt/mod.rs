@@ -19,6 +19,7 @@
 //! Owns: everything Kubernetes. The only module that imports kube.
 //! Must not import `activator`, `lifecycle`, `ingress`, `server`.
 
+mod access;
 mod health;
 mod resources;
 mod scale;
@@ -47,7 +48,7 @@ pub use resources::{
     VmTemplate, VmTemplateSpec, VmiCondition, VmiInterface, VmiSpec, VmiStatus, API_ACCESS, PAUSE_API_ACCESS,
 };
 
-use super::{Backend, BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome};
+use super::{Access, AdminVerb, Backend, BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome};
 use crate::config::KubevirtConfig;
 use crate::vm::{VmKey, OPT_IN_LABEL};
 use targets::Target;
@@ -331,6 +332,10 @@ impl Backend for KubevirtBackend {
 
     fn is_connected(&self) -> bool {
         !self.write_health.is_degraded() && self.health.iter().all(|watch| watch.synced.load(Ordering::SeqCst))
+    }
+
+    async fn review_access(&self, token: &str, key: &VmKey, verb: AdminVerb) -> Result<Access, BackendError> {
+        self.review(token, key, verb).await
     }
 
     async fn record_activity(&self, key: &VmKey, at: SystemTime) -> Result<(), BackendError> {

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 /// strategy and the activity record, `get` re-reads after a failed compare-and-stop.
 /// Workloads: `patch` writes the activity record and the remembered replica count,
 /// `deployments/scale` and `statefulsets/scale` `get`/`patch` scale them; pods are
-/// only listed and watched (their ready addresses are the endpoints). Pausing needs
+/// only listed and watched (their ready addresses are the endpoints). Callers of the admin verbs
+/// are reviewed by the API server (`create` on `tokenreviews` and
+/// `subjectaccessreviews`, as `system:auth-delegator` grants). Pausing needs
 /// the extra [`PAUSE_API_ACCESS`] (the `deploy/components/pause` component); a kind from
 /// `kubevirt.scale_kinds` needs the same rules for its resource (e.g.
 /// `deploy/components/virtualmachinepools`).
@@ -25,6 +27,8 @@ pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
     ("apps", "statefulsets", &["get", "list", "watch", "patch"]),
     ("apps", "statefulsets/scale", &["get", "patch"]),
     ("", "pods", &["list", "watch"]),
+    ("authentication.k8s.io", "tokenreviews", &["create"]),
+    ("authorization.k8s.io", "subjectaccessreviews", &["create"]),
 ];
 
 /// What a kind from `kubevirt.scale_kinds` needs, for its `(group, plural)`: the rules

@@ -4,7 +4,8 @@
 //!
 //! QEMU 7.2 (Debian 12) has no `file:` migration target, so the state is streamed
 //! through `exec:cat`: QMP `stop`, then `migrate` to `exec:cat > NAME.partial`, polled
-//! with `query-migrate` until it completes. Pages the guest never wrote (or zeroed) cost
+//! with `query-migrate` until it completes. A restore hands QEMU the file itself
+//! (`-incoming fd:3`). Pages the guest never wrote (or zeroed) cost
 //! a few bytes each in the stream: the file is about the guest's used memory.
 //!
 //! Safety of a restore, in order:
@@ -307,7 +308,7 @@ async fn commit(files: &StateFiles, fingerprint: impl Fn() -> Result<Fingerprint
 }
 
 /// `text` as one POSIX shell word.
-pub(super) fn shell_quote(text: &str) -> String {
+fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 

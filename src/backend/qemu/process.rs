@@ -12,7 +12,6 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch, Mutex};
 
-use super::hibernate::shell_quote;
 use super::qmp::{qmp_execute, Qmp};
 use super::{LocalVm, Process, QemuBackend};
 use crate::backend::{BackendError, BackendPhase, BackendStatus};
@@ -20,6 +19,8 @@ use crate::vm::Endpoint;
 
 /// After `quit`, how long before SIGKILL.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The descriptor a restoring QEMU reads its state from (`-incoming fd:3`).
+const INCOMING_FD: i32 = 3;
 /// How often a restoring QEMU is asked whether the guest runs yet.
 const INCOMING_POLL: Duration = Duration::from_millis(2);
 /// How much of QEMU's stderr is kept for error messages.
@@ -62,12 +63,10 @@ impl QemuBackend {
         if self.accel == "kvm" {
             args.extend(["-cpu".into(), "host".into()]);
         }
-        if let Some(state) = incoming {
-            // QEMU 7.2 has no `file:` source: the state is streamed in through cat.
-            args.extend([
-                "-incoming".into(),
-                format!("exec:cat {}", shell_quote(&state.display().to_string())),
-            ]);
+        if incoming.is_some() {
+            // The state file, opened by the activator, is the child's fd 3 (see `spawn`):
+            // QEMU reads it directly — no `cat` process, no pipe to copy through.
+            args.extend(["-incoming".into(), format!("fd:{INCOMING_FD}")]);
         }
         args
     }
@@ -98,12 +97,31 @@ impl QemuBackend {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL this
-        // child if the activator dies, so a crashed activator never leaks VMs.
+        let state = match incoming {
+            Some(path) => Some(
+                std::fs::File::open(path)
+                    .map_err(|e| fail(format!("cannot open the state {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        let state_fd = state.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        // SAFETY: prctl, dup2 and fcntl are async-signal-safe. prctl only asks the kernel
+        // to SIGKILL this child if the activator dies, so a crashed activator never leaks
+        // VMs; dup2 gives the child the state file as fd 3 (without close-on-exec).
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = state_fd {
+                    let moved = if fd == INCOMING_FD {
+                        libc::fcntl(fd, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, INCOMING_FD)
+                    };
+                    if moved == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -112,6 +130,8 @@ impl QemuBackend {
             .spawn()
             .map_err(|e| fail(format!("cannot run {}: {e}", self.config.binary.display())))?;
         tracing::info!(vm = %vm.key, pid = child.id(), %endpoint, accel = self.accel, "QEMU started");
+        // The child has its own copy of the state file's descriptor.
+        drop(state);
         let stderr = child.stderr.take().expect("stderr is piped");
         let stderr_tail = Arc::new(std::sync::Mutex::new(String::new()));
         tokio::spawn(collect_tail(stderr, stderr_tail.clone()));

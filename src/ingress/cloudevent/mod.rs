@@ -45,8 +45,22 @@ pub struct Envelope {
     /// event's for a non-empty batch). Binary mode leaves it in the `ce-id` header
     /// (validated, not copied).
     pub id: Option<String>,
+    /// The event's `type` when it was read from the body (structured mode); binary mode
+    /// leaves it in the `ce-type` header.
+    pub kind: Option<String>,
     /// The body as received.
     pub body: Bytes,
+}
+
+impl Envelope {
+    /// The event's `type` (one event: binary or structured mode; `None` for a batch).
+    pub fn event_type<'a>(&'a self, headers: &'a HeaderMap) -> Option<&'a str> {
+        match self.mode {
+            Mode::Binary => headers.get("ce-type").and_then(|v| v.to_str().ok()),
+            Mode::Structured => self.kind.as_deref(),
+            Mode::Batch(_) => None,
+        }
+    }
 }
 
 /// Why a request is not a valid CloudEvent. Every variant names the attribute or header.
@@ -133,10 +147,11 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
     let is = |wanted: &str| media_type.is_some_and(|m| m.eq_ignore_ascii_case(wanted));
     match () {
         () if is(STRUCTURED) => {
-            let id = validate_structured(&body)?;
+            let (id, kind) = validate_structured(&body)?;
             Ok(Envelope {
                 mode: Mode::Structured,
                 id: Some(id),
+                kind: Some(kind),
                 body,
             })
         }
@@ -145,6 +160,7 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
             Ok(Envelope {
                 mode: Mode::Batch(count),
                 id: (count > 0).then_some(id),
+                kind: None,
                 body,
             })
         }
@@ -153,6 +169,7 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
             Ok(Envelope {
                 mode: Mode::Binary,
                 id: None,
+                kind: None,
                 body,
             })
         }

@@ -281,6 +281,11 @@ impl GateTx {
         })
     }
 
+    /// Records activity now (a pre-warm: the idle timeout counts from it).
+    pub(super) fn touch(&self) {
+        self.gate().touch();
+    }
+
     /// Records how long the last cold start took.
     pub(super) fn record_cold_start(&self, took: Duration) {
         self.inner()

@@ -10,8 +10,9 @@
 //! Whatever goes wrong on the way answers the held requests and stops the half-started
 //! VM; requests that arrive meanwhile start it again afterwards.
 //!
-//! This file has the loop and the dispatch; `up.rs` the way up (start, status, probes,
-//! release, failure, loss), `down.rs` the way down (idle timer, scale-down),
+//! This file has the loop and the dispatch; `life.rs` the owner's states and events,
+//! `up.rs` the way up (start, status, probes, release, failure, loss), `down.rs` the way
+//! down (idle timer, scale-down), `warm.rs` keep-warm and pre-warm starts,
 //! `endpoints.rs` the endpoints being probed and taking traffic.
 //!
 //! Owns: the phase transitions, the queue of held requests, starts, probes,
@@ -20,9 +21,12 @@
 
 mod down;
 mod endpoints;
+mod life;
 mod timer;
 mod up;
 mod warm;
+
+use life::{Done, Event, Flow, Life, ScaledDown, StartKind};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -33,115 +37,11 @@ use tokio::time::Instant;
 
 use super::gate::GateTx;
 use super::{AdmitError, Command, VmHandle, Waiter};
-use crate::backend::{BackendError, BackendStatus};
+use crate::backend::BackendStatus;
 use crate::metrics::ColdStartPhase;
-use crate::vm::{Endpoint, Policy, VmPhase};
+use crate::vm::{Policy, VmPhase};
 use endpoints::{Endpoints, Probing};
 use timer::{maybe, Timer};
-
-/// What kind of start the VM needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StartKind {
-    /// A boot from Stopped or Failed.
-    Boot,
-    /// A resume from Paused.
-    Resume,
-    /// A restore from Hibernated (the backend boots instead if the state is unusable).
-    Restore,
-}
-
-impl StartKind {
-    /// The cold-start phase the time from the start call to running counts as.
-    fn phase(self) -> ColdStartPhase {
-        match self {
-            StartKind::Boot => ColdStartPhase::Boot,
-            StartKind::Resume => ColdStartPhase::Resume,
-            StartKind::Restore => ColdStartPhase::Restore,
-        }
-    }
-}
-
-/// Where the VM is in its life, with what each phase needs to remember.
-#[derive(Clone, Copy, Debug)]
-enum Life {
-    Stopped,
-    /// The last start failed (or a scale-down did). While a clean-up stop runs, new
-    /// requests wait for it.
-    Failed,
-    Starting {
-        called_at: Instant,
-        /// When the start call returned.
-        returned_at: Option<Instant>,
-        /// The backend reported something other than Stopped since the call: a Stopped
-        /// after that means the VM died while starting.
-        left_stopped: bool,
-        deadline: Instant,
-        kind: StartKind,
-    },
-    /// The backend reports it running: Ready while an endpoint takes traffic, else
-    /// Probing (its endpoints are probed).
-    Running {
-        /// Part of a cold start: no endpoint has passed its probe yet.
-        cold: bool,
-        /// When the backend reported it running (for the probe phase of a cold start).
-        since: Instant,
-        /// While no endpoint takes traffic: when to give up (`start_timeout`).
-        deadline: Option<Instant>,
-    },
-    Stopping {
-        /// Where the VM was; a stop that is called off goes back there.
-        from: VmPhase,
-    },
-    Paused,
-    Hibernated,
-}
-
-/// The one backend call in progress, with what it returns.
-enum Done {
-    Started(Result<(), BackendError>),
-    ScaledDown(Result<ScaledDown, BackendError>),
-    CleanedUp,
-}
-
-/// How a scale-down ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ScaledDown {
-    Stopped,
-    Paused,
-    Hibernated,
-    /// Another replica saw activity meanwhile: the VM keeps running.
-    PeerActive,
-}
-
-/// One input of the owner: a command from outside, or something it waited for.
-enum Event {
-    /// From a `VmHandle`: `Activate`, `Unreachable`, `ScaleDown` (Stop, Pause, Hibernate),
-    /// `CatalogChanged`, `Removed`, `RejectHeld`.
-    Command(Command),
-    /// The backend's status stream has news.
-    BackendStatus,
-    /// The backend dropped the VM's status stream.
-    StatusGone,
-    /// The start (or re-probe) took longer than `start_timeout`.
-    StartDeadline,
-    /// The idle timer fired.
-    IdleExpired,
-    /// The keep-warm timer fired: a window begins soon.
-    WarmDue,
-    /// The backend call in progress finished.
-    Done(Done),
-    /// This endpoint passed its probe.
-    Probed(Endpoint),
-    /// A concurrency slot may have freed up for the first held request.
-    Slot,
-}
-
-/// Whether the owner goes on after an event.
-#[derive(PartialEq, Eq)]
-enum Flow {
-    Continue,
-    End,
-}
 
 pub(super) struct Owner {
     handle: VmHandle,
@@ -291,6 +191,9 @@ impl Owner {
             Command::Unreachable(endpoint) => self.on_unreachable(endpoint),
             Command::ScaleDown { action, reply } => {
                 let _ = reply.send(self.scale_down_now(action));
+            }
+            Command::Warm(reply) => {
+                let _ = reply.send(self.warm());
             }
             Command::CatalogChanged(policy) => {
                 self.pending_policy = Some(policy);

@@ -16,7 +16,8 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::{Life, Owner, StartKind};
-use crate::vm::Schedule;
+use crate::lifecycle::AdmitError;
+use crate::vm::{Schedule, VmPhase};
 
 /// How far ahead of a window a VM starts before any cold start was measured.
 const FIRST_LEAD: Duration = Duration::from_secs(30);
@@ -62,6 +63,35 @@ impl Owner {
         Some(self.instant_at(until))
     }
 
+    /// A pre-warm (admin `start`, a pre-warm event): the VM is started unless it is
+    /// running or on its way, and its idle timeout counts from now.
+    pub(super) fn warm(&mut self) -> Result<VmPhase, AdmitError> {
+        if let Some(error) = &self.rejecting {
+            return Err(error.clone());
+        }
+        self.tx.touch();
+        if self.op.is_none() {
+            if let Some(kind) = self.start_kind() {
+                tracing::info!(vm = %self.handle.key(), "pre-warm: starting");
+                self.start(kind);
+            }
+        }
+        if matches!(self.life, Life::Running { .. }) {
+            self.arm_idle_timer();
+        }
+        Ok(self.phase())
+    }
+
+    /// How a VM at rest starts; `None` while it runs or is on its way.
+    fn start_kind(&self) -> Option<StartKind> {
+        match self.life {
+            Life::Stopped | Life::Failed => Some(StartKind::Boot),
+            Life::Paused => Some(StartKind::Resume),
+            Life::Hibernated => Some(StartKind::Restore),
+            _ => None,
+        }
+    }
+
     /// Starts the VM if the schedule wants it up now, and sets the warm timer to the next
     /// window's start minus the lead (none without a schedule).
     pub(super) fn keep_warm(&mut self) {
@@ -75,13 +105,7 @@ impl Owner {
             self.warm_hold = self.warm_hold.max(window_end);
         }
         if window_end.is_some() && self.op.is_none() {
-            let kind = match self.life {
-                Life::Stopped | Life::Failed => Some(StartKind::Boot),
-                Life::Paused => Some(StartKind::Resume),
-                Life::Hibernated => Some(StartKind::Restore),
-                _ => None,
-            };
-            if let Some(kind) = kind {
+            if let Some(kind) = self.start_kind() {
                 tracing::info!(vm = %self.handle.key(), %schedule, "keep-warm window: starting");
                 self.start(kind);
             }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::backend::{BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome};
+use crate::backend::{Backend, BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome};
 use crate::metrics::Metrics;
 use crate::readiness::GuestProbe;
 use crate::vm::{Readiness, ScaleDown};

@@ -34,7 +34,10 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
             "/api/v1/namespaces/{ns}/{plural}/{name}",
             get(core_get).patch(core_patch).delete(core_delete),
         )
-        .route("/apis/{group}/{version}/{plural}", get(list_or_watch_all))
+        .route(
+            "/apis/{group}/{version}/{plural}",
+            get(list_or_watch_all).post(crate::reviews::create_review),
+        )
         .route(
             "/apis/{group}/{version}/namespaces/{ns}/{plural}",
             get(list_or_watch_namespaced),

@@ -23,6 +23,7 @@
 mod api;
 pub mod guest;
 mod list_watch;
+mod reviews;
 mod selector;
 mod store;
 mod virt_controller;
@@ -381,6 +382,10 @@ struct Inner {
     guests_held: tokio::sync::watch::Sender<bool>,
     /// Scale patches still to be raced by a status write (see `race_scale_patches`).
     scale_races: std::sync::atomic::AtomicUsize,
+    /// Tokens TokenReview authenticates, and their users.
+    tokens: Mutex<HashMap<String, String>>,
+    /// What SubjectAccessReview allows.
+    grants: Mutex<Vec<reviews::Grant>>,
 }
 
 /// A VirtualMachine object (no namespace): `spec` merged over `{"runStrategy": "Halted"}`
@@ -435,6 +440,8 @@ impl FakeKube {
             draining: Mutex::new(Vec::new()),
             refusing: tokio::sync::watch::channel(false).0,
             scale_races: Default::default(),
+            tokens: Default::default(),
+            grants: Default::default(),
             guests: Mutex::new(HashMap::new()),
             guest_logs: Mutex::new(HashMap::new()),
             controller: Mutex::new(None),
@@ -666,6 +673,24 @@ impl FakeKube {
         } else {
             self.serve_again().await;
         }
+    }
+
+    /// TokenReview authenticates `token` as `user` from now on.
+    pub fn add_token(&self, token: &str, user: &str) {
+        self.inner.tokens.lock().unwrap().insert(token.into(), user.into());
+    }
+
+    /// SubjectAccessReview allows `user` to `update` `resource/subresource` of `group`
+    /// in `namespace` from now on.
+    pub fn grant(&self, user: &str, namespace: &str, group: &str, resource: &str, subresource: &str) {
+        self.inner.grants.lock().unwrap().push(reviews::Grant {
+            user: user.into(),
+            verb: "update".into(),
+            group: group.into(),
+            resource: resource.into(),
+            subresource: subresource.into(),
+            namespace: namespace.into(),
+        });
     }
 
     /// The next `count` PATCHes of a `/scale` each lose a race with a controller writing
