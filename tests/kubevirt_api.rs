@@ -296,3 +296,62 @@ async fn admin_verbs_are_authorized_by_the_api_server() {
     assert_eq!(c.activator.vm(NS, "svc").await.unwrap()["state"], "ready");
     assert_rbac_covers_every_request(c.kube.requests());
 }
+
+/// What `kubectl describe vm` shows: a Warning for a bad annotation, then for one cold
+/// start and its scale-down a `ScaledUp` naming the CloudEvent, a `Ready` with the cold
+/// start's phases and a `ScaledDown` — each on the VirtualMachine (by uid), reported by
+/// `vm-activator` and its instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_events_tell_the_story_of_a_cold_start() {
+    let c = cluster(Options::default(), |k| {
+        let mut settings = annotations("1s");
+        settings["vm-activator.io/max-buffered"] = json!("lots");
+        k.create_opted_in_vm(NS, "svc", settings);
+    })
+    .await;
+    c.activator
+        .wait_vm_state(NS, "svc", "stopped", Duration::from_secs(5))
+        .await;
+    assert_eq!(c.activator.send_status("/apps/svc", "order-42").await, 202);
+    c.activator
+        .wait_vm_state(NS, "svc", "stopped", Duration::from_secs(15))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let events = loop {
+        let events = c.kube.k8s_events(NS);
+        if events.len() >= 4 || tokio::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let reasons: Vec<&str> = events.iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert_eq!(
+        reasons,
+        ["BadAnnotation", "ScaledUp", "Ready", "ScaledDown"],
+        "{events:#?}"
+    );
+    let vm = c.kube.vm(NS, "svc").unwrap();
+    for event in &events {
+        assert_eq!(event["regarding"]["kind"], "VirtualMachine");
+        assert_eq!(event["regarding"]["name"], "svc");
+        assert_eq!(event["regarding"]["uid"], vm["metadata"]["uid"]);
+        assert_eq!(event["reportingController"], "vm-activator");
+        assert!(event["reportingInstance"].as_str().is_some_and(|i| !i.is_empty()));
+    }
+    let note = |i: usize| events[i]["note"].as_str().unwrap().to_string();
+    assert_eq!(events[0]["type"], "Warning");
+    assert!(note(0).contains("max-buffered"), "{}", note(0));
+    assert!(
+        note(1).contains("id=order-42 source=/e2e") && note(1).contains("1 event(s) held"),
+        "{}",
+        note(1)
+    );
+    assert!(
+        note(2).contains("cold start") && note(2).contains("start call") && note(2).contains("probe"),
+        "{}",
+        note(2)
+    );
+    assert_eq!(events[3]["action"], "Stop");
+    assert!(note(3).starts_with("stop after"), "{}", note(3));
+    assert_rbac_covers_every_request(c.kube.requests());
+}

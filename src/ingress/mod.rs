@@ -271,7 +271,7 @@ where
         }
     }
     let body_bytes = envelope.body.len();
-    let permit = vm.admit(body_bytes).await?;
+    let permit = vm.admit_event(body_bytes, || envelope.trigger(&parts.headers)).await?;
     let guest_uri = target.guest_uri(&policy.path, parts.uri.query())?;
     let request = Proxy::prepare(guest_uri, parts, envelope.body);
     // Boxed: the forwarding future is large, and inline it would be part of every held

@@ -37,6 +37,7 @@ use tokio::time::Instant;
 pub use gate::{Gate, Permit, VmState};
 pub use idle::Action;
 
+use crate::backend::Trigger;
 use crate::metrics::VmMetrics;
 use crate::vm::{Endpoint, Policy, VmKey, VmPhase};
 use gate::{GateTx, Release};
@@ -121,6 +122,8 @@ enum Command {
 struct Waiter {
     reply: oneshot::Sender<Result<Release, AdmitError>>,
     arrived: Instant,
+    /// The event, when it may be the one that starts the VM (it found it at rest).
+    trigger: Option<Trigger>,
 }
 
 /// Where a VM's owner is: running (its command channel) or not (its gate's write side,
@@ -178,6 +181,16 @@ impl VmHandle {
     /// lock-free), otherwise held — starting the VM if it is not running — until it is
     /// Ready and a concurrency slot is free, it fails, or `start_timeout` passes.
     pub async fn admit(&self, body_bytes: usize) -> Result<Permit, AdmitError> {
+        self.admit_event(body_bytes, Trigger::default).await
+    }
+
+    /// As [`VmHandle::admit`], naming the event (`trigger`, called only when the VM is
+    /// at rest and this request may be the one that starts it) for the `ScaledUp` Event.
+    pub async fn admit_event(
+        &self,
+        body_bytes: usize,
+        trigger: impl FnOnce() -> Trigger,
+    ) -> Result<Permit, AdmitError> {
         if self.0.context.is_draining() {
             return Err(AdmitError::Draining);
         }
@@ -195,7 +208,19 @@ impl VmHandle {
         let timeout = gate.policy().start_timeout;
         let arrived = Instant::now();
         let (reply, answer) = oneshot::channel();
-        if self.send(Command::Activate(Waiter { reply, arrived })).is_err() {
+        let at_rest = matches!(
+            gate.state().phase,
+            VmPhase::Stopped | VmPhase::Paused | VmPhase::Hibernated | VmPhase::Failed
+        );
+        let trigger = at_rest.then(trigger);
+        if self
+            .send(Command::Activate(Waiter {
+                reply,
+                arrived,
+                trigger,
+            }))
+            .is_err()
+        {
             return Err(AdmitError::Stopped("the VM was removed".into()));
         }
         tracing::debug!(vm = %self.key(), "request held");

@@ -20,6 +20,7 @@
 //! Must not import `activator`, `lifecycle`, `ingress`, `server`.
 
 mod access;
+mod events;
 mod health;
 mod resources;
 mod scale;
@@ -48,7 +49,7 @@ pub use resources::{
     VmTemplate, VmTemplateSpec, VmiCondition, VmiInterface, VmiSpec, VmiStatus, API_ACCESS, PAUSE_API_ACCESS,
 };
 
-use super::{Access, AdminVerb, Backend, BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome};
+use super::{Access, AdminVerb, Backend, BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome, VmEvent};
 use crate::config::KubevirtConfig;
 use crate::vm::{VmKey, OPT_IN_LABEL};
 use targets::Target;
@@ -75,6 +76,8 @@ pub struct KubevirtBackend {
     health: Vec<WatchHealth>,
     /// Whether writes reach the API server: `/readyz` needs that too.
     write_health: health::WriteHealth,
+    /// Kubernetes Events on the targets.
+    events: events::EventSink,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -124,6 +127,7 @@ impl KubevirtBackend {
         if !kinds.is_empty() {
             health.push(WatchHealth::new("Pod"));
         }
+        let (events, events_task) = events::EventSink::start(client.clone());
         let backend = Arc::new(KubevirtBackend {
             client: client.clone(),
             config,
@@ -135,11 +139,12 @@ impl KubevirtBackend {
             statuses: Mutex::new(HashMap::new()),
             health,
             write_health: health::WriteHealth::default(),
+            events,
             tasks: Mutex::new(Vec::new()),
         });
         let opted_in = Some(format!("{OPT_IN_LABEL}=true"));
         let weak = Arc::downgrade(&backend);
-        let mut tasks = vec![tokio::spawn(health::recheck(weak.clone()))];
+        let mut tasks = vec![tokio::spawn(health::recheck(weak.clone())), events_task];
         let labels = opted_in.clone();
         tasks.push(tokio::spawn(drive(
             weak.clone(),
@@ -332,6 +337,10 @@ impl Backend for KubevirtBackend {
 
     fn is_connected(&self) -> bool {
         !self.write_health.is_degraded() && self.health.iter().all(|watch| watch.synced.load(Ordering::SeqCst))
+    }
+
+    fn record_event(&self, key: &VmKey, event: VmEvent) {
+        self.publish_event(key, &event);
     }
 
     async fn review_access(&self, token: &str, key: &VmKey, verb: AdminVerb) -> Result<Access, BackendError> {

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 /// `deployments/scale` and `statefulsets/scale` `get`/`patch` scale them; pods are
 /// only listed and watched (their ready addresses are the endpoints). Callers of the admin verbs
 /// are reviewed by the API server (`create` on `tokenreviews` and
-/// `subjectaccessreviews`, as `system:auth-delegator` grants). Pausing needs
+/// `subjectaccessreviews`, as `system:auth-delegator` grants); Kubernetes Events on the
+/// targets need `create` and `patch` on `events.k8s.io` `events`. Pausing needs
 /// the extra [`PAUSE_API_ACCESS`] (the `deploy/components/pause` component); a kind from
 /// `kubevirt.scale_kinds` needs the same rules for its resource (e.g.
 /// `deploy/components/virtualmachinepools`).
@@ -29,6 +30,7 @@ pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
     ("", "pods", &["list", "watch"]),
     ("authentication.k8s.io", "tokenreviews", &["create"]),
     ("authorization.k8s.io", "subjectaccessreviews", &["create"]),
+    ("events.k8s.io", "events", &["create", "patch"]),
 ];
 
 /// What a kind from `kubevirt.scale_kinds` needs, for its `(group, plural)`: the rules

@@ -109,7 +109,7 @@ impl KubevirtBackend {
                 let policy = match current.get(&key) {
                     Some(same) if **same == policy => same.clone(),
                     _ => {
-                        log_warnings(&key, &policy);
+                        self.note_warnings(&key, &policy);
                         Arc::new(policy)
                     }
                 };
@@ -132,7 +132,7 @@ impl KubevirtBackend {
         self.catalog.send_if_modified(|current| match policy {
             Some(policy) if current.get(key).is_some_and(|p| **p == policy) => false,
             Some(policy) => {
-                log_warnings(key, &policy);
+                self.note_warnings(key, &policy);
                 Arc::make_mut(current).insert(key.clone(), Arc::new(policy));
                 true
             }
@@ -290,8 +290,12 @@ pub(super) fn keep_workload(object: &mut kube::api::DynamicObject) {
 }
 
 /// Bad annotations are logged once per change of a VM's policy, not on every event.
-fn log_warnings(key: &VmKey, policy: &Policy) {
-    for warning in &policy.warnings {
-        tracing::warn!(vm = %key, %warning, "bad annotation");
+impl KubevirtBackend {
+    /// A new policy's warnings: logged, and a Warning Event on the target.
+    fn note_warnings(&self, key: &VmKey, policy: &Policy) {
+        for warning in &policy.warnings {
+            tracing::warn!(vm = %key, %warning, "bad annotation");
+        }
+        self.warn_bad_annotations(key, &policy.warnings);
     }
 }

@@ -48,11 +48,34 @@ pub struct Envelope {
     /// The event's `type` when it was read from the body (structured mode); binary mode
     /// leaves it in the `ce-type` header.
     pub kind: Option<String>,
+    /// The event's `source` when it was read from the body (structured mode).
+    pub source: Option<String>,
     /// The body as received.
     pub body: Bytes,
 }
 
 impl Envelope {
+    /// The event's `id` and `source` (for a batch, the first event's id).
+    pub fn trigger(&self, headers: &HeaderMap) -> crate::backend::Trigger {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        match self.mode {
+            Mode::Binary => crate::backend::Trigger {
+                id: header("ce-id"),
+                source: header("ce-source"),
+            },
+            _ => crate::backend::Trigger {
+                id: self.id.clone().unwrap_or_default(),
+                source: self.source.clone().unwrap_or_default(),
+            },
+        }
+    }
+
     /// The event's `type` (one event: binary or structured mode; `None` for a batch).
     pub fn event_type<'a>(&'a self, headers: &'a HeaderMap) -> Option<&'a str> {
         match self.mode {
@@ -147,11 +170,12 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
     let is = |wanted: &str| media_type.is_some_and(|m| m.eq_ignore_ascii_case(wanted));
     match () {
         () if is(STRUCTURED) => {
-            let (id, kind) = validate_structured(&body)?;
+            let attributes = validate_structured(&body)?;
             Ok(Envelope {
                 mode: Mode::Structured,
-                id: Some(id),
-                kind: Some(kind),
+                id: Some(attributes.id),
+                kind: Some(attributes.kind),
+                source: Some(attributes.source),
                 body,
             })
         }
@@ -161,6 +185,7 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
                 mode: Mode::Batch(count),
                 id: (count > 0).then_some(id),
                 kind: None,
+                source: None,
                 body,
             })
         }
@@ -170,6 +195,7 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
                 mode: Mode::Binary,
                 id: None,
                 kind: None,
+                source: None,
                 body,
             })
         }

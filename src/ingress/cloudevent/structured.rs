@@ -11,7 +11,7 @@ fn parse_json(body: &[u8]) -> Result<Value, EventError> {
     serde_json::from_slice(body).map_err(|e| EventError::Json(e.to_string()))
 }
 
-pub(super) fn validate_structured(body: &[u8]) -> Result<(String, String), EventError> {
+pub(super) fn validate_structured(body: &[u8]) -> Result<Attributes, EventError> {
     match parse_json(body)? {
         Value::Object(map) => validate_object(map),
         _ => Err(EventError::Json("a structured-mode event must be a JSON object".into())),
@@ -32,7 +32,7 @@ pub(super) fn validate_batch(body: &[u8]) -> Result<(usize, String), EventError>
         let Value::Object(map) = event else {
             return Err(wrap(EventError::Json("not a JSON object".into())));
         };
-        let (id, _) = validate_object(map).map_err(wrap)?;
+        let id = validate_object(map).map_err(wrap)?.id;
         if index == 0 {
             first_id = id;
         }
@@ -43,7 +43,7 @@ pub(super) fn validate_batch(body: &[u8]) -> Result<(usize, String), EventError>
 /// Structured mode: required attributes present, strings, non-empty; `specversion`
 /// 1.0; not both `data` and `data_base64`; then the SDK checks the rest (formats of
 /// `source`, `time`, `dataschema`, extension types).
-fn validate_object(map: Map<String, Value>) -> Result<(String, String), EventError> {
+fn validate_object(map: Map<String, Value>) -> Result<Attributes, EventError> {
     let mut values = [""; 4];
     for (slot, attribute) in REQUIRED.iter().enumerate() {
         match map.get(*attribute) {
@@ -78,7 +78,11 @@ fn validate_object(map: Map<String, Value>) -> Result<(String, String), EventErr
             });
         }
     }
-    let (id, kind) = (values[1].to_string(), values[3].to_string());
+    let attributes = Attributes {
+        id: values[1].to_string(),
+        source: values[2].to_string(),
+        kind: values[3].to_string(),
+    };
     serde_json::from_value::<cloudevents::Event>(Value::Object(map)).map_err(|e| {
         let message = e.to_string();
         let attribute = [
@@ -95,7 +99,14 @@ fn validate_object(map: Map<String, Value>) -> Result<(String, String), EventErr
         .to_string();
         EventError::Invalid { attribute, message }
     })?;
-    Ok((id, kind))
+    Ok(attributes)
+}
+
+/// The attributes of a structured event the activator uses past validation.
+pub(super) struct Attributes {
+    pub(super) id: String,
+    pub(super) source: String,
+    pub(super) kind: String,
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use super::{Done, Life, Owner, ScaledDown, StartKind};
-use crate::backend::{BackendError, StopOutcome};
+use crate::backend::{BackendError, StopOutcome, VmEvent};
 use crate::lifecycle::idle::{self, Action};
 use crate::lifecycle::ScaleDownRefused;
 use crate::vm::VmPhase;
@@ -120,6 +120,11 @@ impl Owner {
         };
         let key = self.handle.key().clone();
         let metrics = self.tx.gate().metrics();
+        let idle_for = Instant::now().saturating_duration_since(self.tx.gate().last_activity());
+        let scaled = |action: Action| VmEvent::ScaledDown {
+            action: action.as_str(),
+            idle_for,
+        };
         let (to, error) = match result {
             Ok(ScaledDown::PeerActive) => {
                 tracing::info!(vm = %key, "a peer saw activity; keeping the VM");
@@ -127,14 +132,17 @@ impl Owner {
             }
             Ok(ScaledDown::Stopped) => {
                 metrics.scaled_down(Action::Stop.as_str());
+                self.record(scaled(Action::Stop));
                 (VmPhase::Stopped, None)
             }
             Ok(ScaledDown::Paused) => {
                 metrics.scaled_down(Action::Pause.as_str());
+                self.record(scaled(Action::Pause));
                 (VmPhase::Paused, None)
             }
             Ok(ScaledDown::Hibernated) => {
                 metrics.scaled_down(Action::Hibernate.as_str());
+                self.record(scaled(Action::Hibernate));
                 (VmPhase::Hibernated, None)
             }
             Err(error) => {

@@ -30,6 +30,7 @@ use life::{Done, Event, Flow, Life, ScaledDown, StartKind};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
@@ -37,7 +38,7 @@ use tokio::time::Instant;
 
 use super::gate::GateTx;
 use super::{AdmitError, Command, VmHandle, Waiter};
-use crate::backend::BackendStatus;
+use crate::backend::{BackendStatus, VmEvent};
 use crate::metrics::ColdStartPhase;
 use crate::vm::{Policy, VmPhase};
 use endpoints::{Endpoints, Probing};
@@ -63,6 +64,8 @@ pub(super) struct Owner {
     /// Waiting for a concurrency slot for the first held request.
     slot_wait: Option<BoxFuture<'static, ()>>,
     idle_at: Option<Instant>,
+    /// The current cold start's start call and boot, for its `Ready` event.
+    cold_phases: (Duration, Duration),
     /// When to start the VM ahead of the next keep-warm window.
     warm_at: Option<Instant>,
     /// The end of the keep-warm window the VM was last started (or kept) for.
@@ -95,6 +98,7 @@ impl Owner {
             endpoints: Endpoints::default(),
             slot_wait: None,
             idle_at: None,
+            cold_phases: Default::default(),
             warm_at: None,
             warm_hold: None,
             start_timer: Timer::new(),
@@ -248,6 +252,7 @@ impl Owner {
                         if *kind != StartKind::Restore {
                             metrics.cold_start_phase(ColdStartPhase::StartCall, (now - called_at).as_secs_f64());
                         }
+                        self.cold_phases.0 = now - called_at;
                         tracing::debug!(vm = %self.handle.key(), "start call returned");
                         self.check_running();
                     }
@@ -282,6 +287,11 @@ impl Owner {
                 self.tx.set_policy(policy);
             }
         }
+    }
+
+    /// Tells the VM's operators (the backend decides where: Kubernetes Events).
+    fn record(&self, event: VmEvent) {
+        self.handle.0.context.backend.record_event(self.handle.key(), event);
     }
 
     fn policy(&self) -> Arc<Policy> {

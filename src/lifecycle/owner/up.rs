@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use super::{Done, Life, Owner, StartKind};
-use crate::backend::{BackendPhase, BackendStatus};
+use crate::backend::{BackendPhase, BackendStatus, VmEvent};
 use crate::lifecycle::gate::{take, Release};
 use crate::lifecycle::{AdmitError, Waiter};
 use crate::metrics::ColdStartPhase;
@@ -74,6 +74,11 @@ impl Owner {
         self.idle_at = None;
         self.publish();
         tracing::debug!(vm = %key, ?kind, "starting");
+        self.record(VmEvent::ScaledUp {
+            kind: kind.phase().as_str(),
+            trigger: self.queue.front().and_then(|w| w.trigger.clone()),
+            held: self.queue.len(),
+        });
         self.op = Some(
             async move {
                 let result = match kind {
@@ -144,6 +149,7 @@ impl Owner {
                     returned_at
                 };
                 metrics.cold_start_phase(kind.phase(), from.elapsed().as_secs_f64());
+                self.cold_phases.1 = from.elapsed();
                 tracing::debug!(vm = %self.handle.key(), endpoints = ?status.endpoints, "backend reports running; probing");
                 self.life = Life::Running {
                     cold: true,
@@ -222,6 +228,14 @@ impl Owner {
                     metrics.series().cold_start.observe(took.as_secs_f64());
                     self.tx.record_cold_start(took);
                     tracing::info!(vm = %key, %endpoint, held = self.queue.len(), cold_start_ms = took.as_millis() as u64, "VM ready");
+                    let (start_call, boot) = self.cold_phases;
+                    self.record(VmEvent::Ready {
+                        cold_start: took,
+                        start_call,
+                        boot,
+                        probe: since.elapsed(),
+                        held: self.queue.len(),
+                    });
                 }
             } else {
                 tracing::info!(vm = %key, %endpoint, "guest answers again");
@@ -268,6 +282,17 @@ impl Owner {
     pub(super) fn fail(&mut self, error: AdmitError, clean_up: bool) {
         let key = self.handle.key().clone();
         tracing::warn!(vm = %key, %error, "start failed");
+        let answered = self.queue.iter().filter(|w| !w.reply.is_closed()).count();
+        self.record(match &error {
+            AdmitError::StartTimeout(after) => VmEvent::StartTimedOut {
+                after: *after,
+                answered,
+            },
+            other => VmEvent::StartFailed {
+                reason: other.to_string(),
+                answered,
+            },
+        });
         self.answer_held(error.clone());
         self.cold_start_from = None;
         self.slot_wait = None;

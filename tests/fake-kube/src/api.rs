@@ -35,6 +35,14 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
             get(core_get).patch(core_patch).delete(core_delete),
         )
         .route(
+            "/apis/events.k8s.io/v1/namespaces/{ns}/events",
+            axum::routing::post(crate::events::create_event),
+        )
+        .route(
+            "/apis/events.k8s.io/v1/namespaces/{ns}/events/{name}",
+            axum::routing::patch(crate::events::patch_event),
+        )
+        .route(
             "/apis/{group}/{version}/{plural}",
             get(list_or_watch_all).post(crate::reviews::create_review),
         )

@@ -21,6 +21,7 @@
 //! the simulated virt-controller and the guests it boots.
 
 mod api;
+mod events;
 pub mod guest;
 mod list_watch;
 mod reviews;
@@ -386,6 +387,8 @@ struct Inner {
     tokens: Mutex<HashMap<String, String>>,
     /// What SubjectAccessReview allows.
     grants: Mutex<Vec<reviews::Grant>>,
+    /// events.k8s.io Events, by namespace and name.
+    k8s_events: Mutex<BTreeMap<(String, String), Value>>,
 }
 
 /// A VirtualMachine object (no namespace): `spec` merged over `{"runStrategy": "Halted"}`
@@ -442,6 +445,7 @@ impl FakeKube {
             scale_races: Default::default(),
             tokens: Default::default(),
             grants: Default::default(),
+            k8s_events: Default::default(),
             guests: Mutex::new(HashMap::new()),
             guest_logs: Mutex::new(HashMap::new()),
             controller: Mutex::new(None),
@@ -673,6 +677,22 @@ impl FakeKube {
         } else {
             self.serve_again().await;
         }
+    }
+
+    /// The Kubernetes Events recorded in `namespace` (events.k8s.io/v1 objects), oldest
+    /// first.
+    pub fn k8s_events(&self, namespace: &str) -> Vec<Value> {
+        let mut events: Vec<Value> = self
+            .inner
+            .k8s_events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|(_, event)| event.clone())
+            .collect();
+        events.sort_by_key(|e| e["eventTime"].as_str().unwrap_or_default().to_string());
+        events
     }
 
     /// TokenReview authenticates `token` as `user` from now on.
