@@ -326,4 +326,8 @@ fn the_dockerfile_is_multi_stage_and_non_root() {
     assert!(text.lines().filter(|l| l.starts_with("FROM ")).count() >= 2);
     assert!(text.contains("USER 65532"));
     assert!(text.contains("--bin vm-activator"));
+    // The stripped dist build, not the release build that keeps debug info for profiling.
+    assert!(text.contains("--profile dist") && text.contains("target/dist/vm-activator"));
+    let manifest = std::fs::read_to_string(deploy().join("../Cargo.toml")).unwrap();
+    assert!(manifest.contains("[profile.dist]") && manifest.contains("strip = true"));
 }

@@ -15,13 +15,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::vm::{Endpoint, Policy, VmKey};
+pub use event::{Trigger, VmEvent};
 
+mod event;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 #[cfg(feature = "kubevirt")]
@@ -90,65 +92,6 @@ pub enum StopOutcome {
     Stopped,
     /// Another replica recorded activity (or started the VM) meanwhile: it keeps running.
     PeerActive,
-}
-
-/// The CloudEvent that made a VM start (for the `ScaledUp` Event).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Trigger {
-    /// Its `id`.
-    pub id: String,
-    /// Its `source`.
-    pub source: String,
-}
-
-/// Something in a VM's life its operators want to see where they look first
-/// (`kubectl describe`: a Kubernetes Event on the target object).
-#[derive(Clone, Debug, PartialEq)]
-pub enum VmEvent {
-    /// A start was issued: a boot, a resume or a restore.
-    ScaledUp {
-        /// `boot`, `resume` or `restore`.
-        kind: &'static str,
-        /// The event that started it; `None` for a keep-warm window, a pre-warm or an
-        /// operator's start.
-        trigger: Option<Trigger>,
-        /// Events held when the start was issued.
-        held: usize,
-    },
-    /// The guest answered: the cold start is over.
-    Ready {
-        /// First held event's arrival (or the start) → the guest answered.
-        cold_start: Duration,
-        /// The start call.
-        start_call: Duration,
-        /// The call's return → the backend reported the VM running.
-        boot: Duration,
-        /// Running → the guest answered its probe.
-        probe: Duration,
-        /// Events released.
-        held: usize,
-    },
-    /// Scaled down after being idle (or by an operator).
-    ScaledDown {
-        /// `stop`, `pause` or `hibernate`.
-        action: &'static str,
-        /// How long it had been idle.
-        idle_for: Duration,
-    },
-    /// The start failed; the held events were answered 503.
-    StartFailed {
-        /// Why.
-        reason: String,
-        /// Held events answered 503.
-        answered: usize,
-    },
-    /// The VM was not ready within its start timeout; the held events were answered 503.
-    StartTimedOut {
-        /// The start timeout.
-        after: Duration,
-        /// Held events answered 503.
-        answered: usize,
-    },
 }
 
 /// An admin verb on a VM (`POST /v1/vms/{ns}/{name}/{verb}`), for access reviews.

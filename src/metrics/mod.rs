@@ -13,7 +13,9 @@ mod vm;
 
 use std::sync::Arc;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 pub use state::PhaseSource;
 pub use vm::{VmMetrics, VmSeries};
@@ -125,6 +127,8 @@ struct Families {
     scale_ups: IntCounterVec,
     scale_downs: IntCounterVec,
     connect_retries: IntCounterVec,
+    start_timeout: GaugeVec,
+    ready: IntGauge,
 }
 
 /// The process's metrics. Cheap to clone.
@@ -176,7 +180,30 @@ impl Metrics {
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
+        let start_timeout = GaugeVec::new(
+            Opts::new(
+                "start_timeout_seconds",
+                "The VM's start timeout: the budget a cold start (and a held event) has. Set from its first start on.",
+            )
+            .namespace(PREFIX),
+            vm,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(start_timeout.clone()))
+            .expect("unique metric");
+        let ready = IntGauge::with_opts(
+            Opts::new(
+                "ready",
+                "1 while this replica takes events (its /readyz): not draining, backend reachable.",
+            )
+            .namespace(PREFIX),
+        )
+        .expect("valid metric");
+        registry.register(Box::new(ready.clone())).expect("unique metric");
         let families = Families {
+            start_timeout,
+            ready,
             requests_total: counter(
                 "requests_total",
                 "Requests answered, by HTTP status code.",
@@ -232,6 +259,11 @@ impl Metrics {
         }
     }
 
+    /// Sets `ready` (the replica's `/readyz`, read when scraped).
+    pub fn set_ready(&self, ready: bool) {
+        self.families.ready.set(i64::from(ready));
+    }
+
     /// Where `vm_state` reads every VM's phase at scrape time (the activator's gates).
     pub fn set_phase_source(&self, source: PhaseSource) {
         self.phases.set_source(source);
@@ -264,6 +296,7 @@ impl Metrics {
         }
         let _ = f.scale_ups.remove_label_values(&[ns, name]);
         let _ = f.connect_retries.remove_label_values(&[ns, name]);
+        let _ = f.start_timeout.remove_label_values(&[ns, name]);
         for phase in ColdStartPhase::ALL {
             let _ = f.cold_start_phase.remove_label_values(&[ns, name, phase.as_str()]);
         }

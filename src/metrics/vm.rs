@@ -81,6 +81,8 @@ pub struct VmSeries {
     /// `guest_connect_retries_total`.
     pub connect_retries: IntCounter,
     phases: [Histogram; ColdStartPhase::ALL.len()],
+    /// `start_timeout_seconds`: the VM's budget, set at each start.
+    pub start_timeout: prometheus::Gauge,
     rejected: [IntCounter; RejectReason::ALL.len()],
     scale_downs: [IntCounter; SCALE_DOWN_ACTIONS.len()],
     /// `requests_total` by code, resolved on first use of each code: no label hashing
@@ -123,6 +125,7 @@ impl VmMetrics {
                 connect_retries: f.connect_retries.with_label_values(&vm),
                 phases: ColdStartPhase::ALL.map(|p| f.cold_start_phase.with_label_values(&[ns, name, p.as_str()])),
                 rejected: RejectReason::ALL.map(|r| f.rejected.with_label_values(&[ns, name, r.as_str()])),
+                start_timeout: f.start_timeout.with_label_values(&vm),
                 scale_downs: SCALE_DOWN_ACTIONS.map(|a| f.scale_downs.with_label_values(&[ns, name, a])),
                 requests: std::array::from_fn(|_| OnceLock::new()),
             })

@@ -92,6 +92,9 @@ impl axum::extract::FromRef<Admin> for Arc<Activator> {
 }
 
 async fn metrics(State(activator): State<Arc<Activator>>) -> Response {
+    activator
+        .metrics()
+        .set_ready(!activator.is_draining() && activator.backend().is_connected());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         activator.metrics().render(),

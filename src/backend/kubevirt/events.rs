@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::targets::{targets_named, Target};
 use super::KubevirtBackend;
-use crate::backend::{Trigger, VmEvent};
+use crate::backend::VmEvent;
 use crate::vm::VmKey;
 
 /// Events waiting to be published, at most.
@@ -144,74 +144,17 @@ impl KubevirtBackend {
     }
 }
 
-/// The Kubernetes Event for a VM event: reason and message a person understands.
+/// The Kubernetes Event for a VM event: its reason, and its message as the note.
 fn kube_event(event: &VmEvent) -> Event {
-    let (type_, reason, action, text) = match event {
-        VmEvent::ScaledUp { kind, trigger, held } => {
-            let action = match *kind {
-                "resume" => "Resume",
-                "restore" => "Restore",
-                _ => "Start",
-            };
-            let cause = match trigger {
-                Some(Trigger { id, source }) => format!("started ({kind}) for CloudEvent id={id} source={source}"),
-                None => format!("started ({kind}) without an event: keep-warm window, pre-warm or an operator"),
-            };
-            (
-                EventType::Normal,
-                "ScaledUp",
-                action,
-                format!("{cause}; {held} event(s) held"),
-            )
-        }
-        VmEvent::Ready {
-            cold_start,
-            start_call,
-            boot,
-            probe,
-            held,
-        } => (
-            EventType::Normal,
-            "Ready",
-            "Probe",
-            format!(
-                "guest answered: cold start {} ms (start call {} ms, boot {} ms, probe {} ms); {held} held event(s) released",
-                cold_start.as_millis(),
-                start_call.as_millis(),
-                boot.as_millis(),
-                probe.as_millis()
-            ),
-        ),
-        VmEvent::ScaledDown { action, idle_for } => {
-            let (reason, verb) = match *action {
-                "pause" => ("Paused", "Pause"),
-                "hibernate" => ("Hibernated", "Hibernate"),
-                _ => ("ScaledDown", "Stop"),
-            };
-            let idle = humantime::format_duration(Duration::from_secs(idle_for.as_secs()));
-            (EventType::Normal, reason, verb, format!("{action} after {idle} without events"))
-        }
-        VmEvent::StartFailed { reason, answered } => (
-            EventType::Warning,
-            "StartFailed",
-            "Start",
-            format!("{reason}; {answered} held event(s) answered 503"),
-        ),
-        VmEvent::StartTimedOut { after, answered } => (
-            EventType::Warning,
-            "StartTimedOut",
-            "Start",
-            format!(
-                "not ready within {}; {answered} held event(s) answered 503",
-                humantime::format_duration(*after)
-            ),
-        ),
-    };
     Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note(text)),
-        action: action.into(),
+        type_: if event.is_warning() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: event.reason().into(),
+        note: Some(note(event.message())),
+        action: event.action().into(),
         secondary: None,
     }
 }
@@ -237,7 +180,7 @@ mod tests {
     fn events_read_as_sentences() {
         let up = kube_event(&VmEvent::ScaledUp {
             kind: "boot",
-            trigger: Some(Trigger {
+            trigger: Some(crate::backend::Trigger {
                 id: "e-1".into(),
                 source: "/orders".into(),
             }),

@@ -238,6 +238,8 @@ impl Owner {
                 self.tx.create_metrics();
                 let metrics = self.tx.gate().metrics();
                 metrics.series().scale_ups.inc();
+                let budget = self.tx.gate().policy().start_timeout;
+                metrics.series().start_timeout.set(budget.as_secs_f64());
                 match result {
                     Ok(()) => {
                         let now = Instant::now();
@@ -289,9 +291,17 @@ impl Owner {
         }
     }
 
-    /// Tells the VM's operators (the backend decides where: Kubernetes Events).
+    /// Tells the VM's operators: one log line (INFO, WARN for failures) and whatever the
+    /// backend does with it (Kubernetes: an Event on the target).
     fn record(&self, event: VmEvent) {
-        self.handle.0.context.backend.record_event(self.handle.key(), event);
+        let vm = self.handle.key();
+        let (reason, message) = (event.reason(), event.message());
+        if event.is_warning() {
+            tracing::warn!(%vm, reason, "{message}");
+        } else {
+            tracing::info!(%vm, reason, "{message}");
+        }
+        self.handle.0.context.backend.record_event(vm, event);
     }
 
     fn policy(&self) -> Arc<Policy> {

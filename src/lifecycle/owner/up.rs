@@ -227,7 +227,7 @@ impl Owner {
                     let took = first.elapsed();
                     metrics.series().cold_start.observe(took.as_secs_f64());
                     self.tx.record_cold_start(took);
-                    tracing::info!(vm = %key, %endpoint, held = self.queue.len(), cold_start_ms = took.as_millis() as u64, "VM ready");
+                    tracing::debug!(vm = %key, %endpoint, "first endpoint takes traffic");
                     let (start_call, boot) = self.cold_phases;
                     self.record(VmEvent::Ready {
                         cold_start: took,
@@ -281,7 +281,6 @@ impl Owner {
     /// may be half up — stop it, so it does not keep running (and costing) unseen.
     pub(super) fn fail(&mut self, error: AdmitError, clean_up: bool) {
         let key = self.handle.key().clone();
-        tracing::warn!(vm = %key, %error, "start failed");
         let answered = self.queue.iter().filter(|w| !w.reply.is_closed()).count();
         self.record(match &error {
             AdmitError::StartTimeout(after) => VmEvent::StartTimedOut {
