@@ -74,8 +74,14 @@ pub async fn serve(listener: TcpListener, log: GuestLog) {
 /// the way `style` says, until the task is dropped (its connections with it).
 pub async fn run(socket: tokio::net::TcpSocket, log: GuestLog, style: GuestStyle) {
     let address = socket.local_addr().expect("bound");
-    let Ok(listener) = socket.listen(style.backlog) else {
-        return;
+    let listener = match socket.listen(style.backlog) {
+        Ok(listener) => listener,
+        Err(e) => {
+            // Loud: a guest that never listens shows up in a test only as an endpoint
+            // that never passes its probe.
+            eprintln!("fake guest: cannot listen on {address}: {e}");
+            return;
+        }
     };
     // The first probe's answer waits until the listener is closed, so every connection
     // made after the activator saw it answer is refused (none is caught half-accepted in

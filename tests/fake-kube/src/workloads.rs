@@ -137,6 +137,7 @@ async fn boot_pod(
     };
     tokio::time::sleep(options.schedule_delay + options.running_delay).await;
     let Some(primary) = reserve_socket(port) else {
+        eprintln!("fake kubelet: no free address for pod {ns}/{pod_name}");
         return;
     };
     let secondary = match &network {
