@@ -36,6 +36,19 @@ fn prerequisites_missing() -> Option<String> {
     None
 }
 
+/// Whether to skip a real-VM test: only where QEMU or the guest image is missing *and*
+/// `VM_ACTIVATOR_SKIP_QEMU=1` says that is expected; otherwise a missing prerequisite fails.
+fn skip_without_qemu() -> bool {
+    let Some(missing) = prerequisites_missing() else {
+        return false;
+    };
+    if std::env::var("VM_ACTIVATOR_SKIP_QEMU").as_deref() == Ok("1") {
+        eprintln!("skipping: {missing}");
+        return true;
+    }
+    panic!("{missing}: run deploy/local/setup.sh (or set VM_ACTIVATOR_SKIP_QEMU=1)");
+}
+
 /// `config/local.yaml` with the idle timeout edited (as a user would with sed), the
 /// guest image paths made absolute and a private run directory.
 fn write_config(dir: &Path, idle_timeout: &str) -> PathBuf {
@@ -89,12 +102,8 @@ fn qemu_children(pid: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_cold_start_burst_idle_stop_and_reboot() {
-    if let Some(missing) = prerequisites_missing() {
-        if std::env::var("VM_ACTIVATOR_SKIP_QEMU").as_deref() == Ok("1") {
-            eprintln!("skipping: {missing}");
-            return;
-        }
-        panic!("{missing}: run deploy/local/setup.sh (or set VM_ACTIVATOR_SKIP_QEMU=1)");
+    if skip_without_qemu() {
+        return;
     }
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "4s");
@@ -177,12 +186,8 @@ async fn restores(activator: &Activator) -> f64 {
 /// and one QEMU refuses both fall back to a boot that loses no event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_hibernates_and_continues_where_it_was() {
-    if let Some(missing) = prerequisites_missing() {
-        if std::env::var("VM_ACTIVATOR_SKIP_QEMU").as_deref() == Ok("1") {
-            eprintln!("skipping: {missing}");
-            return;
-        }
-        panic!("{missing}: run deploy/local/setup.sh (or set VM_ACTIVATOR_SKIP_QEMU=1)");
+    if skip_without_qemu() {
+        return;
     }
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "1h");
