@@ -188,6 +188,8 @@ async fn listed_namespaces_limit_what_the_activator_manages() {
             "/apis/kubevirt.io/v1/namespaces/apps/",
             "/apis/apps/v1/namespaces/apps/",
             "/api/v1/namespaces/apps/",
+            // The Events on the VMs it manages.
+            "/apis/events.k8s.io/v1/namespaces/apps/",
         ];
         assert!(namespaced.iter().any(|prefix| r.path.starts_with(prefix)), "{r:?}");
     }
