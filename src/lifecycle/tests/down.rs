@@ -77,32 +77,18 @@ async fn a_paused_vm_resumes_instead_of_booting() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn pause_falls_back_to_stop_when_the_backend_cannot_pause() {
-    let w = world(Policy {
-        scale_down: ScaleDown::Pause,
-        ..policy()
-    });
-    *w.backend.pause_supported.lock().unwrap() = false;
-    drop(w.bring_up().await);
-    pass(IDLE + Duration::from_secs(1)).await;
-    // An idle stop is the compare-and-stop, whatever plan it stands in for.
-    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
-    assert_eq!(w.phase(), VmPhase::Stopped);
-    assert!(w.scale_downs("stop"));
-}
-
-#[tokio::test(start_paused = true)]
-async fn hibernate_falls_back_to_stop_when_the_backend_cannot_hibernate() {
-    let w = world(Policy {
-        scale_down: ScaleDown::Hibernate,
-        ..policy()
-    });
-    *w.backend.hibernate_supported.lock().unwrap() = false;
-    drop(w.bring_up().await);
-    pass(IDLE + Duration::from_secs(1)).await;
-    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
-    assert_eq!(w.phase(), VmPhase::Stopped);
-    assert!(w.scale_downs("stop"));
+async fn pause_or_hibernate_fall_back_to_stop_when_the_backend_cannot_do_them() {
+    for scale_down in [ScaleDown::Pause, ScaleDown::Hibernate] {
+        let w = world(Policy { scale_down, ..policy() });
+        *w.backend.pause_supported.lock().unwrap() = false;
+        *w.backend.hibernate_supported.lock().unwrap() = false;
+        drop(w.bring_up().await);
+        pass(IDLE + Duration::from_secs(1)).await;
+        // An idle stop is the compare-and-stop, whatever plan it stands in for.
+        assert_eq!(w.backend.calls(), ["start", "stop_if_idle"], "{scale_down}");
+        assert_eq!(w.phase(), VmPhase::Stopped, "{scale_down}");
+        assert!(w.scale_downs("stop"), "{scale_down}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
