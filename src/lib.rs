@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod readiness;
 pub mod server;
+pub mod telemetry;
 pub mod vm;

@@ -3,21 +3,17 @@
 
 use anyhow::Context;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
-use vm_activator::config::{Cli, Config, LogFormat};
+use vm_activator::config::{Cli, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs.init(),
-    }
+    let telemetry = vm_activator::telemetry::init(cli.log_format).context("telemetry (OTEL_* variables)")?;
     let config = Config::load(&cli).context("configuration")?;
-    vm_activator::server::run(config).await.context("vm-activator")?;
+    let result = vm_activator::server::run(config).await.context("vm-activator");
+    // The spans still queued are exported before the process ends (bounded by
+    // OTEL_BSP_EXPORT_TIMEOUT); the batch processor's thread blocks, so not on a worker.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result?;
     Ok(())
 }

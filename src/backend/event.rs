@@ -11,6 +11,8 @@ pub struct Trigger {
     pub id: String,
     /// Its `source`.
     pub source: String,
+    /// The trace it is part of, when traces are exported (for the log line).
+    pub trace_id: Option<String>,
 }
 
 /// Something in a VM's life its operators want to see where they look first
@@ -104,7 +106,7 @@ impl VmEvent {
         match self {
             VmEvent::ScaledUp { kind, trigger, held } => {
                 let cause = match trigger {
-                    Some(Trigger { id, source }) => format!("started ({kind}) for CloudEvent id={id} source={source}"),
+                    Some(Trigger { id, source, .. }) => format!("started ({kind}) for CloudEvent id={id} source={source}"),
                     None => format!("started ({kind}) without an event: keep-warm window, pre-warm or an operator"),
                 };
                 format!("{cause}; {held} event(s) held")

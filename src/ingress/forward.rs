@@ -35,6 +35,9 @@ pub(super) async fn forward(
     let mut attempts = 0;
     loop {
         attempts += 1;
+        if crate::telemetry::enabled() {
+            tracing::Span::current().record("attempts", attempts as i64);
+        }
         let endpoint = permit.endpoint();
         match state
             .proxy

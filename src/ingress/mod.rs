@@ -10,11 +10,12 @@ pub mod cloudevent;
 mod forward;
 pub mod response;
 mod service;
+mod target;
 
 use forward::forward;
 pub use service::{Ingress, IngressBody};
+use target::Target;
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::response::IntoResponse;
@@ -23,12 +24,14 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use tokio::time::Instant;
+use tracing::{Instrument, Span};
 
 use crate::activator::Activator;
 use crate::auth::{authorize, Authenticator};
 use crate::config::IngressConfig;
-use crate::lifecycle::VmHandle;
+use crate::lifecycle::{Permit, VmHandle};
 use crate::proxy::Proxy;
+use crate::telemetry;
 use crate::vm::Policy;
 use response::IngressError;
 
@@ -87,89 +90,6 @@ fn refuse_method<B>(state: &IngressState, request: &Request<B>) -> Response<Ingr
     state.refuse(error)
 }
 
-/// The parts of an ingress path.
-#[derive(Debug, PartialEq, Eq)]
-struct Target<'a> {
-    namespace: Cow<'a, str>,
-    name: Cow<'a, str>,
-    /// The rest of the path after `/{namespace}/{vm}`, still percent-encoded, no leading '/'.
-    rest: &'a str,
-}
-
-/// One path segment, percent-decoded (borrowed when there is nothing to decode).
-fn decode(segment: &str) -> Result<Cow<'_, str>, IngressError> {
-    cloudevent::percent_decode(segment.as_bytes()).map_err(|e| IngressError::BadPath(format!("{segment:?}: {e}")))
-}
-
-impl<'a> Target<'a> {
-    fn parse(path: &'a str) -> Result<Target<'a>, IngressError> {
-        let trimmed = path.strip_prefix('/').unwrap_or(path);
-        let mut parts = trimmed.splitn(3, '/');
-        let (Some(ns), Some(name)) = (parts.next(), parts.next()) else {
-            return Err(IngressError::NoRoute(path.to_string()));
-        };
-        if ns.is_empty() || name.is_empty() {
-            return Err(IngressError::NoRoute(path.to_string()));
-        }
-        let rest = parts.next().unwrap_or("");
-        for segment in rest.split('/') {
-            let decoded = decode(segment)?;
-            // Reject traversal even when hidden behind encoded slashes or backslashes:
-            // the guest may decode them and leave the configured path prefix.
-            if decoded.split(['/', '\\']).any(|part| part == "." || part == "..") {
-                return Err(IngressError::BadPath(format!(
-                    "segment {segment:?} would leave the VM's path prefix"
-                )));
-            }
-        }
-        Ok(Target {
-            namespace: decode(ns)?,
-            name: decode(name)?,
-            rest,
-        })
-    }
-
-    /// The guest request target: the VM's prefix joined to `rest` with exactly one '/',
-    /// plus the query. The common case — the prefix alone — is parsed once per prefix
-    /// and thread and then shared (no allocation); otherwise the joined path's buffer
-    /// becomes the URI without a copy.
-    fn guest_uri(&self, prefix: &str, query: Option<&str>) -> Result<http::Uri, IngressError> {
-        thread_local! {
-            static PREFIX: std::cell::RefCell<Option<(String, http::Uri)>> = const { std::cell::RefCell::new(None) };
-        }
-        let invalid = |e: http::uri::InvalidUri| IngressError::BadPath(format!("guest path: {e}"));
-        if self.rest.is_empty() && query.is_none() {
-            return PREFIX.with_borrow_mut(|cached| match cached {
-                Some((text, uri)) if text == prefix => Ok(uri.clone()),
-                _ => {
-                    let uri = http::Uri::try_from(prefix).map_err(invalid)?;
-                    *cached = Some((prefix.to_string(), uri.clone()));
-                    Ok(uri)
-                }
-            });
-        }
-        let joined = self.guest_path(prefix, query).into_boxed_str();
-        http::Uri::from_maybe_shared(Bytes::from(joined.into_boxed_bytes())).map_err(invalid)
-    }
-
-    /// The guest path: the VM's prefix joined to `rest` with exactly one '/', plus the query.
-    fn guest_path(&self, prefix: &str, query: Option<&str>) -> String {
-        let mut path = String::with_capacity(prefix.len() + self.rest.len() + 2);
-        path.push_str(prefix);
-        if !self.rest.is_empty() {
-            if !path.ends_with('/') {
-                path.push('/');
-            }
-            path.push_str(self.rest);
-        }
-        if let Some(query) = query {
-            path.push('?');
-            path.push_str(query);
-        }
-        path
-    }
-}
-
 /// The ingress handler. One async fn (no wrapper future): its state is what every held
 /// event keeps alive.
 async fn deliver<B>(state: IngressState, request: Request<B>) -> Response<IngressBody>
@@ -200,6 +120,9 @@ where
             return state.refuse(error);
         }
     };
+    if telemetry::enabled() {
+        telemetry::event::target(&Span::current(), &target.namespace, &target.name);
+    }
     let Some(vm) = state.activator.vm(&target.namespace, &target.name) else {
         let key = crate::vm::VmKey::new(&*target.namespace, &*target.name);
         let backend = state.activator.backend();
@@ -228,9 +151,17 @@ where
         (Ok(()), None) => handle(&state, &vm, &policy, &target, parts, body, arrived).await,
     };
     let metrics = vm.gate().metrics();
+    // What the trace says happened, when the activator answered itself.
+    let mut result_outcome = None;
     let response = match result {
-        Ok(response) => response,
+        Ok(response) => {
+            if matches!(response.body(), IngressBody::Own(_)) {
+                result_outcome = Some("prewarm");
+            }
+            response
+        }
         Err(error) => {
+            result_outcome = Some(error.code());
             if let Some(reason) = error.reject_reason() {
                 metrics.rejected(reason);
             }
@@ -238,6 +169,14 @@ where
             state.refuse(error)
         }
     };
+    if telemetry::enabled() {
+        let outcome = match (&result_outcome, response.status().is_success()) {
+            (Some(code), _) => code,
+            (None, true) => "delivered",
+            (None, false) => "guest_error",
+        };
+        telemetry::event::outcome(&Span::current(), response.status().as_u16(), outcome);
+    }
     metrics.request(response.status().as_u16());
     metrics
         .series()
@@ -251,7 +190,7 @@ async fn handle<B>(
     vm: &VmHandle,
     policy: &Policy,
     target: &Target<'_>,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: B,
     arrived: Instant,
 ) -> Result<Response<IngressBody>, IngressError>
@@ -271,12 +210,50 @@ where
         }
     }
     let body_bytes = envelope.body.len();
-    let permit = vm.admit_event(body_bytes, || envelope.trigger(&parts.headers)).await?;
+    if telemetry::enabled() {
+        trace_cloudevent(&envelope, &parts.headers);
+    }
+    let permit = vm
+        .admit_event(body_bytes, || {
+            let mut trigger = envelope.trigger(&parts.headers);
+            if telemetry::enabled() {
+                trigger.trace_id = Some(telemetry::event::trace_id(&Span::current()));
+            }
+            trigger
+        })
+        .await?;
     let guest_uri = target.guest_uri(&policy.path, parts.uri.query())?;
+    if telemetry::enabled() {
+        let span = trace_admitted(&permit, &mut parts.headers);
+        let request = Proxy::prepare(guest_uri, parts, envelope.body);
+        return Box::pin(forward(state, vm, policy, request, permit, arrived, body_bytes).instrument(span)).await;
+    }
     let request = Proxy::prepare(guest_uri, parts, envelope.body);
     // Boxed: the forwarding future is large, and inline it would be part of every held
     // request's state (memory per held event), though only released requests need it.
     Box::pin(forward(state, vm, policy, request, permit, arrived, body_bytes)).await
+}
+
+/// Puts the CloudEvent's attributes on the request's span. Not inline in `handle`: its
+/// locals would be part of every held request's state.
+fn trace_cloudevent(envelope: &cloudevent::Envelope, headers: &http::HeaderMap) {
+    let trigger = envelope.trigger(headers);
+    let event_type = envelope.event_type(headers);
+    telemetry::event::cloudevent(&Span::current(), event_type, &trigger.id, &trigger.source);
+}
+
+/// Traces a request that was let in: its `held` span (with the cold start it waited
+/// for), and the `forward` span whose context the guest gets as its `traceparent`.
+fn trace_admitted(permit: &Permit, headers: &mut http::HeaderMap) -> Span {
+    let span = Span::current();
+    match permit.held() {
+        Some(held) => {
+            let phases = held.cold.iter().flat_map(|cold| cold.phases.iter());
+            telemetry::event::held(&span, held.since, phases.map(|p| (p.name, p.from, p.to)));
+        }
+        None => telemetry::event::went_in(&span),
+    }
+    telemetry::event::forward(&span, headers)
 }
 
 /// Reads the body, refusing (413) as soon as it passes `limit` — from `Content-Length`
@@ -300,48 +277,6 @@ where
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_paths_and_joins_guest_paths() {
-        let t = Target::parse("/default/demo").unwrap();
-        assert_eq!((&*t.namespace, &*t.name, t.rest), ("default", "demo", ""));
-        assert_eq!(t.guest_path("/", None), "/");
-        assert_eq!(t.guest_path("/api", Some("a=1")), "/api?a=1");
-        let t = Target::parse("/default/demo/orders/42").unwrap();
-        assert_eq!(t.rest, "orders/42");
-        assert_eq!(t.guest_path("/", None), "/orders/42");
-        assert_eq!(t.guest_path("/api/", None), "/api/orders/42");
-        assert_eq!(t.guest_path("/api", None), "/api/orders/42");
-        assert_eq!(t.guest_uri("/api", Some("a=1")).unwrap(), "/api/orders/42?a=1");
-        let bare = Target::parse("/default/demo").unwrap();
-        for _ in 0..2 {
-            assert_eq!(
-                bare.guest_uri("/api", None).unwrap(),
-                "/api",
-                "parsed once, then shared"
-            );
-        }
-        assert_eq!(bare.guest_uri("/", None).unwrap(), "/");
-    }
-
-    #[test]
-    fn rejects_traversal_in_any_encoding() {
-        for path in [
-            "/default/demo/../admin",
-            "/default/demo/a/./b",
-            "/default/demo/%2e%2e/admin",
-            "/default/demo/..%2Fadmin",
-            "/default/demo/..%5Cadmin",
-            "/default/demo/%zz",
-        ] {
-            assert!(matches!(Target::parse(path), Err(IngressError::BadPath(_))), "{path}");
-        }
-        assert!(matches!(Target::parse("/onlyone"), Err(IngressError::NoRoute(_))));
-    }
-}
 #[cfg(test)]
 mod held_state {
     use super::*;

@@ -13,10 +13,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use super::{deliver, IngressState};
 use crate::lifecycle::Permit;
 use crate::proxy::{GuardedBody, PooledBody};
+use crate::telemetry;
 
 /// Errors of a response body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -54,6 +56,18 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let (state, slots) = (self.state.clone(), self.slots.clone());
+        if telemetry::enabled() {
+            // Traced: the whole request runs in its span (a separate future, so that
+            // with traces off no request carries one).
+            let span = telemetry::event::span(request.headers());
+            return Box::pin(
+                async move {
+                    let _slot = slots.acquire_owned().await.expect("never closed");
+                    Ok(deliver(state, request).await)
+                }
+                .instrument(span),
+            );
+        }
         Box::pin(async move {
             let _slot = slots.acquire_owned().await.expect("never closed");
             Ok(deliver(state, request).await)

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-pub use gate::{Gate, Permit, VmState};
+pub use gate::{ColdStart, ColdStartPhaseSpan, Gate, Held, Permit, VmState};
 pub use idle::Action;
 
 use crate::backend::Trigger;
@@ -231,7 +231,7 @@ impl VmHandle {
             Ok(Err(_)) => return Err(AdmitError::Stopped("the VM was removed".into())),
             Err(_) => return Err(AdmitError::StartTimeout(timeout)),
         };
-        let permit = gate.admit_released(ticket, release);
+        let permit = gate.admit_released(ticket, release, arrived);
         self.share_activity();
         Ok(permit)
     }

@@ -1,6 +1,7 @@
 //! The real `vm-activator` binary as a child process on free loopback ports.
 
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,6 +11,8 @@ pub struct Activator {
     pub child: Child,
     pub ingress: String,
     pub admin: String,
+    /// Its stderr lines, when started with [`Activator::spawn_with_env`].
+    pub logs: Option<Arc<Mutex<Vec<String>>>>,
     client: reqwest::Client,
 }
 
@@ -32,23 +35,46 @@ impl Activator {
     /// Starts the binary with `args` plus `--listen`/`--admin-listen` on free ports and
     /// waits for `/healthz`.
     pub async fn spawn(args: &[&str]) -> Activator {
+        Activator::start(args, &[], false).await
+    }
+
+    /// As [`Activator::spawn`], with these environment variables set, keeping its stderr
+    /// lines in `logs` (and copying them to the test's stderr).
+    pub async fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Activator {
+        Activator::start(args, env, true).await
+    }
+
+    async fn start(args: &[&str], env: &[(&str, &str)], keep_logs: bool) -> Activator {
         let (ingress, admin) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_vm-activator"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vm-activator"))
             .args(args)
             .arg("--listen")
             .arg(format!("127.0.0.1:{ingress}"))
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{admin}"))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().copied())
             .env_remove("KUBECONFIG")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(if keep_logs { Stdio::piped() } else { Stdio::inherit() })
             .spawn()
             .expect("the binary runs");
+        let logs = child.stderr.take().map(|stderr| {
+            let logs = Arc::new(Mutex::new(Vec::new()));
+            let kept = logs.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+                    eprintln!("{line}");
+                    kept.lock().unwrap().push(line);
+                }
+            });
+            logs
+        });
         let activator = Activator {
             child,
             ingress: format!("http://127.0.0.1:{ingress}"),
             admin: format!("http://127.0.0.1:{admin}"),
+            logs,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(90))
                 .build()

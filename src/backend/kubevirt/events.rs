@@ -183,6 +183,7 @@ mod tests {
             trigger: Some(crate::backend::Trigger {
                 id: "e-1".into(),
                 source: "/orders".into(),
+                ..Default::default()
             }),
             held: 3,
         });

@@ -68,10 +68,12 @@ impl Envelope {
             Mode::Binary => crate::backend::Trigger {
                 id: header("ce-id"),
                 source: header("ce-source"),
+                trace_id: None,
             },
             _ => crate::backend::Trigger {
                 id: self.id.clone().unwrap_or_default(),
                 source: self.source.clone().unwrap_or_default(),
+                trace_id: None,
             },
         }
     }

@@ -2,6 +2,9 @@
 //! per-VM bounds, and the [`Permit`] a request holds while it is in flight.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::time::Instant;
 
 use super::{take, Gate, Taken};
 use crate::lifecycle::AdmitError;
@@ -14,8 +17,41 @@ pub(in crate::lifecycle) struct HeldTicket {
     bytes: usize,
 }
 
-/// What the owner hands a held request when it may go in: a slot on one endpoint.
-pub(in crate::lifecycle) struct Release(pub(in crate::lifecycle) Taken);
+/// What the owner hands a held request when it may go in: a slot on one endpoint, and
+/// the cold start it waited for, if it waited for one.
+pub(in crate::lifecycle) struct Release {
+    pub(in crate::lifecycle) taken: Taken,
+    pub(in crate::lifecycle) cold: Option<Arc<ColdStart>>,
+}
+
+/// The timeline of one cold start, as the owner saw it: what a held request's trace
+/// shows it waited on.
+#[derive(Debug)]
+pub struct ColdStart {
+    /// Its phases in order: `start call`, then `boot` or `resume` (a `restore` is one
+    /// phase: it happens inside the call), then `probe`.
+    pub phases: Vec<ColdStartPhaseSpan>,
+}
+
+/// One phase of a cold start: a name and when it began and ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColdStartPhaseSpan {
+    /// `start call`, `boot`, `resume`, `restore` or `probe`.
+    pub name: &'static str,
+    /// When it began.
+    pub from: Instant,
+    /// When it ended.
+    pub to: Instant,
+}
+
+/// How a request that was held got in.
+#[derive(Debug)]
+pub struct Held {
+    /// When it began to wait.
+    pub since: Instant,
+    /// The cold start it waited for (`None`: it waited for a slot or a re-probe).
+    pub cold: Option<Arc<ColdStart>>,
+}
 
 impl Gate {
     /// The warm path: when Ready with nothing held and a slot free on an endpoint, the
@@ -35,7 +71,7 @@ impl Gate {
             }
         };
         match taken {
-            Some(taken) => Some(self.entered(taken, false)),
+            Some(taken) => Some(self.entered(taken, None)),
             None => {
                 self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
                 None
@@ -44,7 +80,7 @@ impl Gate {
     }
 
     /// Counts a request already counted in `in_flight` as entered.
-    fn entered(&self, taken: Taken, held: bool) -> Permit {
+    fn entered(&self, taken: Taken, held: Option<Held>) -> Permit {
         self.0.metrics.series().in_flight.inc();
         self.touch();
         Permit {
@@ -76,12 +112,16 @@ impl Gate {
         })
     }
 
-    /// A held request was released by the owner: it is in flight from now on, and its
-    /// place among the held requests is given back (in that order, so the idle check
-    /// never sees it in neither).
-    pub(in crate::lifecycle) fn admit_released(&self, ticket: HeldTicket, release: Release) -> Permit {
+    /// A held request (waiting `since`) was released by the owner: it is in flight from
+    /// now on, and its place among the held requests is given back (in that order, so the
+    /// idle check never sees it in neither).
+    pub(in crate::lifecycle) fn admit_released(&self, ticket: HeldTicket, release: Release, since: Instant) -> Permit {
         self.0.in_flight.fetch_add(1, Ordering::SeqCst);
-        let permit = self.entered(release.0, true);
+        let held = Held {
+            since,
+            cold: release.cold,
+        };
+        let permit = self.entered(release.taken, Some(held));
         drop(ticket);
         permit
     }
@@ -104,7 +144,7 @@ pub struct Permit {
     /// Always `Some` until dropped (taken out first there, so the slot is free before
     /// the owner is told).
     taken: Option<Taken>,
-    held: bool,
+    held: Option<Held>,
 }
 
 impl Permit {
@@ -119,7 +159,13 @@ impl Permit {
 
     /// Whether the request was held (it waited for a start or a slot) before it got in.
     pub fn was_held(&self) -> bool {
-        self.held
+        self.held.is_some()
+    }
+
+    /// How the request got in when it was held: since when, and the cold start it
+    /// waited for (for its trace).
+    pub fn held(&self) -> Option<&Held> {
+        self.held.as_ref()
     }
 
     /// The guest answered: its endpoint may take more requests at once (and held ones
@@ -211,7 +257,11 @@ mod tests {
         let (gate, _tx) = gate_with(Policy::default());
         let ticket = gate.reserve(5).unwrap();
         let slot = take(&[Target::new(addr(), 0)]).unwrap();
-        let permit = gate.admit_released(ticket, Release(slot));
+        let release = Release {
+            taken: slot,
+            cold: None,
+        };
+        let permit = gate.admit_released(ticket, release, Instant::now());
         assert_eq!((gate.in_flight(), gate.held()), (1, (0, 0)));
         drop(permit);
         assert_eq!(gate.in_flight(), 0);

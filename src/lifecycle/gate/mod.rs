@@ -22,8 +22,8 @@ use tokio::time::Instant;
 mod admission;
 mod target;
 
-pub use admission::Permit;
 pub(in crate::lifecycle) use admission::Release;
+pub use admission::{ColdStart, ColdStartPhaseSpan, Held, Permit};
 pub use target::Target;
 pub(in crate::lifecycle) use target::{take, Taken};
 

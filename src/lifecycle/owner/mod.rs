@@ -36,7 +36,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::gate::GateTx;
+use super::gate::{ColdStart, GateTx};
 use super::{AdmitError, Command, VmHandle, Waiter};
 use crate::backend::{BackendStatus, VmEvent};
 use crate::metrics::ColdStartPhase;
@@ -66,6 +66,10 @@ pub(super) struct Owner {
     idle_at: Option<Instant>,
     /// The current cold start's start call and boot, for its `Ready` event.
     cold_phases: (Duration, Duration),
+    /// The current cold start's kind (a restore may have become a boot).
+    cold_kind: StartKind,
+    /// The last cold start's timeline, handed to the requests held through it.
+    cold_start: Option<Arc<ColdStart>>,
     /// When to start the VM ahead of the next keep-warm window.
     warm_at: Option<Instant>,
     /// The end of the keep-warm window the VM was last started (or kept) for.
@@ -99,6 +103,8 @@ impl Owner {
             slot_wait: None,
             idle_at: None,
             cold_phases: Default::default(),
+            cold_kind: StartKind::Boot,
+            cold_start: None,
             warm_at: None,
             warm_hold: None,
             start_timer: Timer::new(),
@@ -255,6 +261,7 @@ impl Owner {
                             metrics.cold_start_phase(ColdStartPhase::StartCall, (now - called_at).as_secs_f64());
                         }
                         self.cold_phases.0 = now - called_at;
+                        self.cold_kind = *kind;
                         tracing::debug!(vm = %self.handle.key(), "start call returned");
                         self.check_running();
                     }
@@ -296,10 +303,17 @@ impl Owner {
     fn record(&self, event: VmEvent) {
         let vm = self.handle.key();
         let (reason, message) = (event.reason(), event.message());
-        if event.is_warning() {
-            tracing::warn!(%vm, reason, "{message}");
-        } else {
-            tracing::info!(%vm, reason, "{message}");
+        // A start an event caused carries that event's trace id, as its own lines do.
+        let trace_id = match &event {
+            VmEvent::ScaledUp {
+                trigger: Some(trigger), ..
+            } => trigger.trace_id.as_deref(),
+            _ => None,
+        };
+        match (event.is_warning(), trace_id) {
+            (true, _) => tracing::warn!(%vm, reason, "{message}"),
+            (false, Some(trace_id)) => tracing::info!(%vm, reason, trace_id, "{message}"),
+            (false, None) => tracing::info!(%vm, reason, "{message}"),
         }
         self.handle.0.context.backend.record_event(vm, event);
     }

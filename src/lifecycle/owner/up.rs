@@ -6,12 +6,14 @@
 //! and probed again. Whatever fails on the way answers the held requests (and stops a
 //! half-started VM).
 
+use std::sync::Arc;
+
 use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use super::{Done, Life, Owner, StartKind};
 use crate::backend::{BackendPhase, BackendStatus, VmEvent};
-use crate::lifecycle::gate::{take, Release};
+use crate::lifecycle::gate::{take, ColdStart, ColdStartPhaseSpan, Release};
 use crate::lifecycle::{AdmitError, Waiter};
 use crate::metrics::ColdStartPhase;
 use crate::vm::{Endpoint, VmPhase};
@@ -229,6 +231,7 @@ impl Owner {
                     self.tx.record_cold_start(took);
                     tracing::debug!(vm = %key, %endpoint, "first endpoint takes traffic");
                     let (start_call, boot) = self.cold_phases;
+                    self.cold_start = Some(Arc::new(self.cold_timeline(since)));
                     self.record(VmEvent::Ready {
                         cold_start: took,
                         start_call,
@@ -253,6 +256,26 @@ impl Owner {
         self.release_held();
     }
 
+    /// The phases of the cold start that just ended (the guest answered now; it was
+    /// reported running at `running_at`).
+    fn cold_timeline(&self, running_at: Instant) -> ColdStart {
+        let (start_call, boot) = self.cold_phases;
+        let ready_at = Instant::now();
+        let returned_at = running_at.checked_sub(boot).unwrap_or(running_at);
+        let called_at = returned_at.checked_sub(start_call).unwrap_or(returned_at);
+        let phase = |name, from, to| ColdStartPhaseSpan { name, from, to };
+        let mut phases = match self.cold_kind {
+            // A restore happens inside the start call: one phase up to running.
+            StartKind::Restore => vec![phase("restore", called_at, running_at)],
+            kind => vec![
+                phase("start call", called_at, returned_at),
+                phase(kind.phase().as_str(), returned_at, running_at),
+            ],
+        };
+        phases.push(phase("probe", running_at, ready_at));
+        ColdStart { phases }
+    }
+
     /// Ready: hands held requests a slot on the least loaded endpoint, in arrival order;
     /// when every endpoint is at its limit, waits for a slot (an event) instead of
     /// blocking.
@@ -264,6 +287,12 @@ impl Owner {
             if waiter.reply.is_closed() {
                 continue;
             }
+            // Held through the last cold start: its trace shows that start's phases.
+            let cold = self
+                .cold_start
+                .as_ref()
+                .filter(|cold| cold.phases.last().is_some_and(|probe| waiter.arrived <= probe.to))
+                .cloned();
             let Some(taken) = take(self.endpoints.ready()) else {
                 self.queue.push_front(waiter);
                 if self.slot_wait.is_none() {
@@ -272,8 +301,9 @@ impl Owner {
                 return;
             };
             // A request that gave up just now gives its slot straight back (dropped).
-            let _ = waiter.reply.send(Ok(Release(taken)));
+            let _ = waiter.reply.send(Ok(Release { taken, cold }));
         }
+        self.cold_start = None;
         tracing::debug!(vm = %self.handle.key(), "held requests released");
     }
 

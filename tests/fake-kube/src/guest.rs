@@ -19,6 +19,16 @@ use tokio::net::TcpListener;
 /// Event ids one guest accepted, over all its boots.
 pub type GuestLog = Arc<Mutex<Vec<String>>>;
 
+/// The `traceparent` each accepted event (by id) came with, over every guest of the
+/// process: what the trace tests check the activator forwarded.
+static TRACEPARENTS: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// The `traceparent` header the event with this id reached a guest with.
+pub fn traceparent_of(id: &str) -> Option<String> {
+    let seen = TRACEPARENTS.lock().unwrap();
+    seen.iter().rev().find(|(seen, _)| seen == id).map(|(_, tp)| tp.clone())
+}
+
 /// Addresses handed to guests: 127.1.x.y (y in 1..=254), unique within the process.
 static NEXT_IP: AtomicU32 = AtomicU32::new(0);
 
@@ -200,6 +210,9 @@ fn router(log: GuestLog) -> Router {
                             .map(str::to_string)
                     })
                     .unwrap_or_default();
+                if let Some(traceparent) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+                    TRACEPARENTS.lock().unwrap().push((id.clone(), traceparent.to_string()));
+                }
                 log.lock().unwrap().push(id);
                 StatusCode::ACCEPTED
             }
