@@ -3,6 +3,8 @@
 //!
 //! - `warm`: wrk (or a hyper client) against the guest directly, through the real
 //!   binary, and through nginx `proxy_pass`.
+//! - `traces`: the warm path with traces off (the default) and on (every request
+//!   exported over OTLP/HTTP), side by side.
 //! - `allocs`: heap allocations per warm request (counting allocator, in process).
 //! - `instructions`: instructions per warm request, the binary under callgrind.
 //! - `cold`: cold-start overhead and start signal (fake backend, in process), and cold
@@ -29,6 +31,7 @@ mod procs;
 mod real_vm;
 mod report;
 mod scale;
+mod traces;
 mod warm;
 
 use std::time::Duration;
@@ -84,6 +87,9 @@ fn main() {
     runtime.block_on(async {
         if wanted("warm") {
             warm::run(mode, &generator).await;
+        }
+        if wanted("traces") {
+            traces::run(mode, &generator).await;
         }
         if wanted("allocs") {
             allocs::run(mode, &generator).await;

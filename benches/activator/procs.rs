@@ -95,6 +95,11 @@ impl ActivatorProcess {
     /// As [`ActivatorProcess::spawn`], the binary run by `wrapper` (a command line, e.g.
     /// `valgrind --tool=callgrind`; empty for none).
     pub async fn spawn_under(wrapper: &str, args: &[String]) -> ActivatorProcess {
+        Self::spawn_with_env(wrapper, args, &[]).await
+    }
+
+    /// As [`ActivatorProcess::spawn_under`], with these environment variables set.
+    pub async fn spawn_with_env(wrapper: &str, args: &[String], env: &[(&str, &str)]) -> ActivatorProcess {
         let ingress: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let mut command: Vec<String> = wrapper.split_whitespace().map(str::to_string).collect();
@@ -110,6 +115,7 @@ impl ActivatorProcess {
                 "RUST_LOG",
                 std::env::var("BENCH_ACTIVATOR_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .env_remove("KUBECONFIG")
             .stdout(Stdio::null())
             .kill_on_drop(true)
@@ -133,9 +139,20 @@ impl ActivatorProcess {
 
     /// As [`ActivatorProcess::kubevirt`], run by `wrapper`.
     pub async fn kubevirt_under(wrapper: &str, kubeconfig: &Path, dir: &Path, config: &str) -> ActivatorProcess {
+        Self::kubevirt_with_env(wrapper, kubeconfig, dir, config, &[]).await
+    }
+
+    /// As [`ActivatorProcess::kubevirt_under`], with these environment variables set.
+    pub async fn kubevirt_with_env(
+        wrapper: &str,
+        kubeconfig: &Path,
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> ActivatorProcess {
         let file = dir.join(format!("activator-{}.yaml", free_port()));
         std::fs::write(&file, format!("backend: kubevirt\n{config}")).expect("write config");
-        Self::spawn_under(
+        Self::spawn_with_env(
             wrapper,
             &[
                 "--config".into(),
@@ -145,6 +162,7 @@ impl ActivatorProcess {
                 "--auth".into(),
                 "none".into(),
             ],
+            env,
         )
         .await
     }
