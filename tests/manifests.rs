@@ -233,6 +233,37 @@ fn the_components_configs_are_valid() {
     }
 }
 
+/// The traces component adds the standard OTEL_* variables to the container, after
+/// POD_NAME (which its resource attributes expand), and they turn traces on.
+#[test]
+fn the_otlp_component_turns_traces_on() {
+    use vm_activator::telemetry::{OtlpSettings, Protocol};
+    let kustomization = &docs(&deploy().join("components/otlp/kustomization.yaml"))[0];
+    assert_eq!(kustomization["patches"][0]["target"]["kind"], "Deployment");
+    let ops: Vec<Value> = serde_norway::from_str(kustomization["patches"][0]["patch"].as_str().unwrap()).unwrap();
+    let env: Vec<(String, String)> = ops
+        .iter()
+        .map(|op| {
+            assert_eq!(op["path"], "/spec/template/spec/containers/0/env/-");
+            let value = &op["value"];
+            (
+                value["name"].as_str().unwrap().to_string(),
+                value["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let settings = OtlpSettings::from_env(|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+        .unwrap()
+        .expect("traces on");
+    assert_eq!(settings.protocol, Protocol::HttpProtobuf);
+    let deployment = docs(&deploy().join("base/deployment.yaml"));
+    let deployment = find(&deployment, "Deployment", "vm-activator");
+    let base_env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    assert!(base_env.iter().any(|e| e["name"] == "POD_NAME"));
+}
+
 /// Every workload example: opted in, at zero, settings without warnings, and fed by a
 /// Trigger whose subscriber is the activator at `/{namespace}/{name}`.
 #[test]
