@@ -69,16 +69,25 @@ impl Telemetry {
 pub fn init(format: LogFormat) -> Result<Telemetry, OtlpError> {
     let settings = OtlpSettings::from_env(|name| std::env::var(name).ok())?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let Some(settings) = settings else {
+        // Logs only: the plain subscriber, one global filter.
+        let logs = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        match format {
+            LogFormat::Json => logs.json().init(),
+            LogFormat::Text => logs.init(),
+        }
+        return Ok(Telemetry { provider: None });
+    };
+    // Logs and traces: each layer filters for itself, so that `RUST_LOG` does not turn
+    // the exported spans off and the exporter sees only ours.
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match format {
         LogFormat::Json => logs.json().boxed(),
         LogFormat::Text => logs.boxed(),
     };
     let registry = tracing_subscriber::registry().with(logs.with_filter(filter));
-    let Some(settings) = settings else {
-        registry.init();
-        return Ok(Telemetry { provider: None });
-    };
     let provider = otlp::provider(&settings)?;
     let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "vm-activator");
     let _ = TRACER.set(tracer.clone());
