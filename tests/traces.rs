@@ -24,6 +24,8 @@ use tokio::time::Instant;
 
 const NS: &str = "traced";
 const VM: &str = "orders";
+/// The trace of the event that is refused.
+const REFUSED_TRACE: &str = "5b8efff798038103d269b633813fc60c";
 
 /// What the receiver got: every export request's resource spans.
 #[derive(Clone, Default)]
@@ -156,6 +158,18 @@ async fn cold_and_warm_event_traces(protocol: &str, endpoint: &str, received: Re
     );
     assert_eq!(cold.send(&activator).await, 202);
     assert_eq!(warm.send(&activator).await, 202);
+    // Refused (no ce-type): traced too, with the refusal as its outcome.
+    let invalid = reqwest::Client::new()
+        .post(format!("{}/{NS}/{VM}", activator.ingress))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", format!("bad-{protocol}"))
+        .header("ce-source", "/shop")
+        .header("traceparent", format!("00-{REFUSED_TRACE}-00f067aa0ba902b7-01"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(invalid.status(), 400);
 
     let spans = wait_for_spans(&received, &[&cold, &warm]).await;
     assert_eq!(received.service_names(), BTreeSet::from(["vm-activator".to_string()]));
@@ -207,6 +221,20 @@ async fn cold_and_warm_event_traces(protocol: &str, endpoint: &str, received: Re
     assert_eq!(attribute(forward, "attempts"), Some(Value::IntValue(1)));
     warm.assert_guest_parent_is(&spans, event);
 
+    let refused = spans
+        .iter()
+        .find(|s| s.name == "deliver event" && hex(&s.trace_id) == REFUSED_TRACE)
+        .expect("the refused event's span");
+    assert_eq!(
+        attribute(refused, "outcome").and_then(|v| string(&v)).as_deref(),
+        Some("invalid_event")
+    );
+    assert_eq!(
+        attribute(refused, "http.response.status_code"),
+        Some(Value::IntValue(400))
+    );
+    assert!(children(&spans, refused).is_empty(), "neither held nor forwarded");
+
     // Logs: the start names the event's trace; every line inside a request carries it.
     let logs = activator.logs.as_ref().unwrap().lock().unwrap().clone();
     let lines: Vec<serde_json::Value> = logs.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
@@ -219,12 +247,23 @@ async fn cold_and_warm_event_traces(protocol: &str, endpoint: &str, received: Re
         let spans = line["spans"].as_array()?;
         spans.iter().find(|s| s["name"] == "event").cloned()
     };
-    let traces: Vec<String> = lines
+    let traces: BTreeSet<String> = lines
         .iter()
         .filter_map(request_span)
         .map(|span| span["trace_id"].as_str().unwrap_or("none").to_string())
         .collect();
-    assert_eq!(traces, [cold.trace, warm.trace], "one debug line inside each request");
+    assert_eq!(
+        traces,
+        BTreeSet::from([cold.trace, warm.trace, REFUSED_TRACE].map(String::from)),
+        "every line inside a request carries its trace id; each request logged"
+    );
+    // A refusal begins a rejected burst: one INFO line at once.
+    let rejected = lines
+        .iter()
+        .find(|l| l["fields"]["reason"] == "Rejected")
+        .expect("a Rejected line");
+    assert_eq!(rejected["fields"]["code"], "invalid_event");
+    assert_eq!(rejected["fields"]["vm"], format!("{NS}/{VM}"));
 }
 
 /// One event sent with a `traceparent`.
@@ -284,7 +323,8 @@ async fn wait_for_spans(received: &Received, sent: &[&Sent]) -> Vec<Span> {
                 && spans
                     .iter()
                     .any(|span| span.name == "forward" && hex(&span.trace_id) == s.trace)
-        }) && spans.iter().any(|span| span.name == "probe");
+        }) && spans.iter().any(|span| span.name == "probe")
+            && spans.iter().any(|span| hex(&span.trace_id) == REFUSED_TRACE);
         if complete {
             return spans;
         }

@@ -164,6 +164,7 @@ where
             result_outcome = Some(error.code());
             if let Some(reason) = error.reject_reason() {
                 metrics.rejected(reason);
+                vm.gate().log_rejection(reason, error.status().as_u16());
             }
             tracing::debug!(vm = %vm.key(), %error, "request refused");
             state.refuse(error)

@@ -20,6 +20,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 mod admission;
+mod rejections;
 mod target;
 
 pub(in crate::lifecycle) use admission::Release;
@@ -78,6 +79,8 @@ struct Inner {
     /// A concurrency slot was freed while requests were held (the owner waits on it).
     slot_freed: Notify,
     metrics: VmMetrics,
+    /// The burst of refusals being logged, if any.
+    rejections: rejections::Rejections,
 }
 
 /// The read side of a VM's gate, and its door: cheap to clone.
@@ -114,6 +117,7 @@ impl Gate {
             share_every_ms: AtomicU64::new(share_every),
             slot_freed: Notify::new(),
             metrics,
+            rejections: Default::default(),
         }));
         (gate.clone(), GateTx(gate))
     }
