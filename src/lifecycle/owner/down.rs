@@ -7,7 +7,7 @@ use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use super::{Done, Life, Owner, ScaledDown, StartKind};
-use crate::backend::{BackendError, StopOutcome, VmEvent};
+use crate::backend::{BackendError, BackendPhase, StopOutcome, VmEvent};
 use crate::lifecycle::idle::{self, Action};
 use crate::lifecycle::ScaleDownRefused;
 use crate::vm::VmPhase;
@@ -177,7 +177,28 @@ impl Owner {
     /// idle check waits at least `idle.check_interval`, whatever the deadline says — the
     /// peer's record may not have reached this replica's store yet, and each check can
     /// be an API call.
+    ///
+    /// Unless the peer's write that made ours fail was its own stop, and the backend
+    /// already reports the VM stopped: then it is Stopped here too (booted again at once
+    /// for requests held meanwhile), not Ready with an endpoint that is gone.
     pub(super) fn resume_after_called_off_stop(&mut self, from: VmPhase) {
+        let stopped_by_peer = self
+            .status
+            .as_ref()
+            .is_some_and(|status| status.borrow().phase == BackendPhase::Stopped);
+        if stopped_by_peer && from != VmPhase::Hibernated {
+            tracing::info!(vm = %self.handle.key(), "a peer stopped the VM");
+            self.endpoints.clear();
+            self.idle_at = None;
+            self.life = Life::Stopped;
+            self.tx.publish(VmPhase::Stopped, &[], None);
+            if self.queue.is_empty() {
+                self.apply_pending_policy();
+            } else {
+                self.start(StartKind::Boot);
+            }
+            return;
+        }
         if from == VmPhase::Ready && self.endpoints.any_ready() {
             self.life = Life::Running {
                 cold: false,

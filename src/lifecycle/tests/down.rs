@@ -41,6 +41,29 @@ async fn a_peer_s_activity_calls_the_stop_off_and_the_vm_stays_warm() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stop_called_off_by_a_peer_s_own_stop_leaves_the_vm_stopped_and_it_boots_again() {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    *w.backend.stop_outcome.lock().unwrap() = StopOutcome::PeerActive;
+    *w.backend.peer_stops.lock().unwrap() = true;
+    pass(IDLE + Duration::from_secs(1)).await;
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
+    assert_eq!(w.phase(), VmPhase::Stopped, "not Ready at an endpoint that is gone");
+    assert!(w.vm.gate().try_enter().is_none());
+    let next = w.admit();
+    settle().await;
+    assert_eq!(
+        w.backend.calls(),
+        ["start", "stop_if_idle", "start"],
+        "the next event boots it"
+    );
+    w.backend.report(BackendPhase::Running, Some(endpoint()));
+    settle().await;
+    assert!(next.await.unwrap().is_ok());
+}
+
+#[tokio::test(start_paused = true)]
 async fn pause_then_stop_pauses_then_stops_and_a_called_off_stop_stays_paused() {
     let w = world(Policy {
         scale_down: ScaleDown::PauseThenStop,

@@ -31,6 +31,8 @@ struct Scripted {
     /// What `restored` says after a start.
     restores: Mutex<bool>,
     stop_outcome: Mutex<StopOutcome>,
+    /// A peer stops the VM while this replica's compare-and-stop is called off.
+    peer_stops: Mutex<bool>,
     /// While true, stops do not return.
     stops_blocked: watch::Sender<bool>,
 }
@@ -91,6 +93,11 @@ impl Backend for Scripted {
         let outcome = *self.stop_outcome.lock().unwrap();
         if outcome == StopOutcome::Stopped {
             self.stopped().await;
+        } else if *self.peer_stops.lock().unwrap() {
+            // A peer's stop made our compare-and-stop fail: the owner sees it stopped
+            // while its own stop is still in progress.
+            self.stopped().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Ok(outcome)
     }
@@ -173,6 +180,7 @@ fn world(policy: Policy) -> World {
         hibernate_supported: Mutex::new(true),
         restores: Mutex::new(false),
         stop_outcome: Mutex::new(StopOutcome::Stopped),
+        peer_stops: Mutex::new(false),
         stops_blocked: watch::channel(false).0,
     });
     let probe = Arc::new(ScriptedProbe {
