@@ -27,7 +27,7 @@ pub const TRACE_TARGET: &str = "vm_activator::trace";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// The tracer spans recorded after the fact (`event::admitted`) are made with.
+/// The tracer that spans recorded after the fact (`event::held`) are made with.
 static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
 fn tracer() -> Option<&'static SdkTracer> {
@@ -46,7 +46,7 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Where traces go, when they are on (for the startup log line).
+    /// Whether traces are exported.
     pub fn exporting(&self) -> bool {
         self.provider.is_some()
     }
