@@ -46,11 +46,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether traces are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Exports what is queued (bounded by `OTEL_BSP_EXPORT_TIMEOUT`) and stops exporting.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider {
