@@ -71,6 +71,12 @@ pub struct KubevirtBackend {
     /// Pods (when any workload kind is managed), slimmed.
     pods: Store<Pod>,
     catalog: watch::Sender<Catalog>,
+    /// Held while a catalog change is computed from the stores and published. Each watch
+    /// refreshes from its own task: without it, a catalog computed before another watch's
+    /// store changed could be published after the one computed from that change, and the
+    /// newer objects would be missing until they changed again (seen in CI: a Deployment
+    /// never listed after its watch synced while the VM watch's sync rebuilt the catalog).
+    catalog_writes: Mutex<()>,
     statuses: Mutex<HashMap<VmKey, watch::Sender<BackendStatus>>>,
     /// Every watch and whether it is synced: `/readyz` needs them all.
     health: Vec<WatchHealth>,
@@ -136,6 +142,7 @@ impl KubevirtBackend {
             workloads,
             pods,
             catalog: watch::channel(Arc::new(BTreeMap::new())).0,
+            catalog_writes: Mutex::new(()),
             statuses: Mutex::new(HashMap::new()),
             health,
             write_health: health::WriteHealth::default(),

@@ -86,6 +86,7 @@ impl KubevirtBackend {
     /// Rebuilds the catalog from the stores (after a (re-)list); publishes it if it
     /// changed. Unchanged policies keep their `Arc`, shared with the gates.
     pub(super) fn refresh_catalog(&self) {
+        let _writing = self.catalog_writes.lock().expect("catalog lock");
         let current = self.catalog.borrow().clone();
         let mut keys: BTreeSet<VmKey> = self
             .vms
@@ -128,6 +129,7 @@ impl KubevirtBackend {
     /// Updates one name's catalog entry after a watch event: O(log n), not a rebuild, so
     /// activity annotations written on thousands of VMs cost little.
     pub(super) fn refresh_catalog_entry(&self, key: &VmKey) {
+        let _writing = self.catalog_writes.lock().expect("catalog lock");
         let policy = self.policy_for(key);
         self.catalog.send_if_modified(|current| match policy {
             Some(policy) if current.get(key).is_some_and(|p| **p == policy) => false,
