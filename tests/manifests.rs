@@ -366,4 +366,9 @@ fn the_dockerfile_is_multi_stage_and_non_root() {
     assert!(text.contains("--profile dist") && text.contains("target/dist/vm-activator"));
     let manifest = std::fs::read_to_string(deploy().join("../Cargo.toml")).unwrap();
     assert!(manifest.contains("[profile.dist]") && manifest.contains("strip = true"));
+    // The build script's link options (packed relocations) must reach the image's binary.
+    assert!(
+        text.lines().any(|l| l.starts_with("COPY ") && l.contains("build.rs")),
+        "the Dockerfile does not copy build.rs"
+    );
 }
