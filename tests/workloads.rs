@@ -41,17 +41,34 @@ async fn ready_activator(kube: &impl Kube) -> Activator {
     activator
 }
 
-/// Waits until `/v1/vms` shows `name` with `count` endpoints taking traffic.
-async fn wait_endpoints(activator: &Activator, ns: &str, name: &str, count: usize, limit: Duration) -> Value {
+/// Waits until `/v1/vms` shows `name` with `count` endpoints taking traffic. On failure
+/// it also says what the pods were while the workload was up, which tells the cluster's
+/// side from the activator's.
+async fn wait_endpoints(kube: &impl Kube, activator: &Activator, name: &str, count: usize, limit: Duration) -> Value {
+    let ns = kube.ns();
     let deadline = tokio::time::Instant::now() + limit;
+    let mut pods_while_up = Vec::new();
     loop {
         let vm = activator.vm(ns, name).await.unwrap_or_default();
         if vm["endpoints"].as_array().map(Vec::len) == Some(count) {
             return vm;
         }
+        if vm["state"] != "stopped" {
+            pods_while_up = kube
+                .pods()
+                .await
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {} {}",
+                        p["metadata"]["name"], p["status"]["phase"], p["status"]["podIP"]
+                    )
+                })
+                .collect();
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{ns}/{name} never had {count} endpoints: {vm}"
+            "{ns}/{name} never had {count} endpoints: {vm}; pods while it was up: {pods_while_up:?}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -123,7 +140,7 @@ async fn a_burst_to_a_deployment_at_zero_scales_it_once_to_the_remembered_count_
     assert!(body["metadata"]["resourceVersion"].is_string(), "{body}");
 
     // Warm: with 4 in flight per pod at most, 60 concurrent events use every pod.
-    let vm = wait_endpoints(&activator, &ns, "web", 3, Duration::from_secs(10)).await;
+    let vm = wait_endpoints(&kube, &activator, "web", 3, Duration::from_secs(10)).await;
     assert_eq!(vm["state"], "ready");
     let before = kube.workload_events("web");
     let warm: Vec<String> = (0..60).map(|i| format!("warm-{i}")).collect();
@@ -208,7 +225,7 @@ async fn a_statefulset_scales_up_to_its_replicas_annotation_and_down_remembering
     assert_eq!(activator.send_status(&kube.path("ledger"), "l-1").await, 202);
     wait_replicas(&kube, Res::StatefulSet, "ledger", 2, Duration::from_secs(1)).await;
     // A StatefulSet makes its pods one at a time: both end up serving.
-    wait_endpoints(&activator, &ns, "ledger", 2, Duration::from_secs(10)).await;
+    wait_endpoints(&kube, &activator, "ledger", 2, Duration::from_secs(10)).await;
     let pods: Vec<String> = kube.workload_events("ledger").into_keys().collect();
     assert_eq!(pods, ["ledger-0", "ledger-1"]);
 
@@ -234,14 +251,14 @@ async fn a_scale_made_by_hand_is_followed_not_undone(kube: impl Kube) {
         .wait_vm_state(&ns, "api", "stopped", Duration::from_secs(5))
         .await;
     assert_eq!(activator.send_status(&kube.path("api"), "a-1").await, 202);
-    wait_endpoints(&activator, &ns, "api", 1, Duration::from_secs(5)).await;
+    wait_endpoints(&kube, &activator, "api", 1, Duration::from_secs(5)).await;
     // Applied scale calls (a real controller's status write may make one meet a 409 first).
     let scale = |r: &Recorded| r.is_scale_patch(Res::Deployment, &ns, "api") && (200..300).contains(&r.status);
     assert_eq!(kube.count(scale), 1);
 
     // Someone scales it to 3: the new pods take traffic; nobody scales it back.
     kube.scale_by_hand(Res::Deployment, "api", 3).await;
-    wait_endpoints(&activator, &ns, "api", 3, Duration::from_secs(10)).await;
+    wait_endpoints(&kube, &activator, "api", 3, Duration::from_secs(10)).await;
     for i in 0..10 {
         assert_eq!(activator.send_status(&kube.path("api"), &format!("a-{i}+")).await, 202);
     }
@@ -279,7 +296,7 @@ async fn a_pod_dying_mid_stream_loses_no_acknowledged_event(kube: impl Kube) {
         .wait_vm_state(&ns, "stream", "stopped", Duration::from_secs(5))
         .await;
     assert_eq!(activator.send_status(&kube.path("stream"), "warm").await, 202);
-    wait_endpoints(&activator, &ns, "stream", 2, Duration::from_secs(10)).await;
+    wait_endpoints(&kube, &activator, "stream", 2, Duration::from_secs(10)).await;
     let victim = kube
         .pods()
         .await
@@ -366,7 +383,7 @@ async fn multus_picks_the_named_networks_address_for_pods_and_vms(kube: impl Kub
 
     assert_eq!(activator.send_status(&kube.path("edge"), "e-1").await, 202);
     assert_eq!(all_events(&kube.workload_events("edge")), ["e-1"]);
-    let vm = wait_endpoints(&activator, &ns, "edge", 1, Duration::from_secs(5)).await;
+    let vm = wait_endpoints(&kube, &activator, "edge", 1, Duration::from_secs(5)).await;
     let pod = kube
         .pods()
         .await
@@ -601,7 +618,7 @@ async fn a_configured_scale_kind_is_managed_like_a_deployment() {
     assert_eq!(activator.send_status(&cluster.path("pool"), "p-1").await, 202);
     let scale = |r: &Recorded| r.is_scale_patch(Res::VmPool, &ns, "pool");
     assert_eq!(kube.requests().iter().filter(|r| scale(r)).count(), 1);
-    wait_endpoints(&activator, &ns, "pool", 2, Duration::from_secs(5)).await;
+    wait_endpoints(&cluster, &activator, "pool", 2, Duration::from_secs(5)).await;
     wait_replicas(&cluster, Res::VmPool, "pool", 0, Duration::from_secs(30)).await;
     let pool = kube.object(Res::VmPool, &ns, "pool").unwrap();
     assert_eq!(pool["metadata"]["annotations"]["vm-activator.io/scaled-down-from"], "2");
