@@ -1,13 +1,47 @@
 //! The `vm-activator` binary: parse flags, load the configuration, set up logging,
-//! run the server until SIGTERM. Everything else lives in the library.
+//! run the server until SIGTERM — or, with `simulate`, compare idle policies on a trace.
+//! Everything else lives in the library.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use vm_activator::config::{Cli, Config};
+use vm_activator::simulate::SimulateArgs;
+
+/// The command line: the server's flags, or a subcommand.
+#[derive(Parser)]
+#[command(
+    name = "vm-activator",
+    version,
+    about = "Scale-to-zero for virtual machines, driven by CloudEvents",
+    args_conflicts_with_subcommands = true
+)]
+struct Args {
+    #[command(flatten)]
+    server: Cli,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compare idle policies on an invocation trace, in simulated time, with the policy
+    /// code the activator runs.
+    Simulate(SimulateArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Some(Command::Simulate(simulate)) => {
+            print!("{}", vm_activator::simulate::run(&simulate)?);
+            Ok(())
+        }
+        None => serve(args.server),
+    }
+}
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn serve(cli: Cli) -> anyhow::Result<()> {
     let telemetry = vm_activator::telemetry::init(cli.log_format).context("telemetry (OTEL_* variables)")?;
     let config = Config::load(&cli).context("configuration")?;
     let result = vm_activator::server::run(config).await.context("vm-activator");
