@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::backend::{Backend, Catalog};
-use crate::lifecycle::{AdmitError, Context, VmHandle};
+use crate::lifecycle::{AdmitError, Context, IdleRules, VmHandle};
 use crate::metrics::Metrics;
 use crate::readiness::GuestProbe;
 
@@ -29,17 +29,17 @@ pub struct Activator {
 }
 
 impl Activator {
-    /// An activator over `backend`, with the VMs of the backend's current catalog.
-    /// `idle_recheck`: how often a VM past its idle timeout but still busy is looked at again.
+    /// An activator over `backend`, with the VMs of the backend's current catalog, idle
+    /// VMs scaled down by `idle`.
     pub fn new(
         backend: Arc<dyn Backend>,
         probe: Arc<dyn GuestProbe>,
         metrics: Metrics,
-        idle_recheck: Duration,
+        idle: IdleRules,
     ) -> Arc<Activator> {
         let activator = Arc::new(Activator {
             vms: RwLock::new(HashMap::new()),
-            context: Context::new(backend, probe, idle_recheck),
+            context: Context::new(backend, probe, idle),
             metrics,
         });
         let weak = Arc::downgrade(&activator);
@@ -96,8 +96,9 @@ impl Activator {
                 match namespace.get(&key.name) {
                     None => {
                         let vm = VmHandle::new(key.clone(), policy.clone(), self.metrics.vm(key), self.context.clone());
-                        if policy.keep_warm.is_some() {
-                            // Its owner runs from now on, to start it ahead of each window.
+                        if vm.needs_owner(policy) {
+                            // Its owner runs from now on, to start it ahead of each keep-warm
+                            // window, or of the event its stored idle history predicts.
                             vm.set_policy(policy.clone());
                         }
                         namespace.insert(key.name.clone(), vm);
@@ -193,7 +194,7 @@ mod tests {
             backend,
             Arc::new(Prober::new(ReadinessConfig::default())),
             Metrics::new(),
-            Duration::from_millis(50),
+            IdleRules::fixed(Duration::from_millis(50)),
         )
     }
 

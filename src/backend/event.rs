@@ -28,6 +28,8 @@ pub enum VmEvent {
         trigger: Option<Trigger>,
         /// Events held when the start was issued.
         held: usize,
+        /// Started ahead of the event the adaptive idle policy expects next.
+        predicted: bool,
     },
     /// The guest answered: the cold start is over.
     Ready {
@@ -104,9 +106,17 @@ impl VmEvent {
     /// The sentence a person reads.
     pub fn message(&self) -> String {
         match self {
-            VmEvent::ScaledUp { kind, trigger, held } => {
+            VmEvent::ScaledUp {
+                kind,
+                trigger,
+                held,
+                predicted,
+            } => {
                 let cause = match trigger {
                     Some(Trigger { id, source, .. }) => format!("started ({kind}) for CloudEvent id={id} source={source}"),
+                    None if *predicted => {
+                        format!("started ({kind}) ahead of the next event, as the adaptive idle policy predicts it")
+                    }
                     None => format!("started ({kind}) without an event: keep-warm window, pre-warm or an operator"),
                 };
                 format!("{cause}; {held} event(s) held")

@@ -250,6 +250,15 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Keeps the VM's idle history (the text of an `idle_policy::History`) where every
+    /// replica and the next activator find it — never with a call of its own: the
+    /// Kubernetes backend writes it with its next idle scale-down of the target (in the
+    /// same compare-and-stop patch), the local backend to a file in its configured run
+    /// directory. The default keeps nothing. Never blocks for long, never fails the caller.
+    fn record_idle_history(&self, vm: &VmKey, history: &str) {
+        let _ = (vm, history);
+    }
+
     /// The latest activity any replica recorded for the VM, if the backend shares one.
     fn shared_activity(&self, vm: &VmKey) -> Option<SystemTime> {
         let _ = vm;

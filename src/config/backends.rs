@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::human_duration;
+use crate::idle_policy::IdlePolicy;
 use crate::vm::{Policy, Readiness, ScaleDown, VmKey};
 
 /// The Kubernetes backend: KubeVirt VirtualMachines and workloads with a `/scale`
@@ -187,6 +188,8 @@ pub struct VmConfig {
     /// Windows in which the VM is kept running whatever its traffic, e.g.
     /// `Mon-Fri 08:00-18:00 Europe/Berlin` (several joined by `;`). Default none.
     pub keep_warm: Option<String>,
+    /// `fixed` or `adaptive`. Default: `idle.policy`.
+    pub idle_policy: Option<IdlePolicy>,
     /// The machine to boot.
     pub machine: MachineConfig,
 }
@@ -218,6 +221,7 @@ impl VmConfig {
                 .as_deref()
                 .and_then(|s| s.parse().ok())
                 .map(std::sync::Arc::new),
+            idle_policy: self.idle_policy,
             ..d
         }
     }

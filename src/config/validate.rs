@@ -59,6 +59,9 @@ impl Config {
         if self.idle.check_interval.is_zero() {
             return Err(invalid("idle.check_interval", "must be greater than 0"));
         }
+        if let Err((key, message)) = self.idle.adaptive.settings().check() {
+            return Err(invalid(format!("idle.adaptive.{key}"), message));
+        }
         for (i, ns) in self.kubevirt.namespaces.iter().enumerate() {
             if !is_dns_label(ns) {
                 return Err(invalid(format!("kubevirt.namespaces[{i}]"), "must be a DNS label"));
@@ -204,6 +207,33 @@ mod tests {
         let config = Config::from_yaml(&VM.replace("name: demo", "name: Demo_1")).unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("vms[0].name"), "{err}");
+    }
+
+    #[test]
+    fn the_adaptive_policy_s_bounds_are_checked() {
+        let cases = [
+            ("bin: 10ms", "idle.adaptive.bin"),
+            ("bin: 1s\n    range: 2h", "idle.adaptive.range"),
+            ("min_keep_alive: 10s", "idle.adaptive.min_keep_alive"),
+            ("max_keep_alive: 30s", "idle.adaptive.max_keep_alive"),
+            ("cold_start_cost: 1s", "idle.adaptive.cold_start_cost"),
+            ("min_samples: 0", "idle.adaptive.min_samples"),
+        ];
+        for (setting, field) in cases {
+            let yaml = format!("{VM}idle:\n  policy: adaptive\n  adaptive:\n    {setting}\n");
+            let err = Config::from_yaml(&yaml).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{setting}: {err}");
+        }
+        let yaml = format!("{VM}idle:\n  policy: adaptive\n  adaptive:\n    bin: 2s\n    range: 4m\n");
+        let config = Config::from_yaml(&yaml).unwrap();
+        config.validate().unwrap();
+        let settings = config.idle.adaptive.settings();
+        assert_eq!(settings.min_keep_alive, Duration::from_secs(2), "one bin by default");
+        assert_eq!(
+            settings.max_keep_alive,
+            Duration::from_secs(240),
+            "the range by default"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! What every VM's owner works with: the backend, the guest probe, the idle re-check
-//! interval, the drain flag and the wall clock (keep-warm schedules; tests swap it for
+//! What every VM's owner works with: the backend, the guest probe, the idle rules (the
+//! re-check interval, the default idle policy and the adaptive policy's settings), the
+//! drain flag and the wall clock (keep-warm schedules, idle histories; tests swap it for
 //! one that follows tokio's paused clock). Process-wide, shared by all owners.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,14 +8,44 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::backend::Backend;
+use crate::idle_policy::{IdlePolicy, Settings};
 use crate::readiness::GuestProbe;
+use crate::vm::Policy;
+
+/// How idle VMs are scaled down (config section `idle`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdleRules {
+    /// How often an idle VM that is still busy (a long request in flight) is re-checked.
+    pub recheck: Duration,
+    /// The idle policy of VMs whose own policy does not choose one.
+    pub default_policy: IdlePolicy,
+    /// The adaptive policy's settings.
+    pub adaptive: Settings,
+}
+
+impl IdleRules {
+    /// The fixed idle timeout for every VM that does not choose otherwise, re-checked
+    /// every `recheck`.
+    pub fn fixed(recheck: Duration) -> IdleRules {
+        IdleRules {
+            recheck,
+            default_policy: IdlePolicy::Fixed,
+            adaptive: Settings::default(),
+        }
+    }
+
+    /// The idle policy `policy` runs under.
+    pub fn policy_of(&self, policy: &Policy) -> IdlePolicy {
+        policy.idle_policy.unwrap_or(self.default_policy)
+    }
+}
 
 /// What every VM's owner works with: the process-wide side effects and settings.
 pub struct Context {
     pub(super) backend: Arc<dyn Backend>,
     pub(super) probe: Arc<dyn GuestProbe>,
-    /// How often an idle VM that is still busy (a long request in flight) is re-checked.
-    pub(super) idle_recheck: Duration,
+    /// How idle VMs are scaled down.
+    pub(super) idle: IdleRules,
     draining: AtomicBool,
     /// The wall clock keep-warm schedules are read on (tests run one off tokio's paused
     /// clock).
@@ -25,22 +56,22 @@ pub struct Context {
 pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 impl Context {
-    /// Owners over `backend`, probing guests with `probe`.
-    pub fn new(backend: Arc<dyn Backend>, probe: Arc<dyn GuestProbe>, idle_recheck: Duration) -> Arc<Context> {
-        Self::with_wall_clock(backend, probe, idle_recheck, Arc::new(SystemTime::now))
+    /// Owners over `backend`, probing guests with `probe`, scaling idle VMs down by `idle`.
+    pub fn new(backend: Arc<dyn Backend>, probe: Arc<dyn GuestProbe>, idle: IdleRules) -> Arc<Context> {
+        Self::with_wall_clock(backend, probe, idle, Arc::new(SystemTime::now))
     }
 
     /// As [`Context::new`], reading the wall clock from `wall_clock`.
     pub fn with_wall_clock(
         backend: Arc<dyn Backend>,
         probe: Arc<dyn GuestProbe>,
-        idle_recheck: Duration,
+        idle: IdleRules,
         wall_clock: WallClock,
     ) -> Arc<Context> {
         Arc::new(Context {
             backend,
             probe,
-            idle_recheck,
+            idle,
             draining: AtomicBool::new(false),
             wall_clock,
         })

@@ -21,11 +21,12 @@
 mod context;
 mod gate;
 mod idle;
+mod learning;
 mod owner;
 #[cfg(test)]
 mod tests;
 
-pub use context::{Context, WallClock};
+pub use context::{Context, IdleRules, WallClock};
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -36,11 +37,14 @@ use tokio::time::Instant;
 
 pub use gate::{ColdStart, ColdStartPhaseSpan, Gate, Held, Permit, VmState};
 pub use idle::Action;
+pub use learning::IdleDecision;
 
 use crate::backend::Trigger;
+use crate::idle_policy::IdlePolicy;
 use crate::metrics::VmMetrics;
 use crate::vm::{Endpoint, Policy, VmKey, VmPhase};
 use gate::{GateTx, Release};
+use learning::Learning;
 
 /// Why a request was not let in. The ingress turns these into 503s.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -139,6 +143,9 @@ struct HandleInner {
     gate: Gate,
     context: Arc<Context>,
     owner: Mutex<OwnerSlot>,
+    /// What this replica learned of the VM's idle times, while it runs under the adaptive
+    /// idle policy. Never held across an await.
+    learning: Mutex<Option<Learning>>,
 }
 
 /// One VM as the rest of the process sees it: its gate (read side) and the way to its
@@ -154,8 +161,8 @@ pub struct VmHandle(Arc<HandleInner>);
 impl VmHandle {
     /// A stopped VM with `policy`. No task runs until the first command.
     pub fn new(key: VmKey, policy: Arc<Policy>, metrics: VmMetrics, context: Arc<Context>) -> VmHandle {
-        let (gate, tx) = Gate::new(key, policy, metrics);
-        VmHandle(Arc::new(HandleInner {
+        let (gate, tx) = Gate::new(key, policy.clone(), metrics);
+        let handle = VmHandle(Arc::new(HandleInner {
             gate,
             context,
             owner: Mutex::new(OwnerSlot {
@@ -164,6 +171,34 @@ impl VmHandle {
                 dormant: Some(tx),
                 removed: false,
             }),
+            learning: Mutex::new(None),
+        }));
+        handle.sync_learning(&policy);
+        handle
+    }
+
+    /// Whether `policy` wants the VM's owner running while the VM is at rest: to start it
+    /// ahead of a keep-warm window, or ahead of the event its stored idle history predicts.
+    pub fn needs_owner(&self, policy: &Policy) -> bool {
+        let adaptive = self.0.context.idle.policy_of(policy) == IdlePolicy::Adaptive;
+        policy.keep_warm.is_some() || (adaptive && policy.idle_history.is_some())
+    }
+
+    /// The adaptive idle policy's current decision for this VM (`None` under the fixed
+    /// idle timeout).
+    pub fn idle_decision(&self) -> Option<IdleDecision> {
+        let policy = self.0.context.idle.policy_of(&self.0.gate.policy());
+        let learning = self.lock_learning();
+        let learning = learning.as_ref()?;
+        Some(learning.decision().unwrap_or_else(|| {
+            let history = learning.history();
+            IdleDecision {
+                policy,
+                learned: false,
+                samples: history.samples(),
+                keep_alive: self.0.gate.policy().idle_timeout,
+                next_prewarm: None,
+            }
         }))
     }
 
@@ -195,6 +230,9 @@ impl VmHandle {
             return Err(AdmitError::Draining);
         }
         let gate = &self.0.gate;
+        if let Some(idle_since) = gate.note_arrival() {
+            self.learn_from_arrival(idle_since);
+        }
         if let Some(permit) = gate.try_enter() {
             self.share_activity();
             return Ok(permit);
@@ -267,8 +305,12 @@ impl VmHandle {
         answer.await.unwrap_or_else(|_| Err(removed()))
     }
 
-    /// The VM's catalog entry has a new policy. Only the registry calls this.
+    /// The VM's catalog entry has a new policy. Only the registry calls this. A stored
+    /// idle history is taken at once; the rest takes effect when the VM is next stopped.
     pub(crate) fn set_policy(&self, policy: Arc<Policy>) {
+        if self.lock_learning().is_some() {
+            self.sync_learning(&policy);
+        }
         let _ = self.send(Command::CatalogChanged(policy));
     }
 
@@ -305,6 +347,65 @@ impl VmHandle {
     /// Whether the owner task is running (tests).
     pub fn owner_running(&self) -> bool {
         self.lock_slot().commands.is_some()
+    }
+
+    fn lock_learning(&self) -> MutexGuard<'_, Option<Learning>> {
+        // Never held across an await; a panic cannot leave the counts half-written.
+        self.0.learning.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Learns under `policy` if it is adaptive (created on the first such policy, the
+    /// stored history adopted) — or stops learning.
+    fn sync_learning(&self, policy: &Policy) {
+        let rules = &self.0.context.idle;
+        let mut learning = self.lock_learning();
+        if rules.policy_of(policy) != IdlePolicy::Adaptive {
+            *learning = None;
+            self.0.gate.set_learning(None);
+            return;
+        }
+        let stored = policy.idle_history.as_deref();
+        match learning.as_mut() {
+            Some(learning) => {
+                if let Some(stored) = stored {
+                    learning.adopt(stored);
+                }
+            }
+            None => *learning = Some(Learning::new(rules.adaptive, stored)),
+        }
+        self.0.gate.set_learning(Some(rules.adaptive.bin));
+    }
+
+    /// An arrival ended an idle period here (whose activity ended at `local`, if any):
+    /// records the gap from the latest end of activity anyone knows of, and counts a
+    /// pre-warm it found as used.
+    fn learn_from_arrival(&self, local: Option<Instant>) {
+        let gate = &self.0.gate;
+        if gate.take_prewarm() {
+            gate.metrics().prewarm(true);
+        }
+        let now = (self.0.context.wall_clock)();
+        let local = local.map(|at| now - Instant::now().saturating_duration_since(at));
+        let mut learning = self.lock_learning();
+        let Some(learning) = learning.as_mut() else {
+            return;
+        };
+        let origin = [local, learning.stored_activity(), self.peer_activity()]
+            .into_iter()
+            .flatten()
+            .max();
+        if let Some(gap) = origin.and_then(|origin| now.duration_since(origin).ok()) {
+            if learning.record(gap) {
+                tracing::debug!(vm = %self.key(), gap = ?gap, "idle period recorded");
+            }
+        }
+    }
+
+    /// The latest activity another replica recorded, if it is later than anything this
+    /// replica shared.
+    fn peer_activity(&self) -> Option<SystemTime> {
+        let shared = self.0.context.backend.shared_activity(self.key())?;
+        self.0.gate.is_peer_record(shared).then_some(shared)
     }
 
     fn lock_slot(&self) -> MutexGuard<'_, OwnerSlot> {
@@ -363,12 +464,13 @@ impl VmHandle {
     /// `idle_timeout / 10` per VM, never once per event (one atomic on the warm path).
     fn share_activity(&self) {
         let gate = &self.0.gate;
-        if !gate.claim_activity_share() {
+        let now = SystemTime::now();
+        if !gate.claim_activity_share(now) {
             return;
         }
         let (backend, key) = (self.0.context.backend.clone(), self.key().clone());
         tokio::spawn(async move {
-            if let Err(error) = backend.record_activity(&key, SystemTime::now()).await {
+            if let Err(error) = backend.record_activity(&key, now).await {
                 tracing::debug!(vm = %key, %error, "could not record activity");
             }
         });

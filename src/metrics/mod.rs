@@ -22,7 +22,7 @@ pub use vm::{VmMetrics, VmSeries};
 
 use crate::vm::VmKey;
 use state::VmStateCollector;
-use vm::{status_label, SCALE_DOWN_ACTIONS, STATUS_LABELS};
+use vm::{status_label, PREWARM_OUTCOMES, SCALE_DOWN_ACTIONS, STATUS_LABELS};
 
 const PREFIX: &str = "vm_activator";
 
@@ -126,6 +126,7 @@ struct Families {
     rejected: IntCounterVec,
     scale_ups: IntCounterVec,
     scale_downs: IntCounterVec,
+    prewarms: IntCounterVec,
     connect_retries: IntCounterVec,
     start_timeout: GaugeVec,
     ready: IntGauge,
@@ -249,6 +250,11 @@ impl Metrics {
                 "Idle VMs stopped or paused, by action.",
                 &["namespace", "vm", "action"],
             ),
+            prewarms: counter(
+                "prewarm_total",
+                "Starts ahead of the event the adaptive idle policy expected, by outcome: used (an event came while it was up) or unused (scaled down again without one).",
+                &["namespace", "vm", "outcome"],
+            ),
         };
         let phases = Arc::new(VmStateCollector::new());
         registry.register(phases.collector()).expect("unique metric");
@@ -309,6 +315,9 @@ impl Metrics {
         }
         for action in SCALE_DOWN_ACTIONS {
             let _ = f.scale_downs.remove_label_values(&[ns, name, action]);
+        }
+        for outcome in PREWARM_OUTCOMES {
+            let _ = f.prewarms.remove_label_values(&[ns, name, outcome]);
         }
     }
 

@@ -85,12 +85,15 @@ pub struct VmSeries {
     pub start_timeout: prometheus::Gauge,
     rejected: [IntCounter; RejectReason::ALL.len()],
     scale_downs: [IntCounter; SCALE_DOWN_ACTIONS.len()],
+    prewarms: [IntCounter; PREWARM_OUTCOMES.len()],
     /// `requests_total` by code, resolved on first use of each code: no label hashing
     /// per request.
     requests: [OnceLock<IntCounter>; STATUS_LABELS.len()],
 }
 
 pub(super) const SCALE_DOWN_ACTIONS: [&str; 3] = ["stop", "pause", "hibernate"];
+/// The `outcome` label values of `prewarm_total`.
+pub(super) const PREWARM_OUTCOMES: [&str; 2] = ["used", "unused"];
 
 impl VmMetrics {
     /// Handles for `key`'s series in `families`; no series is created yet.
@@ -127,6 +130,7 @@ impl VmMetrics {
                 rejected: RejectReason::ALL.map(|r| f.rejected.with_label_values(&[ns, name, r.as_str()])),
                 start_timeout: f.start_timeout.with_label_values(&vm),
                 scale_downs: SCALE_DOWN_ACTIONS.map(|a| f.scale_downs.with_label_values(&[ns, name, a])),
+                prewarms: PREWARM_OUTCOMES.map(|o| f.prewarms.with_label_values(&[ns, name, o])),
                 requests: std::array::from_fn(|_| OnceLock::new()),
             })
         })
@@ -167,6 +171,13 @@ impl VmMetrics {
             Some(index) => self.series().scale_downs[index].inc(),
             None => tracing::warn!(action, "unknown scale-down action"),
         }
+    }
+}
+
+impl VmMetrics {
+    /// Counts how a pre-warm ended: an event came while it was up (`used`), or not.
+    pub fn prewarm(&self, used: bool) {
+        self.series().prewarms[usize::from(!used)].inc();
     }
 }
 

@@ -61,6 +61,30 @@ pub struct VmView {
     pub reason: Option<String>,
     /// Problems with the VM's settings (bad annotation values replaced by defaults).
     pub warnings: Vec<String>,
+    /// The idle policy in force and, under the adaptive one, its current decision.
+    #[serde(default)]
+    pub idle: IdleView,
+}
+
+/// The idle policy of one VM in `/v1/vms`.
+#[derive(Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct IdleView {
+    /// `fixed` or `adaptive`.
+    pub policy: String,
+    /// Adaptive: whether the decision comes from the VM's history (not the idle timeout
+    /// it falls back to while the history is too short).
+    #[serde(default)]
+    pub learned: bool,
+    /// Adaptive: idle periods in the history.
+    #[serde(default)]
+    pub samples: u32,
+    /// How long the VM stays up after its last activity before it is scaled down
+    /// (milliseconds): the idle timeout, or the adaptive keep-alive.
+    pub keep_alive_ms: u64,
+    /// Adaptive: when the VM will be started ahead of its next expected event (RFC 3339),
+    /// if it will.
+    #[serde(default)]
+    pub next_prewarm: Option<String>,
 }
 
 /// The admin router.
@@ -139,6 +163,22 @@ fn view(activator: &Activator, vm: &VmHandle) -> VmView {
         refused: state.policy.refused.clone(),
         reason: activator.backend().status_message(vm.key()),
         warnings: state.policy.warnings.clone(),
+        idle: match vm.idle_decision() {
+            Some(decision) => IdleView {
+                policy: decision.policy.to_string(),
+                learned: decision.learned,
+                samples: decision.samples,
+                keep_alive_ms: decision.keep_alive.as_millis() as u64,
+                next_prewarm: decision
+                    .next_prewarm
+                    .map(|at| humantime::format_rfc3339_millis(at).to_string()),
+            },
+            None => IdleView {
+                policy: "fixed".into(),
+                keep_alive_ms: state.policy.idle_timeout.as_millis() as u64,
+                ..IdleView::default()
+            },
+        },
     }
 }
 

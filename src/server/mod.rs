@@ -29,6 +29,7 @@ use crate::backend::qemu::QemuBackend;
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config};
 use crate::ingress::{self, Ingress, IngressState};
+use crate::lifecycle::IdleRules;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::readiness::Prober;
@@ -105,7 +106,11 @@ pub async fn app(config: &Config, backend: Arc<dyn Backend>) -> Result<App, Serv
         backend,
         Arc::new(Prober::new(config.readiness.clone())),
         Metrics::new(),
-        config.idle.check_interval,
+        IdleRules {
+            recheck: config.idle.check_interval,
+            default_policy: config.idle.policy,
+            adaptive: config.idle.adaptive.settings(),
+        },
     );
     let auth = Authenticator::from_config(&config.ingress.auth)
         .await

@@ -4,8 +4,9 @@
 //!
 //! `policy.rs` has the per-VM policy and how it is read from annotations.
 //!
-//! Owns: plain data and its parsing. Must not import any other module of this crate,
-//! nor HTTP, Kubernetes or process APIs.
+//! Owns: plain data and its parsing. Must not import any other module of this crate but
+//! the pure `idle_policy` (a policy holds the stored idle history), nor HTTP, Kubernetes
+//! or process APIs.
 
 mod policy;
 mod schedule;
@@ -19,7 +20,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use policy::{
-    Policy, ANNOTATION_PREFIX, LAST_ACTIVITY_ANNOTATION, OPT_IN_LABEL, SCALED_DOWN_FROM_ANNOTATION, VIRTUAL_MACHINE,
+    Policy, ANNOTATION_PREFIX, IDLE_HISTORY_ANNOTATION, LAST_ACTIVITY_ANNOTATION, OPT_IN_LABEL,
+    SCALED_DOWN_FROM_ANNOTATION, VIRTUAL_MACHINE,
 };
 
 /// Identity of one virtual machine: `{namespace}/{name}`, as in the ingress path.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Readiness, ScaleDown, Schedule};
+use crate::idle_policy::{History, IdlePolicy};
 
 /// Per-VM settings: from VM annotations (KubeVirt) or the YAML config (local QEMU).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +50,11 @@ pub struct Policy {
     /// When the VM must be running whatever its traffic (`vm-activator.io/keep-warm`):
     /// started ahead of each window, never scaled down inside one.
     pub keep_warm: Option<Arc<Schedule>>,
+    /// The idle policy (`vm-activator.io/idle-policy`); `None` = the global `idle.policy`.
+    pub idle_policy: Option<IdlePolicy>,
+    /// The idle history stored on the target (`vm-activator.io/idle-history`, written by
+    /// the activator with its scale-downs; the local backend's file in `run_dir`).
+    pub idle_history: Option<Arc<History>>,
     /// Problems found while reading this policy (bad annotation values, each replaced
     /// by its default). Shown in `/v1/vms`.
     pub warnings: Vec<String>,
@@ -73,6 +79,8 @@ impl Default for Policy {
             replicas: None,
             network: None,
             keep_warm: None,
+            idle_policy: None,
+            idle_history: None,
             warnings: Vec::new(),
         }
     }
@@ -90,13 +98,17 @@ pub const LAST_ACTIVITY_ANNOTATION: &str = "vm-activator.io/last-activity";
 /// The annotation the activator writes on a workload it scales to zero: the replica
 /// count it had, restored at the next start.
 pub const SCALED_DOWN_FROM_ANNOTATION: &str = "vm-activator.io/scaled-down-from";
+/// The annotation the activator writes with its idle scale-downs: the target's idle
+/// history (`idle_policy::History`), shared by every replica and kept across restarts.
+pub const IDLE_HISTORY_ANNOTATION: &str = crate::idle_policy::HISTORY_ANNOTATION;
 
 impl Policy {
     /// Reads a policy from VirtualMachine annotations (`vm-activator.io/port`, `/path`,
     /// `/idle-timeout`, `/scale-down`, `/start-timeout`, `/max-buffered`,
-    /// `/concurrency`, `/readiness`, `/request-timeout`, `/allowed-subjects`, `/keep-warm`, and for
-    /// workloads `/replicas` and `/network`). A bad value never fails: it is
-    /// replaced by the default and recorded in `warnings`.
+    /// `/concurrency`, `/readiness`, `/request-timeout`, `/allowed-subjects`, `/keep-warm`,
+    /// `/idle-policy`, the activator's own `/idle-history`, and for workloads `/replicas`
+    /// and `/network`). A bad value never fails: it is replaced by the default and
+    /// recorded in `warnings`.
     ///
     /// ```
     /// use vm_activator::vm::Policy;
@@ -160,17 +172,34 @@ impl Policy {
                     .map(|n| policy.replicas = Some(n))
                     .ok_or_else(|| "expected a whole number of at least 1".to_string()),
                 "network" => parse_network(value).map(|n| policy.network = Some(n)),
+                "idle-policy" => value.parse().map(|p| policy.idle_policy = Some(p)),
+                "idle-history" => policy.read_idle_history(value),
                 // A label, or written by the activator; not policy.
                 "enabled" | "last-activity" | "scaled-down-from" => Ok(()),
                 _ => Err("unknown setting".into()),
             };
             if let Err(problem) = result {
-                warnings.push(format!("{key}={value:?}: {problem}; using the default"));
+                // A history is long; its beginning is enough to recognise it.
+                let shown: String = value.chars().take(80).collect();
+                let more = if shown.len() < value.len() { "…" } else { "" };
+                warnings.push(format!("{key}={shown:?}{more}: {problem}; using the default"));
             }
         }
         warnings.sort();
         policy.warnings = warnings;
         policy
+    }
+}
+
+impl Policy {
+    /// Takes a stored idle history (the annotation's or the local file's text). A text
+    /// that does not parse is refused with the reason: the target then runs on the fixed
+    /// idle timeout until its next scale-down writes a good history.
+    pub fn read_idle_history(&mut self, text: &str) -> Result<(), String> {
+        let history = History::parse(text)
+            .map_err(|e| format!("{e}; the fixed idle timeout applies until it is written anew"))?;
+        self.idle_history = Some(Arc::new(history));
+        Ok(())
     }
 }
 
@@ -297,6 +326,25 @@ mod tests {
             ("scaled-down-from", "3", Box::new(|_| true), false),
             ("frobnicate", "1", Box::new(|_| true), true),
             ("last-activity", "2026-01-01T00:00:00.000Z", Box::new(|_| true), false),
+            (
+                "idle-policy",
+                "adaptive",
+                Box::new(|p| p.idle_policy == Some(IdlePolicy::Adaptive)),
+                false,
+            ),
+            ("idle-policy", "smart", Box::new(|p| p.idle_policy.is_none()), true),
+            (
+                "idle-history",
+                "v1 bin=1m at=1764905359123 oob=0 gaps=14:3",
+                Box::new(|p| p.idle_history.as_ref().is_some_and(|h| h.samples() == 3)),
+                false,
+            ),
+            (
+                "idle-history",
+                "v1 bin=1m gaps=14:three",
+                Box::new(|p| p.idle_history.is_none()),
+                true,
+            ),
         ];
         for (name, value, check, warns) in cases {
             let key = format!("{ANNOTATION_PREFIX}{name}");

@@ -86,6 +86,8 @@ struct FakeVm {
     endpoint: Option<SocketAddr>,
     starts: usize,
     stops: usize,
+    /// The last idle history handed over.
+    idle_history: Option<String>,
 }
 
 /// The fake backend.
@@ -136,6 +138,11 @@ impl FakeBackend {
     /// How many times the VM was stopped.
     pub fn stops(&self, key: &VmKey) -> usize {
         self.with_vm(key, |vm| vm.stops)
+    }
+
+    /// The idle history the activator last handed over for the VM.
+    pub fn idle_history(&self, key: &VmKey) -> Option<String> {
+        self.with_vm(key, |vm| vm.idle_history.clone())
     }
 
     /// Whether the VM's guest is running.
@@ -208,6 +215,7 @@ impl FakeVm {
             endpoint: None,
             starts: 0,
             stops: 0,
+            idle_history: None,
         }
     }
 }
@@ -216,6 +224,10 @@ impl FakeVm {
 impl Backend for FakeBackend {
     fn catalog(&self) -> watch::Receiver<Catalog> {
         self.catalog.subscribe()
+    }
+
+    fn record_idle_history(&self, key: &VmKey, history: &str) {
+        self.with_vm(key, |vm| vm.idle_history = Some(history.to_string()));
     }
 
     fn status(&self, vm: &VmKey) -> Option<watch::Receiver<BackendStatus>> {

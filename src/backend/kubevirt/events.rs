@@ -186,11 +186,22 @@ mod tests {
                 ..Default::default()
             }),
             held: 3,
+            predicted: false,
         });
         assert_eq!((up.reason.as_str(), up.action.as_str()), ("ScaledUp", "Start"));
         assert_eq!(
             up.note.as_deref(),
             Some("started (boot) for CloudEvent id=e-1 source=/orders; 3 event(s) held")
+        );
+        let predicted = kube_event(&VmEvent::ScaledUp {
+            kind: "boot",
+            trigger: None,
+            held: 0,
+            predicted: true,
+        });
+        assert_eq!(
+            predicted.note.as_deref(),
+            Some("started (boot) ahead of the next event, as the adaptive idle policy predicts it; 0 event(s) held")
         );
         let down = kube_event(&VmEvent::ScaledDown {
             action: "hibernate",

@@ -84,6 +84,9 @@ pub struct KubevirtBackend {
     write_health: health::WriteHealth,
     /// Kubernetes Events on the targets.
     events: events::EventSink,
+    /// Idle histories handed over and not written yet: each rides on the target's next
+    /// idle scale-down (bounded: one per target).
+    idle_histories: Mutex<HashMap<VmKey, String>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -147,6 +150,7 @@ impl KubevirtBackend {
             health,
             write_health: health::WriteHealth::default(),
             events,
+            idle_histories: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
         let opted_in = Some(format!("{OPT_IN_LABEL}=true"));
@@ -221,6 +225,15 @@ impl KubevirtBackend {
         match namespace {
             Some(ns) => Api::namespaced(self.client.clone(), ns),
             None => Api::all(self.client.clone()),
+        }
+    }
+
+    /// Drops the handed-over idle history `written` once a scale-down wrote it, unless a
+    /// newer one was handed over meanwhile.
+    fn forget_written_history(&self, key: &VmKey, written: Option<&str>) {
+        let mut histories = self.idle_histories.lock().expect("histories lock");
+        if histories.get(key).map(String::as_str) == written {
+            histories.remove(key);
         }
     }
 
@@ -316,7 +329,7 @@ impl Backend for KubevirtBackend {
         match self.target(key)? {
             Target::Vm(_) => self.patch_run_strategy(key, "Halted", "stop").await?,
             Target::Workload { kind, object } => {
-                if self.scale_down(key, kind, &object, None).await? == StopOutcome::PeerActive {
+                if self.scale_down(key, kind, &object, None, None).await? == StopOutcome::PeerActive {
                     return Err(BackendError::Failed {
                         op: "stop",
                         message: "the workload changed meanwhile; it keeps running".into(),
@@ -358,6 +371,11 @@ impl Backend for KubevirtBackend {
         self.write_activity(key, at).await
     }
 
+    fn record_idle_history(&self, key: &VmKey, history: &str) {
+        let mut histories = self.idle_histories.lock().expect("histories lock");
+        histories.insert(key.clone(), history.to_string());
+    }
+
     fn shared_activity(&self, key: &VmKey) -> Option<SystemTime> {
         let target = self.target(key).ok()?;
         recorded_activity(target.annotations()).map(|(_, at)| at)
@@ -379,11 +397,15 @@ impl Backend for KubevirtBackend {
             self.record_activity(key, local_activity).await?;
             return Ok(StopOutcome::PeerActive);
         };
+        // The idle history handed over since the last scale-down rides on this write.
+        let history = self.idle_histories.lock().expect("histories lock").get(key).cloned();
+        let history = history.as_deref();
         let outcome = match &target {
-            Target::Vm(vm) => self.compare_and_stop(key, vm, &recorded).await?,
-            Target::Workload { kind, object } => self.scale_down(key, *kind, object, Some(&recorded)).await?,
+            Target::Vm(vm) => self.compare_and_stop(key, vm, &recorded, history).await?,
+            Target::Workload { kind, object } => self.scale_down(key, *kind, object, Some(&recorded), history).await?,
         };
         if outcome == StopOutcome::Stopped {
+            self.forget_written_history(key, history);
             self.wait_for(key, "stop", BackendPhase::Stopped).await?;
         }
         Ok(outcome)

@@ -20,7 +20,7 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use super::workloads::{remembered_replicas, replicas};
-use super::writes::LAST_ACTIVITY_POINTER;
+use super::writes::{idle_history_op, LAST_ACTIVITY_POINTER};
 use super::KubevirtBackend;
 use crate::backend::{BackendError, StopOutcome};
 use crate::vm::VmKey;
@@ -76,21 +76,23 @@ impl KubevirtBackend {
         })
     }
 
-    /// Scales a workload to zero, remembering its count; with `recorded`, only if the
-    /// activity record still reads that (see the module header).
+    /// Scales a workload to zero, remembering its count (and storing `history`, the idle
+    /// history handed over, in the same patch); with `recorded`, only if the activity
+    /// record still reads that (see the module header).
     pub(super) async fn scale_down(
         &self,
         key: &VmKey,
         kind: usize,
         object: &DynamicObject,
         recorded: Option<&str>,
+        history: Option<&str>,
     ) -> Result<StopOutcome, BackendError> {
         let count = replicas(object);
         if count == 0 {
             return Ok(StopOutcome::Stopped);
         }
         let api = self.workload_api(kind, &key.namespace);
-        let ops = scale_down_ops(object, count, recorded);
+        let ops = scale_down_ops(object, count, recorded, history);
         let patch: json_patch::Patch = serde_json::from_value(ops).map_err(|e| BackendError::Failed {
             op: "stop",
             message: e.to_string(),
@@ -136,8 +138,14 @@ async fn patch_scale(
         .map(|_| ())
 }
 
-/// Step 1 of the scale-down: test what was seen, remember the count.
-fn scale_down_ops(object: &DynamicObject, count: u64, recorded: Option<&str>) -> serde_json::Value {
+/// Step 1 of the scale-down: test what was seen, remember the count (and the idle
+/// history).
+fn scale_down_ops(
+    object: &DynamicObject,
+    count: u64,
+    recorded: Option<&str>,
+    history: Option<&str>,
+) -> serde_json::Value {
     let mut ops = Vec::new();
     if let Some(recorded) = recorded {
         ops.push(json!({ "op": "test", "path": LAST_ACTIVITY_POINTER, "value": recorded }));
@@ -149,6 +157,7 @@ fn scale_down_ops(object: &DynamicObject, count: u64, recorded: Option<&str>) ->
         ops.push(json!({ "op": "add", "path": "/metadata/annotations", "value": {} }));
     }
     ops.push(json!({ "op": "add", "path": SCALED_DOWN_FROM_POINTER, "value": count.to_string() }));
+    ops.extend(history.map(idle_history_op));
     serde_json::Value::Array(ops)
 }
 
@@ -165,7 +174,7 @@ mod tests {
         object.metadata.annotations = Some(Default::default());
         let at = "2026-12-01T10:00:00.000Z";
         assert_eq!(
-            scale_down_ops(&object, 3, Some(at)),
+            scale_down_ops(&object, 3, Some(at), None),
             json!([
                 { "op": "test", "path": "/metadata/annotations/vm-activator.io~1last-activity", "value": at },
                 { "op": "test", "path": "/spec/replicas", "value": 3 },
@@ -173,10 +182,14 @@ mod tests {
             ])
         );
         object.metadata.annotations = None;
-        let ops = scale_down_ops(&object, 3, None);
+        let ops = scale_down_ops(&object, 3, None, Some("v1 bin=1m oob=0 gaps="));
         assert_eq!(
             ops[1],
             json!({ "op": "add", "path": "/metadata/annotations", "value": {} })
+        );
+        assert_eq!(
+            ops[3],
+            json!({ "op": "add", "path": "/metadata/annotations/vm-activator.io~1idle-history", "value": "v1 bin=1m oob=0 gaps=" })
         );
         assert!(serde_json::from_value::<json_patch::Patch>(ops).is_ok());
     }

@@ -109,8 +109,8 @@ impl KubevirtBackend {
                 let policy = self.policy_for(&key)?;
                 let policy = match current.get(&key) {
                     Some(same) if **same == policy => same.clone(),
-                    _ => {
-                        self.note_warnings(&key, &policy);
+                    before => {
+                        self.note_warnings(&key, before.map(|p| &p.warnings), &policy);
                         Arc::new(policy)
                     }
                 };
@@ -134,7 +134,7 @@ impl KubevirtBackend {
         self.catalog.send_if_modified(|current| match policy {
             Some(policy) if current.get(key).is_some_and(|p| **p == policy) => false,
             Some(policy) => {
-                self.note_warnings(key, &policy);
+                self.note_warnings(key, current.get(key).map(|p| &p.warnings), &policy);
                 Arc::make_mut(current).insert(key.clone(), Arc::new(policy));
                 true
             }
@@ -291,10 +291,15 @@ pub(super) fn keep_workload(object: &mut kube::api::DynamicObject) {
     super::workloads::keep_workload_fields(object);
 }
 
-/// Bad annotations are logged once per change of a VM's policy, not on every event.
+/// Bad annotations are logged once per change of them, not on every event — nor on each
+/// write of the activator's own annotations (activity, idle history).
 impl KubevirtBackend {
-    /// A new policy's warnings: logged, and a Warning Event on the target.
-    fn note_warnings(&self, key: &VmKey, policy: &Policy) {
+    /// A new policy's warnings, unless they are the ones `before` had: logged, and a
+    /// Warning Event on the target.
+    fn note_warnings(&self, key: &VmKey, before: Option<&Vec<String>>, policy: &Policy) {
+        if before == Some(&policy.warnings) {
+            return;
+        }
         for warning in &policy.warnings {
             tracing::warn!(vm = %key, %warning, "bad annotation");
         }

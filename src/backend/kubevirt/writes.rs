@@ -15,6 +15,13 @@ use crate::vm::{VmKey, LAST_ACTIVITY_ANNOTATION};
 
 /// JSON pointer to the activity annotation (`/` in the key escaped as `~1`).
 pub(super) const LAST_ACTIVITY_POINTER: &str = "/metadata/annotations/vm-activator.io~1last-activity";
+/// JSON pointer to the idle history annotation.
+pub(super) const IDLE_HISTORY_POINTER: &str = "/metadata/annotations/vm-activator.io~1idle-history";
+
+/// The patch operation that stores `history` (an `add` replaces an existing value).
+pub(super) fn idle_history_op(history: &str) -> serde_json::Value {
+    json!({ "op": "add", "path": IDLE_HISTORY_POINTER, "value": history })
+}
 
 /// The recorded activity in a target's annotations: the annotation's exact text (for a
 /// JSON patch `test`) and time.
@@ -99,15 +106,17 @@ impl KubevirtBackend {
 
     /// One atomic JSON patch that halts the VM only if the activity record still reads
     /// `recorded` and the run strategy is what this replica saw: it fails (422) if any
-    /// replica recorded activity, or anyone changed the run strategy, meanwhile.
+    /// replica recorded activity, or anyone changed the run strategy, meanwhile. The idle
+    /// history handed over since the last one (`history`) is written in the same patch.
     pub(super) async fn compare_and_stop(
         &self,
         key: &VmKey,
         vm: &VirtualMachine,
         recorded: &str,
+        history: Option<&str>,
     ) -> Result<StopOutcome, BackendError> {
         let patch: json_patch::Patch =
-            serde_json::from_value(compare_and_stop_ops(vm, recorded)).map_err(|e| BackendError::Failed {
+            serde_json::from_value(compare_and_stop_ops(vm, recorded, history)).map_err(|e| BackendError::Failed {
                 op: "stop",
                 message: e.to_string(),
             })?;
@@ -127,9 +136,11 @@ impl KubevirtBackend {
 }
 
 /// The operations of the compare-and-stop patch for `vm`, whose activity record reads
-/// `recorded`. A VM still on the deprecated `spec.running` moves to `runStrategy`.
-fn compare_and_stop_ops(vm: &VirtualMachine, recorded: &str) -> serde_json::Value {
+/// `recorded`, storing `history` if there is one. A VM still on the deprecated
+/// `spec.running` moves to `runStrategy`.
+fn compare_and_stop_ops(vm: &VirtualMachine, recorded: &str, history: Option<&str>) -> serde_json::Value {
     let mut ops = vec![json!({ "op": "test", "path": LAST_ACTIVITY_POINTER, "value": recorded })];
+    ops.extend(history.map(idle_history_op));
     match (&vm.spec.run_strategy, vm.spec.running) {
         (Some(strategy), _) => ops.extend([
             json!({ "op": "test", "path": "/spec/runStrategy", "value": strategy }),
@@ -163,7 +174,7 @@ mod tests {
             )
         };
         let at = "2026-12-01T10:00:00.000Z";
-        let ops = compare_and_stop_ops(&vm(Some("Always"), None), at);
+        let ops = compare_and_stop_ops(&vm(Some("Always"), None), at, None);
         assert_eq!(
             ops,
             json!([
@@ -172,7 +183,14 @@ mod tests {
                 { "op": "replace", "path": "/spec/runStrategy", "value": "Halted" },
             ])
         );
-        let legacy = compare_and_stop_ops(&vm(None, Some(true)), at);
+        let history = "v1 bin=1m oob=0 gaps=14:3";
+        let with_history = compare_and_stop_ops(&vm(Some("Always"), None), at, Some(history));
+        assert_eq!(
+            with_history[1],
+            json!({ "op": "add", "path": "/metadata/annotations/vm-activator.io~1idle-history", "value": history })
+        );
+        assert_eq!(with_history.as_array().unwrap().len(), 4, "one patch: the same write");
+        let legacy = compare_and_stop_ops(&vm(None, Some(true)), at, None);
         assert_eq!(legacy[2], json!({ "op": "remove", "path": "/spec/running" }));
         assert_eq!(legacy[3]["value"], "Halted");
         assert!(serde_json::from_value::<json_patch::Patch>(legacy).is_ok());

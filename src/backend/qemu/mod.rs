@@ -24,7 +24,7 @@ mod process;
 mod qmp;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,8 +91,12 @@ impl QemuBackend {
         let accel = resolve_accel(config.accel, kvm_usable())?;
         let qemu_version = qemu_version(&config.binary);
         tracing::info!(accel, run_dir = %run_dir.display(), %qemu_version, "local QEMU backend");
-        let catalog: BTreeMap<VmKey, Arc<crate::vm::Policy>> =
-            vms.iter().map(|vm| (vm.key(), Arc::new(vm.policy()))).collect();
+        // A configured run directory also keeps each VM's idle history across restarts.
+        let histories = config.run_dir.as_deref();
+        let catalog: BTreeMap<VmKey, Arc<crate::vm::Policy>> = vms
+            .iter()
+            .map(|vm| (vm.key(), Arc::new(with_stored_history(vm, histories))))
+            .collect();
         let vms = vms
             .into_iter()
             .map(|spec| {
@@ -208,6 +212,21 @@ impl QemuBackend {
 impl Backend for QemuBackend {
     fn catalog(&self) -> watch::Receiver<Catalog> {
         self.catalog.subscribe()
+    }
+
+    /// Writes the history to `<run_dir>/<namespace>_<name>.idle-history` (a new file
+    /// renamed over the old one) when the run directory is configured: the per-process
+    /// default one does not outlive the process.
+    fn record_idle_history(&self, key: &VmKey, history: &str) {
+        let Some(dir) = self.config.run_dir.as_deref() else {
+            return;
+        };
+        let file = history_file(dir, key);
+        let partial = file.with_extension("idle-history.new");
+        let written = std::fs::write(&partial, format!("{history}\n")).and_then(|()| std::fs::rename(&partial, &file));
+        if let Err(e) = written {
+            tracing::warn!(vm = %key, file = %file.display(), error = %e, "idle history not written");
+        }
     }
 
     fn status(&self, vm: &VmKey) -> Option<watch::Receiver<BackendStatus>> {
@@ -357,6 +376,32 @@ impl Backend for QemuBackend {
         });
         futures_util::future::join_all(stops).await;
     }
+}
+
+/// The idle history file of `key` in `dir`.
+fn history_file(dir: &Path, key: &VmKey) -> PathBuf {
+    dir.join(format!("{}_{}.idle-history", key.namespace, key.name))
+}
+
+/// `vm`'s policy with the idle history stored in `dir`, if there is one (a file that
+/// does not parse is a warning, and the fixed idle timeout applies until it is rewritten).
+fn with_stored_history(vm: &VmConfig, dir: Option<&Path>) -> crate::vm::Policy {
+    let mut policy = vm.policy();
+    let Some(dir) = dir else {
+        return policy;
+    };
+    let file = history_file(dir, &vm.key());
+    match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            if let Err(problem) = policy.read_idle_history(text.trim()) {
+                tracing::warn!(vm = %vm.key(), file = %file.display(), %problem, "idle history not used");
+                policy.warnings.push(format!("{}: {problem}", file.display()));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(vm = %vm.key(), file = %file.display(), error = %e, "idle history not read"),
+    }
+    policy
 }
 
 /// The first line of `binary --version`, or why there is none.

@@ -12,9 +12,9 @@
 //! counting, the bounds on held requests, the activity clock.
 //! Must not import: HTTP, the backend, Kubernetes, `owner`.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -76,6 +76,15 @@ struct Inner {
     last_shared_ms: AtomicU64,
     /// Activity is shared at most this often: a tenth of the idle timeout (ms).
     share_every_ms: AtomicU64,
+    /// The wall-clock time (Unix ms) of the activity this replica last shared: a shared
+    /// record no later than this is this replica's own.
+    last_shared_wall_ms: AtomicU64,
+    /// The adaptive policy's bin (ms) while the VM learns its idle times; 0 = it does not.
+    sample_bin_ms: AtomicU64,
+    /// Milliseconds since `clock_base` + 1 of the last arrival; 0 = never.
+    last_arrival_ms: AtomicU64,
+    /// Started ahead of an expected event that has not come yet.
+    prewarmed: AtomicBool,
     /// A concurrency slot was freed while requests were held (the owner waits on it).
     slot_freed: Notify,
     metrics: VmMetrics,
@@ -115,6 +124,10 @@ impl Gate {
             last_cold_start_ms: AtomicU64::new(0),
             last_shared_ms: AtomicU64::new(0),
             share_every_ms: AtomicU64::new(share_every),
+            last_shared_wall_ms: AtomicU64::new(0),
+            sample_bin_ms: AtomicU64::new(0),
+            last_arrival_ms: AtomicU64::new(0),
+            prewarmed: AtomicBool::new(false),
             slot_freed: Notify::new(),
             metrics,
             rejections: Default::default(),
@@ -201,17 +214,69 @@ impl Gate {
 
     /// Whether this replica should share its activity now: true at most once per tenth
     /// of the idle timeout (a compare-and-swap, so concurrent requests claim it once).
-    pub(super) fn claim_activity_share(&self) -> bool {
+    /// `wall` is the time it will share, remembered as its own.
+    pub(super) fn claim_activity_share(&self, wall: SystemTime) -> bool {
         let now = self.since_base_ms() + 1;
         let last = self.0.last_shared_ms.load(Ordering::Relaxed);
         let every = self.0.share_every_ms.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < every {
             return false;
         }
-        self.0
+        let claimed = self
+            .0
             .last_shared_ms
             .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
+            .is_ok();
+        if claimed {
+            let ms = wall.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+            self.0.last_shared_wall_ms.fetch_max(ms, Ordering::Relaxed);
+        }
+        claimed
+    }
+
+    /// Whether a shared activity record `at` may be a peer's: it is later than anything
+    /// this replica shared itself.
+    pub(super) fn is_peer_record(&self, at: SystemTime) -> bool {
+        let ms = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        ms > self.0.last_shared_wall_ms.load(Ordering::Relaxed)
+    }
+
+    /// How often this replica shares its activity.
+    pub(super) fn share_every(&self) -> Duration {
+        Duration::from_millis(self.0.share_every_ms.load(Ordering::Relaxed))
+    }
+
+    /// An arrival, for the adaptive idle policy (one relaxed load when the VM does not
+    /// learn): `Some(end)` when it ends an idle period here — more than one bin with
+    /// nothing in flight or held since the last activity ended at `end` (`None`: no
+    /// activity here yet) — and `None` within an activity period.
+    pub(super) fn note_arrival(&self) -> Option<Option<Instant>> {
+        let bin = self.0.sample_bin_ms.load(Ordering::Relaxed);
+        if bin == 0 {
+            return None;
+        }
+        let now = self.since_base_ms() + 1;
+        let previous = self.0.last_arrival_ms.fetch_max(now, Ordering::Relaxed);
+        if self.in_flight() > 0 || self.has_held() {
+            return None;
+        }
+        let last = previous.max(self.0.last_activity_ms.load(Ordering::Relaxed));
+        if last != 0 && now.saturating_sub(last) <= bin {
+            return None;
+        }
+        Some((last != 0).then(|| self.0.clock_base + Duration::from_millis(last - 1)))
+    }
+
+    /// Whether the VM was started ahead of an event that has not come yet — and from now
+    /// on, not.
+    pub(super) fn take_prewarm(&self) -> bool {
+        self.0.prewarmed.load(Ordering::Relaxed) && self.0.prewarmed.swap(false, Ordering::Relaxed)
+    }
+
+    /// The VM learns its idle times in bins of `bin` (`None`: it does not).
+    pub(super) fn set_learning(&self, bin: Option<Duration>) {
+        let ms = bin.map_or(0, |b| b.as_millis().max(1) as u64);
+        self.0.sample_bin_ms.store(ms, Ordering::Relaxed);
     }
 
     fn lock_held(&self) -> MutexGuard<'_, HeldCounts> {
@@ -290,6 +355,11 @@ impl GateTx {
         self.gate().touch();
     }
 
+    /// The VM is being started ahead of an expected event.
+    pub(super) fn set_prewarmed(&self) {
+        self.inner().prewarmed.store(true, Ordering::Relaxed);
+    }
+
     /// Records how long the last cold start took.
     pub(super) fn record_cold_start(&self, took: Duration) {
         self.inner()
@@ -344,12 +414,12 @@ pub(super) mod tests {
             idle_timeout: Duration::from_secs(30),
             ..Policy::default()
         });
-        assert!(gate.claim_activity_share());
-        assert!(!gate.claim_activity_share());
+        assert!(gate.claim_activity_share(SystemTime::now()));
+        assert!(!gate.claim_activity_share(SystemTime::now()));
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(!gate.claim_activity_share());
+        assert!(!gate.claim_activity_share(SystemTime::now()));
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(gate.claim_activity_share());
+        assert!(gate.claim_activity_share(SystemTime::now()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,12 +21,14 @@ impl Owner {
             self.idle_at = None;
             return;
         };
-        let context = &self.handle.0.context;
-        let due = idle::due(
-            self.tx.gate().last_activity(),
-            context.backend.shared_activity(self.handle.key()),
-            idle_for,
-        );
+        let due = match self.adaptive_idle_due() {
+            Some(due) => due,
+            None => idle::due(
+                self.tx.gate().last_activity(),
+                self.handle.0.context.backend.shared_activity(self.handle.key()),
+                idle_for,
+            ),
+        };
         // Inside a keep-warm window (or the lead before one) the idle timeout waits for
         // its end.
         let due = due.max(self.kept_warm_until().unwrap_or(due));
@@ -35,10 +37,11 @@ impl Owner {
             self.idle_at = Some(due);
         } else if self.tx.close_if_idle() {
             tracing::info!(vm = %self.handle.key(), action = action.as_str(), "VM idle; scaling down");
+            self.before_idle_scale_down();
             self.begin_scale_down(action, true);
         } else {
             // Idle long enough, but a request is in flight or held: look again later.
-            self.idle_at = Some(now + context.idle_recheck);
+            self.idle_at = Some(now + self.handle.0.context.idle.recheck);
         }
     }
 
@@ -61,6 +64,7 @@ impl Owner {
             });
         }
         tracing::info!(vm = %self.handle.key(), action = action.as_str(), "scaling down on request");
+        self.operator_stop = Some(Instant::now());
         self.begin_scale_down(action, false);
         Ok(())
     }
@@ -171,6 +175,7 @@ impl Owner {
         self.tx.publish(to, &[], error);
         self.arm_idle_timer();
         self.apply_pending_policy();
+        self.arm_prewarm();
     }
 
     /// The compare-and-stop found a peer's activity: back where the VM was. The next
@@ -194,6 +199,7 @@ impl Owner {
             self.tx.publish(VmPhase::Stopped, &[], None);
             if self.queue.is_empty() {
                 self.apply_pending_policy();
+                self.arm_prewarm();
             } else {
                 self.start(StartKind::Boot);
             }
@@ -220,7 +226,7 @@ impl Owner {
         }
         self.publish();
         self.arm_idle_timer();
-        let not_before = Instant::now() + self.handle.0.context.idle_recheck;
+        let not_before = Instant::now() + self.handle.0.context.idle.recheck;
         self.idle_at = self.idle_at.map(|at| at.max(not_before));
         match self.life {
             Life::Running { .. } => self.release_held(),
@@ -230,10 +236,17 @@ impl Owner {
         }
     }
 
-    /// Sets the idle timer for the current phase (none if its plan has no scale-down).
+    /// Sets the idle timer for the current phase (none if its plan has no scale-down):
+    /// under the adaptive policy while Ready, the end of the current window.
     pub(super) fn arm_idle_timer(&mut self) {
         let policy = self.policy();
-        self.idle_at = idle::plan(self.phase(), policy.scale_down, policy.idle_timeout)
-            .map(|(_, idle_for)| self.tx.gate().last_activity() + idle_for);
+        let Some((_, idle_for)) = idle::plan(self.phase(), policy.scale_down, policy.idle_timeout) else {
+            self.idle_at = None;
+            return;
+        };
+        self.idle_at = Some(
+            self.adaptive_idle_due()
+                .unwrap_or_else(|| self.tx.gate().last_activity() + idle_for),
+        );
     }
 }

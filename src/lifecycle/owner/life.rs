@@ -98,6 +98,8 @@ pub(super) enum Event {
     IdleExpired,
     /// The keep-warm timer fired: a window begins soon.
     WarmDue,
+    /// The pre-warm timer fired: the adaptive idle policy expects an event soon.
+    PrewarmDue,
     /// The backend call in progress finished.
     Done(Done),
     /// This endpoint passed its probe.

@@ -12,13 +12,15 @@
 //!
 //! This file has the loop and the dispatch; `life.rs` the owner's states and events,
 //! `up.rs` the way up (start, status, probes, release, failure, loss), `down.rs` the way
-//! down (idle timer, scale-down), `warm.rs` keep-warm and pre-warm starts,
-//! `endpoints.rs` the endpoints being probed and taking traffic.
+//! down (idle timer, scale-down), `warm.rs` keep-warm and pre-warm starts, `adaptive.rs`
+//! the adaptive idle policy (its deadlines, its predicted starts, the history it hands
+//! over), `endpoints.rs` the endpoints being probed and taking traffic.
 //!
 //! Owns: the phase transitions, the queue of held requests, starts, probes,
 //! scale-downs. Must not import HTTP, `ingress`, `server`, `activator`, or backend
 //! implementations.
 
+mod adaptive;
 mod down;
 mod endpoints;
 mod life;
@@ -39,6 +41,7 @@ use tokio::time::Instant;
 use super::gate::{ColdStart, GateTx};
 use super::{AdmitError, Command, VmHandle, Waiter};
 use crate::backend::{BackendStatus, VmEvent};
+use crate::idle_policy::Plan;
 use crate::metrics::ColdStartPhase;
 use crate::vm::{Policy, VmPhase};
 use endpoints::{Endpoints, Probing};
@@ -74,9 +77,16 @@ pub(super) struct Owner {
     warm_at: Option<Instant>,
     /// The end of the keep-warm window the VM was last started (or kept) for.
     warm_hold: Option<std::time::SystemTime>,
+    /// When to start the VM ahead of the event the adaptive idle policy expects.
+    prewarm_at: Option<Instant>,
+    /// When an operator scaled the VM down: no pre-warm until the next activity.
+    operator_stop: Option<Instant>,
+    /// The adaptive plan, for one version of the learning and one lead.
+    plan_cache: Option<((u64, Duration), Plan)>,
     start_timer: Timer,
     idle_timer: Timer,
     warm_timer: Timer,
+    prewarm_timer: Timer,
 }
 
 impl Owner {
@@ -107,12 +117,17 @@ impl Owner {
             cold_start: None,
             warm_at: None,
             warm_hold: None,
+            prewarm_at: None,
+            operator_stop: None,
+            plan_cache: None,
             start_timer: Timer::new(),
             idle_timer: Timer::new(),
             warm_timer: Timer::new(),
+            prewarm_timer: Timer::new(),
         };
         owner.arm_idle_timer();
         owner.keep_warm();
+        owner.arm_prewarm();
         owner
     }
 
@@ -141,6 +156,7 @@ impl Owner {
         self.start_timer.set(self.start_deadline());
         self.idle_timer.set(self.idle_at);
         self.warm_timer.set(self.warm_at);
+        self.prewarm_timer.set(self.prewarm_at);
         tokio::select! {
             biased;
             changed = maybe(self.status.as_mut().map(|s| s.changed())) => match changed {
@@ -154,6 +170,7 @@ impl Owner {
             () = maybe(self.slot_wait.as_mut()) => Event::Slot,
             _ = self.idle_timer.fired() => Event::IdleExpired,
             _ = self.warm_timer.fired() => Event::WarmDue,
+            _ = self.prewarm_timer.fired() => Event::PrewarmDue,
         }
     }
 
@@ -182,6 +199,7 @@ impl Owner {
             }
             Event::IdleExpired => self.on_idle_expired(),
             Event::WarmDue => self.keep_warm(),
+            Event::PrewarmDue => self.on_prewarm_due(),
             Event::Done(done) => {
                 self.op = None;
                 self.on_done(done);
@@ -209,6 +227,8 @@ impl Owner {
                 self.pending_policy = Some(policy);
                 self.apply_pending_policy();
                 self.keep_warm();
+                // A stored history may have come with it (a peer's scale-down).
+                self.arm_prewarm();
             }
             Command::Removed => {
                 tracing::info!(vm = %self.handle.key(), "VM left the catalog");
@@ -293,7 +313,9 @@ impl Owner {
         if stopped && self.op.is_none() && self.queue.is_empty() {
             if let Some(policy) = self.pending_policy.take() {
                 tracing::debug!(vm = %self.handle.key(), "new policy in force");
+                self.handle.sync_learning(&policy);
                 self.tx.set_policy(policy);
+                self.plan_cache = None;
             }
         }
     }
@@ -370,5 +392,6 @@ impl Owner {
             )
             && self.idle_at.is_none()
             && self.warm_at.is_none()
+            && self.prewarm_at.is_none()
     }
 }

@@ -45,6 +45,11 @@ impl Owner {
 
     /// Publishes `Starting` and issues the start (or resume) call.
     pub(super) fn start(&mut self, kind: StartKind) {
+        self.start_for(kind, false);
+    }
+
+    /// As [`Owner::start`]; `predicted`: ahead of the event the idle policy expects.
+    pub(super) fn start_for(&mut self, kind: StartKind, predicted: bool) {
         let key = self.handle.key().clone();
         let context = self.handle.0.context.clone();
         if self.status.is_none() {
@@ -80,6 +85,7 @@ impl Owner {
             kind: kind.phase().as_str(),
             trigger: self.queue.front().and_then(|w| w.trigger.clone()),
             held: self.queue.len(),
+            predicted,
         });
         self.op = Some(
             async move {

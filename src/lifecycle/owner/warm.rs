@@ -34,13 +34,17 @@ impl Owner {
         }
     }
 
-    fn wall_now(&self) -> SystemTime {
+    pub(super) fn wall_now(&self) -> SystemTime {
         (self.handle.0.context.wall_clock)()
     }
 
-    /// The runtime instant of the wall-clock time `at` (now if it has passed).
-    fn instant_at(&self, at: SystemTime) -> Instant {
-        Instant::now() + at.duration_since(self.wall_now()).unwrap_or_default()
+    /// The runtime instant of the wall-clock time `at`, past or future.
+    pub(super) fn instant_at(&self, at: SystemTime) -> Instant {
+        let now = Instant::now();
+        match at.duration_since(self.wall_now()) {
+            Ok(ahead) => now + ahead,
+            Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
+        }
     }
 
     /// How long before a window the VM is started.
@@ -83,7 +87,7 @@ impl Owner {
     }
 
     /// How a VM at rest starts; `None` while it runs or is on its way.
-    fn start_kind(&self) -> Option<StartKind> {
+    pub(super) fn start_kind(&self) -> Option<StartKind> {
         match self.life {
             Life::Stopped | Life::Failed => Some(StartKind::Boot),
             Life::Paused => Some(StartKind::Resume),

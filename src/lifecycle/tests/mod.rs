@@ -2,6 +2,7 @@
 //! a scripted guest probe under tokio's paused clock: deterministic, no sockets.
 //! This file is the harness; `up.rs` has the way up, `down.rs` the way down.
 
+mod adaptive;
 mod down;
 mod endpoints;
 mod up;
@@ -35,6 +36,10 @@ struct Scripted {
     peer_stops: Mutex<bool>,
     /// While true, stops do not return.
     stops_blocked: watch::Sender<bool>,
+    /// Report the VM running (at `endpoint()`) as soon as it is started.
+    runs_at_once: Mutex<bool>,
+    /// Idle histories handed over, in order.
+    idle_histories: Mutex<Vec<String>>,
 }
 
 #[async_trait]
@@ -49,10 +54,17 @@ impl Backend for Scripted {
 
     async fn start(&self, _: &VmKey) -> Result<(), BackendError> {
         self.record("start");
-        match self.start_error.lock().unwrap().clone() {
-            Some(message) => Err(BackendError::Failed { op: "start", message }),
-            None => Ok(()),
+        if let Some(message) = self.start_error.lock().unwrap().clone() {
+            return Err(BackendError::Failed { op: "start", message });
         }
+        if *self.runs_at_once.lock().unwrap() {
+            self.report(BackendPhase::Running, Some(endpoint()));
+        }
+        Ok(())
+    }
+
+    fn record_idle_history(&self, _: &VmKey, history: &str) {
+        self.idle_histories.lock().unwrap().push(history.to_string());
     }
 
     async fn resume(&self, _: &VmKey) -> Result<(), BackendError> {
@@ -171,6 +183,10 @@ const WALL_START: u64 = 1_796_104_800;
 const START: Duration = Duration::from_secs(10);
 
 fn world(policy: Policy) -> World {
+    world_with(policy, IdleRules::fixed(Duration::from_secs(1)))
+}
+
+fn world_with(policy: Policy, rules: IdleRules) -> World {
     let backend = Arc::new(Scripted {
         catalog: watch::channel(Catalog::default()).0,
         status: watch::channel(BackendStatus::stopped()).0,
@@ -182,6 +198,8 @@ fn world(policy: Policy) -> World {
         stop_outcome: Mutex::new(StopOutcome::Stopped),
         peer_stops: Mutex::new(false),
         stops_blocked: watch::channel(false).0,
+        runs_at_once: Mutex::new(false),
+        idle_histories: Mutex::default(),
     });
     let probe = Arc::new(ScriptedProbe {
         up: watch::channel(false).0,
@@ -193,7 +211,7 @@ fn world(policy: Policy) -> World {
     let started = tokio::time::Instant::now();
     let wall_clock: WallClock =
         Arc::new(move || SystemTime::UNIX_EPOCH + Duration::from_secs(WALL_START) + started.elapsed());
-    let context = Context::with_wall_clock(backend.clone(), probe.clone(), Duration::from_secs(1), wall_clock);
+    let context = Context::with_wall_clock(backend.clone(), probe.clone(), rules, wall_clock);
     let vm = VmHandle::new(key.clone(), Arc::new(policy), metrics.vm(&key), context);
     World {
         backend,
