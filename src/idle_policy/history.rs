@@ -1,6 +1,6 @@
 //! A target's history of idle times: how many of its idle periods ended in each bin,
-//! how many were longer than the range, when its last activity ended, and how long its
-//! cold start takes — and the compact text it is kept in (the annotation
+//! how many were longer than the range, its last arrival, and how long its cold start
+//! takes — and the compact text it is kept in (the annotation
 //! `vm-activator.io/idle-history`, or a file of the local backend):
 //!
 //! ```text
@@ -36,7 +36,7 @@ pub struct History {
     gaps: BTreeMap<u32, u32>,
     /// Idle periods longer than the range.
     out_of_range: u32,
-    /// When the last activity ended, as last written.
+    /// The last arrival (when the plan counts from), as last written.
     last_activity: Option<SystemTime>,
     /// How long the target's cold start takes (its last one).
     cold_start: Option<Duration>,
@@ -81,7 +81,7 @@ impl History {
         self.gaps.iter().map(|(k, n)| (*k, *n))
     }
 
-    /// When the last activity ended, as last recorded.
+    /// The last arrival, as last recorded.
     pub fn last_activity(&self) -> Option<SystemTime> {
         self.last_activity
     }
@@ -91,7 +91,7 @@ impl History {
         self.cold_start
     }
 
-    /// Records the end of the last activity.
+    /// Records the last arrival.
     pub fn set_last_activity(&mut self, at: SystemTime) {
         self.last_activity = Some(at);
     }
@@ -101,8 +101,8 @@ impl History {
         self.cold_start = Some(took);
     }
 
-    /// Records one gap between the end of an activity and the next event. Returns
-    /// whether it was an idle period (longer than one bin) and so was counted.
+    /// Records one gap between two arrivals. Returns whether it was an idle period
+    /// (longer than one bin) and so was counted.
     pub fn record(&mut self, gap: Duration, settings: &Settings) -> bool {
         let bin = bin_of(gap, self.bin);
         if bin == 0 {

@@ -2,12 +2,15 @@
 //! event: the fixed idle timeout, or the adaptive policy learned from the target's own
 //! history of idle times.
 //!
-//! Time is measured from the end of the target's last activity (its last request done).
-//! A *gap* is the time from there to the next event's arrival. Gaps are counted in bins
-//! of `bin` (`history.rs`): a gap of at most one bin is part of the same activity period,
-//! so a target is always kept up for at least one bin after its last request. A *plan*
-//! (`plan.rs`) is a list of windows — "be ready from here, keep running until there" —
-//! chosen where the cold starts they are expected to save are worth their running time.
+//! Time is measured from the target's last arrival (its last event's). A *gap* is the
+//! time from there to the next arrival, when nothing was in flight or held between:
+//! a periodic sender's gaps are its period, whether its events found the target cold or
+//! warm. Gaps are counted in bins of `bin` (`history.rs`): a gap of at most one bin is
+//! part of the same activity period, so a target is always kept up for at least one bin
+//! after an arrival (and, whatever the plan, while a request is in flight or held). A
+//! *plan* (`plan.rs`) is a list of windows — "be ready from here, keep running until
+//! there" — chosen where the cold starts they are expected to save are worth their
+//! running time.
 //!
 //! The owner of each target (its timers) and `vm-activator simulate` (simulated time)
 //! both call [`Plan::adaptive`] / [`Plan::fixed`] and [`Plan::step`]: the simulator runs

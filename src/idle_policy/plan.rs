@@ -1,6 +1,6 @@
-//! A plan: after a target's last activity, the windows in which it is up — the first one
-//! from the end of that activity (the keep-alive), the others started ahead of an
-//! expected event (pre-warms) — and what that means at any moment ([`Plan::step`]).
+//! A plan: after a target's last arrival, the windows in which it is up — the first one
+//! from that arrival (the keep-alive), the others started ahead of an expected event
+//! (pre-warms) — and what that means at any moment ([`Plan::step`]).
 //!
 //! The adaptive plan is chosen greedily, one window at a time, from the history's
 //! distribution of idle periods (its counts, each spread over its neighbouring bins,
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use super::{History, Settings};
 
-/// A period in which the target is up, as offsets from the end of its last activity.
+/// A period in which the target is up, as offsets from its last arrival.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
     /// When to start it (0: it is still up from the activity).
@@ -63,7 +63,8 @@ pub struct Plan {
 const PRIOR: f64 = 1.0;
 
 impl Plan {
-    /// The fixed idle timeout: up until `idle_timeout` after the last activity.
+    /// The fixed idle timeout: up until `idle_timeout` after the last activity (the
+    /// owner counts it from the end of the last request, as it always has).
     pub fn fixed(idle_timeout: Duration) -> Plan {
         Plan {
             windows: vec![Window {
@@ -99,13 +100,12 @@ impl Plan {
         &self.windows
     }
 
-    /// How long the target stays up after its last activity before its first
-    /// scale-down.
+    /// How long the target stays up after its last arrival before its first scale-down.
     pub fn keep_alive(&self) -> Duration {
         self.windows[0].until
     }
 
-    /// What the plan says `elapsed` after the last activity.
+    /// What the plan says `elapsed` after the last arrival.
     pub fn step(&self, elapsed: Duration) -> Step {
         match self.windows.iter().find(|w| w.until > elapsed) {
             Some(w) if w.start <= elapsed => Step::Up { until: w.until },

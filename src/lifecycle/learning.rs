@@ -75,7 +75,7 @@ impl Learning {
         }
     }
 
-    /// Records the gap between the end of the last activity and an arrival. Returns
+    /// Records the gap between the last arrival and this one. Returns
     /// whether it was an idle period (longer than one bin).
     pub(super) fn record(&mut self, gap: Duration) -> bool {
         let counted = self.unwritten.record(gap, &self.settings);
@@ -100,7 +100,7 @@ impl Learning {
         self.version += 1;
     }
 
-    /// When the last activity ended, as the stored history says.
+    /// The last arrival, as the stored history says.
     pub(super) fn stored_activity(&self) -> Option<SystemTime> {
         self.stored.as_ref().and_then(History::last_activity)
     }

@@ -376,8 +376,8 @@ impl VmHandle {
         self.0.gate.set_learning(Some(rules.adaptive.bin));
     }
 
-    /// An arrival ended an idle period here (whose activity ended at `local`, if any):
-    /// records the gap from the latest end of activity anyone knows of, and counts a
+    /// An arrival ended an idle period here (the previous arrival here was at `local`, if
+    /// any): records the gap from the latest arrival anyone knows of, and counts a
     /// pre-warm it found as used.
     fn learn_from_arrival(&self, local: Option<Instant>) {
         let gate = &self.0.gate;

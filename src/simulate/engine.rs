@@ -4,9 +4,11 @@
 //!
 //! A target started at `t` is ready at `t + boot` and runs from `t` until it is scaled
 //! down. An event that finds it not ready waits until it is (and starts it if it is
-//! down); its activity ends when it is delivered. A minute with events is a cold start
-//! when its first event found the target not ready. A timer due at the same instant as an
-//! event fires after it: an event at exactly the end of a window is served.
+//! down); its activity ends when it is delivered. The fixed timeout counts from the end
+//! of the last activity, the adaptive plan from the last arrival (as the owner's do). A
+//! minute with events is a cold start when its first event found the target not ready. A
+//! timer due at the same instant as an event fires after it: an event at exactly the end
+//! of a window is served.
 
 use std::time::Duration;
 
@@ -64,8 +66,11 @@ struct Simulation<'a> {
     up: Option<Up>,
     /// The next pre-warm, in absolute time, while the target is down.
     next: Option<Window>,
-    /// When the last activity ended.
+    /// What the plan counts from: the last arrival (adaptive) or the end of the last
+    /// activity (fixed).
     last: Option<Duration>,
+    /// The last arrival.
+    last_arrival: Option<Duration>,
     outcome: Outcome,
 }
 
@@ -96,6 +101,7 @@ impl<'a> Simulation<'a> {
             up: None,
             next: None,
             last: None,
+            last_arrival: None,
             outcome: Outcome::default(),
         }
     }
@@ -143,6 +149,11 @@ impl<'a> Simulation<'a> {
 
     fn arrive(&mut self, at: Duration, first_in_minute: bool) {
         self.advance(at);
+        // An arrival while earlier events wait for a boot is part of their activity.
+        let busy = self.up.is_some_and(|up| !up.prewarm && at < up.ready_at);
+        if !busy {
+            self.learn(at);
+        }
         self.outcome.event_minutes += u64::from(first_in_minute);
         let ready = self.up.is_some_and(|up| up.ready_at <= at);
         if !ready && first_in_minute {
@@ -162,10 +173,13 @@ impl<'a> Simulation<'a> {
             self.outcome.prewarms_used += 1;
         }
         self.next = None;
-        let delivered = at.max(up.ready_at);
         let ready_at = up.ready_at;
-        self.learn(at);
-        let last = self.last.map_or(delivered, |l| l.max(delivered));
+        self.last_arrival = Some(at);
+        let from = match self.spec {
+            PolicySpec::Fixed(_) => at.max(ready_at),
+            PolicySpec::Adaptive { .. } => at,
+        };
+        let last = self.last.map_or(from, |l| l.max(from));
         self.last = Some(last);
         let keep_alive = match self.plan.step(Duration::ZERO) {
             Step::Up { until } => until,
@@ -178,7 +192,7 @@ impl<'a> Simulation<'a> {
     /// Records the idle period that `at` ends, and plans anew if it counted.
     fn learn(&mut self, at: Duration) {
         let (PolicySpec::Adaptive { settings, fallback }, Some(history), Some(last)) =
-            (self.spec, self.history.as_mut(), self.last)
+            (self.spec, self.history.as_mut(), self.last_arrival)
         else {
             return;
         };

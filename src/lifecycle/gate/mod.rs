@@ -194,6 +194,15 @@ impl Gate {
         }
     }
 
+    /// When the last request arrived, while the VM learns its idle times (the adaptive
+    /// policy counts from there).
+    pub fn last_arrival_if_any(&self) -> Option<Instant> {
+        match self.0.last_arrival_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.0.clock_base + Duration::from_millis(ms - 1)),
+        }
+    }
+
     /// How long the last cold start took, if there was one.
     pub fn last_cold_start(&self) -> Option<Duration> {
         match self.0.last_cold_start_ms.load(Ordering::Relaxed) {
@@ -247,9 +256,9 @@ impl Gate {
     }
 
     /// An arrival, for the adaptive idle policy (one relaxed load when the VM does not
-    /// learn): `Some(end)` when it ends an idle period here — more than one bin with
-    /// nothing in flight or held since the last activity ended at `end` (`None`: no
-    /// activity here yet) — and `None` within an activity period.
+    /// learn): `Some(last)` when it ends an idle period here — more than one bin since the
+    /// last arrival (at `last`; `None`: none here yet), nothing in flight or held — and
+    /// `None` within an activity period.
     pub(super) fn note_arrival(&self) -> Option<Option<Instant>> {
         let bin = self.0.sample_bin_ms.load(Ordering::Relaxed);
         if bin == 0 {
@@ -260,11 +269,10 @@ impl Gate {
         if self.in_flight() > 0 || self.has_held() {
             return None;
         }
-        let last = previous.max(self.0.last_activity_ms.load(Ordering::Relaxed));
-        if last != 0 && now.saturating_sub(last) <= bin {
+        if previous != 0 && now.saturating_sub(previous) <= bin {
             return None;
         }
-        Some((last != 0).then(|| self.0.clock_base + Duration::from_millis(last - 1)))
+        Some((previous != 0).then(|| self.0.clock_base + Duration::from_millis(previous - 1)))
     }
 
     /// Whether the VM was started ahead of an event that has not come yet — and from now
@@ -350,9 +358,13 @@ impl GateTx {
         })
     }
 
-    /// Records activity now (a pre-warm: the idle timeout counts from it).
+    /// Records activity now (an operator's start, a pre-warm CloudEvent: the idle timeout
+    /// — and the adaptive plan, as from an arrival — counts from it).
     pub(super) fn touch(&self) {
-        self.gate().touch();
+        let gate = self.gate();
+        gate.touch();
+        let now = gate.since_base_ms() + 1;
+        self.inner().last_arrival_ms.fetch_max(now, Ordering::Relaxed);
     }
 
     /// The VM is being started ahead of an expected event.

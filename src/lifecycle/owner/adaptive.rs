@@ -4,9 +4,11 @@
 //! start of the next window), and the history handed to the backend with each idle
 //! scale-down.
 //!
-//! Time is measured from the end of the last activity anyone knows of: here, as the
-//! stored history says, or at a peer (whose later activity, not recorded yet, may go on
-//! for up to its recording interval: a stop waits that much longer for it).
+//! Time is measured from the last arrival anyone knows of: here, as the stored history
+//! says, or at a peer (whose later activity, not recorded yet, may go on for up to its
+//! recording interval: a stop waits that much longer for it). A periodic sender's idle
+//! periods are then the same whether its events found the VM cold or warm. The VM is
+//! never scaled down while a request is in flight or held, whatever the plan says.
 //!
 //! A pre-warm is a start like keep-warm's: through the owner, `scale_ups_total`, a
 //! `ScaledUp` Event that says it was predicted. It does not count as activity; an event
@@ -30,20 +32,20 @@ impl Owner {
         self.handle.0.context.idle.policy_of(&self.policy()) == IdlePolicy::Adaptive
     }
 
-    /// When the last activity ended, on the wall clock; with `peer_slack`, a peer's record
-    /// counts as activity until its next record could have come.
-    fn activity_end(&self, stored: Option<SystemTime>, peer_slack: bool) -> Option<SystemTime> {
+    /// The last arrival, on the wall clock; with `peer_slack`, a peer's record counts as
+    /// activity until its next record could have come.
+    fn last_arrival(&self, stored: Option<SystemTime>, peer_slack: bool) -> Option<SystemTime> {
         let wall = self.wall_now();
         let gate = self.tx.gate();
         let local = gate
-            .last_activity_if_any()
+            .last_arrival_if_any()
             .map(|at| wall - Instant::now().saturating_duration_since(at));
         let slack = if peer_slack { gate.share_every() } else { Duration::ZERO };
         let peer = self.handle.peer_activity().map(|at| at + slack);
         [local, stored, peer].into_iter().flatten().max()
     }
 
-    /// The plan for what is known now, and the end of the last activity it counts from;
+    /// The plan for what is known now, and the last arrival it counts from;
     /// `None` under the fixed idle timeout. Made once per change of the learning or the
     /// cold start.
     fn plan(&mut self, peer_slack: bool) -> Option<(Plan, SystemTime)> {
@@ -69,7 +71,7 @@ impl Owner {
             };
             (plan, learning.stored_activity())
         };
-        let end = self.activity_end(stored, peer_slack).unwrap_or_else(|| self.wall_now());
+        let end = self.last_arrival(stored, peer_slack).unwrap_or_else(|| self.wall_now());
         Some((plan, end))
     }
 
@@ -138,8 +140,8 @@ impl Owner {
     }
 
     /// Before an idle scale-down: a pre-warm no event came to is `unused`, and the whole
-    /// history — with the end of the last activity and the cold start — is handed to the
-    /// backend, which keeps it with this scale-down.
+    /// history — with the last arrival and the cold start — is handed to the backend,
+    /// which keeps it with this scale-down.
     pub(super) fn before_idle_scale_down(&mut self) {
         let gate = self.tx.gate();
         if gate.take_prewarm() {
@@ -155,7 +157,7 @@ impl Owner {
         };
         let mut history = learning.history();
         let stored = learning.stored_activity();
-        if let Some(end) = self.activity_end(stored, false) {
+        if let Some(end) = self.last_arrival(stored, false) {
             history.set_last_activity(end);
         }
         if let Some(cold_start) = measured.or(learning.stored_cold_start()) {

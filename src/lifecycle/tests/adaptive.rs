@@ -50,11 +50,12 @@ async fn event(w: &World) -> bool {
     warm
 }
 
-/// Lets one period pass after an event, in steps (timers fire when they are due, as in
-/// real time, not all at its end).
+/// Lets the rest of one period pass after an event (which took 2 ms), in steps (timers
+/// fire when they are due, as in real time, not all at its end). The next event comes
+/// 10 ms before the period is over: never at the very instant a window ends.
 async fn rest_of_period() {
     pass(PERIOD / 2).await;
-    pass(PERIOD / 2 - Duration::from_millis(4)).await;
+    pass(PERIOD / 2 - Duration::from_millis(13)).await;
 }
 
 fn count(w: &World, call: &str) -> usize {
@@ -85,7 +86,7 @@ async fn a_periodic_vm_learns_its_period_then_is_down_between_events_and_ready_f
             warm.len(),
             w.backend.calls()
         );
-        pass(PERIOD / 2 - Duration::from_millis(4)).await;
+        pass(PERIOD / 2 - Duration::from_millis(13)).await;
     }
     // The first event, then three idle periods on the 10 s fallback: cold. From then on
     // every event finds the VM ready, started just ahead of it.
