@@ -234,7 +234,7 @@ impl VmHandle {
             self.learn_from_arrival(idle_since);
         }
         if let Some(permit) = gate.try_enter() {
-            self.share_activity();
+            self.share_activity(None);
             return Ok(permit);
         }
         // Held requests wait for a start, a probe or a slot; with the backend unreachable
@@ -270,7 +270,7 @@ impl VmHandle {
             Err(_) => return Err(AdmitError::StartTimeout(timeout)),
         };
         let permit = gate.admit_released(ticket, release, arrived);
-        self.share_activity();
+        self.share_activity(Some(arrived));
         Ok(permit)
     }
 
@@ -462,9 +462,11 @@ impl VmHandle {
 
     /// Hands this replica's activity to the backend so peers see it — at most once per
     /// `idle_timeout / 10` per VM, never once per event (one atomic on the warm path).
-    fn share_activity(&self) {
+    /// A held event's activity is recorded as of its arrival (`arrived`), not its release
+    /// after the cold start: peers running the adaptive policy count from arrivals.
+    fn share_activity(&self, arrived: Option<Instant>) {
         let gate = &self.0.gate;
-        let now = SystemTime::now();
+        let now = SystemTime::now() - arrived.map_or(Duration::ZERO, |at| at.elapsed());
         if !gate.claim_activity_share(now) {
             return;
         }

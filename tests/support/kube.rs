@@ -22,7 +22,14 @@ pub trait Kube {
     /// The namespace this scenario's objects are in.
     fn ns(&self) -> &str;
     /// The binary with the kubevirt backend pointed at this cluster, plus `extra` flags.
-    async fn spawn_activator(&self, extra: &[&str]) -> Activator;
+    async fn spawn_activator(&self, extra: &[&str]) -> Activator {
+        self.spawn_activator_with("", extra).await
+    }
+    /// As [`Kube::spawn_activator`], with `config` (top-level YAML keys other than
+    /// `backend` and `kubevirt`) in its config file.
+    async fn spawn_activator_with(&self, config: &str, extra: &[&str]) -> Activator;
+    /// The Kubernetes Events (events.k8s.io/v1) in [`Kube::ns`], oldest first.
+    async fn k8s_events(&self) -> Vec<Value>;
     /// Creates a VirtualMachine (halted unless `spec` says otherwise).
     async fn create_vm(&self, name: &str, labels: Value, annotations: Value, spec: Value);
     /// The VirtualMachine as JSON.
@@ -96,7 +103,7 @@ pub trait Kube {
 pub struct FakeCluster {
     /// The fake.
     pub kube: FakeKube,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     kubeconfig: PathBuf,
 }
 
@@ -113,11 +120,7 @@ impl FakeCluster {
         .await;
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = kube.write_kubeconfig(dir.path());
-        FakeCluster {
-            kube,
-            _dir: dir,
-            kubeconfig,
-        }
+        FakeCluster { kube, dir, kubeconfig }
     }
 }
 
@@ -125,8 +128,24 @@ impl Kube for FakeCluster {
     fn ns(&self) -> &str {
         NS
     }
-    async fn spawn_activator(&self, extra: &[&str]) -> Activator {
-        Activator::spawn_kubevirt(&self.kubeconfig, extra).await
+    async fn spawn_activator_with(&self, config: &str, extra: &[&str]) -> Activator {
+        if config.is_empty() {
+            return Activator::spawn_kubevirt(&self.kubeconfig, extra).await;
+        }
+        static FILES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = self.dir.path().join(format!("activator-{n}.yaml"));
+        let text = format!(
+            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n{config}",
+            self.kubeconfig.display()
+        );
+        std::fs::write(&file, text).unwrap();
+        let mut args = vec!["--config", file.to_str().unwrap(), "--auth", "none"];
+        args.extend_from_slice(extra);
+        Activator::spawn(&args).await
+    }
+    async fn k8s_events(&self) -> Vec<Value> {
+        self.kube.k8s_events(NS)
     }
     async fn create_vm(&self, name: &str, labels: Value, annotations: Value, spec: Value) {
         self.kube.create_vm(NS, name, labels, annotations, spec);
@@ -179,8 +198,11 @@ impl Kube for RealKube {
     fn ns(&self) -> &str {
         self.namespace()
     }
-    async fn spawn_activator(&self, extra: &[&str]) -> Activator {
-        RealKube::spawn_activator(self, extra).await
+    async fn spawn_activator_with(&self, config: &str, extra: &[&str]) -> Activator {
+        RealKube::spawn_activator_with(self, config, extra).await
+    }
+    async fn k8s_events(&self) -> Vec<Value> {
+        RealKube::k8s_events(self).await
     }
     async fn create_vm(&self, name: &str, labels: Value, annotations: Value, spec: Value) {
         RealKube::create_vm(self, name, labels, annotations, spec).await

@@ -83,10 +83,18 @@ impl Owner {
         }
         let (plan, end) = self.plan(true)?;
         let elapsed = self.wall_now().duration_since(end).unwrap_or_default();
-        let due = match plan.step(elapsed) {
-            Step::Up { until } => self.instant_at(end + until),
-            Step::Down { .. } => Instant::now(),
+        let (step, due) = match plan.step(elapsed) {
+            Step::Up { until } => ("up", self.instant_at(end + until)),
+            Step::Down { .. } => ("down", Instant::now()),
         };
+        tracing::debug!(
+            vm = %self.handle.key(),
+            step,
+            since_arrival = ?elapsed,
+            scale_down_in = ?due.saturating_duration_since(Instant::now()),
+            windows = ?plan.windows(),
+            "adaptive idle deadline"
+        );
         self.show_decision(&plan, None);
         Some(due)
     }
@@ -119,6 +127,13 @@ impl Owner {
             .copied();
         let start = next.map(|w| end + w.start.max(elapsed));
         self.prewarm_at = start.map(|at| self.instant_at(at));
+        tracing::debug!(
+            vm = %self.handle.key(),
+            since_arrival = ?elapsed,
+            prewarm_in = ?self.prewarm_at.map(|at| at.saturating_duration_since(Instant::now())),
+            windows = ?plan.windows(),
+            "adaptive pre-warm"
+        );
         self.show_decision(&plan, start);
     }
 

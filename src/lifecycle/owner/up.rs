@@ -367,6 +367,8 @@ impl Owner {
         self.life = Life::Stopped;
         self.tx.publish(VmPhase::Stopped, &[], Some(message.into()));
         self.apply_pending_policy();
+        // A peer's scale-down, most often: the next expected event is still expected.
+        self.arm_prewarm();
     }
 }
 

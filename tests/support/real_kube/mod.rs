@@ -236,9 +236,14 @@ impl RealKube {
     /// The binary with the kubevirt backend, scoped to this namespace, under the
     /// activator's ServiceAccount; `extra` flags added.
     pub async fn spawn_activator(&self, extra: &[&str]) -> Activator {
+        self.spawn_activator_with("", extra).await
+    }
+
+    /// As [`RealKube::spawn_activator`], with `yaml` (more top-level keys) in its config.
+    pub async fn spawn_activator_with(&self, yaml: &str, extra: &[&str]) -> Activator {
         let config = self.dir.path().join(format!("activator-{}.yaml", unique_suffix()));
         let text = format!(
-            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  namespaces: [{}]\n",
+            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  namespaces: [{}]\n{yaml}",
             self.activator_kubeconfig.display(),
             self.namespace
         );
@@ -308,6 +313,21 @@ impl RealKube {
     /// How many VMIs the VM got (boots).
     pub fn vmi_creations(&self, name: &str) -> usize {
         self.boots.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+
+    /// The Kubernetes Events (events.k8s.io/v1) in this namespace, oldest first.
+    pub async fn k8s_events(&self) -> Vec<Value> {
+        let gvk = GroupVersionKind::gvk("events.k8s.io", "v1", "Event");
+        let resource = ApiResource::from_gvk_with_plural(&gvk, "events");
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &self.namespace, &resource);
+        let list = api.list(&Default::default()).await.expect("list events");
+        let mut events: Vec<Value> = list
+            .items
+            .into_iter()
+            .map(|e| serde_json::to_value(e).unwrap())
+            .collect();
+        events.sort_by_key(|e| e["eventTime"].as_str().unwrap_or_default().to_string());
+        events
     }
 
     /// Every request the activator made since this slice started, from the audit log
