@@ -292,3 +292,77 @@ async fn real_vm_hibernates_and_continues_where_it_was() {
     let status = activator.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "exit status {status}");
 }
+
+/// `write_config` with the adaptive idle policy for the VM, in one-second bins (every
+/// bound of the policy scaled down sixty times) and a fallback idle timeout of 4 s.
+fn write_adaptive_config(dir: &Path) -> PathBuf {
+    let path = write_config(dir, "4s");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace("idle_timeout: 4s", "idle_timeout: 4s\n    idle_policy: adaptive")
+        + "\nidle:\n  adaptive:\n    bin: 1s\n    range: 2m\n    cold_start_cost: 50s\n";
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Sends one event at `at`; returns whether it found the VM ready (a boot under TCG takes
+/// seconds; a warm event, milliseconds).
+async fn event_at(activator: &Activator, id: &str, at: Instant) -> bool {
+    tokio::time::sleep_until(at).await;
+    let sent = Instant::now();
+    assert_eq!(activator.send_status("/default/demo", id).await, 202, "{id}");
+    let took = sent.elapsed();
+    eprintln!("{id}: {took:?}");
+    took < Duration::from_millis(1500)
+}
+
+/// The adaptive idle policy on a real guest: fed one event every 10 s, the VM learns the
+/// period within five periods, then is powered off between events and booted just
+/// before each; a restarted activator (same run directory) pre-warms from the history
+/// file it finds there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_adaptive_policy_learns_the_period_and_a_restart_keeps_it() {
+    if skip_without_qemu() {
+        return;
+    }
+    const PERIOD: Duration = Duration::from_secs(10);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_adaptive_config(dir.path());
+    let history_file = dir.path().join("run/default_demo.idle-history");
+    let mut first = Activator::spawn(&["--config", config.to_str().unwrap()]).await;
+    let stops = "vm_activator_scale_downs_total{action=\"stop\",namespace=\"default\",vm=\"demo\"}";
+
+    let mut at = Instant::now();
+    let (mut warm, mut downs) = (Vec::new(), Vec::new());
+    for i in 0..7 {
+        warm.push(event_at(&first, &format!("e-{i}"), at).await);
+        downs.push(first.metric(stops).await);
+        at += PERIOD;
+    }
+    eprintln!("warm: {warm:?}; scale-downs before each event: {downs:?}");
+    assert!(warm[4..].iter().all(|w| *w), "learned within 5 periods: {warm:?}");
+    assert!(
+        downs.windows(2).skip(3).all(|d| d[1] > d[0]),
+        "powered off between events: {downs:?}"
+    );
+    let listed = vm(&first).await;
+    assert_eq!(listed["idle"]["learned"], true, "{listed}");
+
+    // Scaled down after the last event: the history is in the run directory.
+    first
+        .wait_vm_state("default", "demo", "stopped", Duration::from_secs(8))
+        .await;
+    let text = std::fs::read_to_string(&history_file).expect("the history file");
+    let history = vm_activator::idle_policy::History::parse(text.trim()).unwrap();
+    assert!(history.samples() >= 6, "{history}");
+
+    // A restart: the new process has seen nothing, and pre-warms for the next event.
+    assert!(first.terminate(Duration::from_secs(30)).await.success());
+    let second = Activator::spawn(&["--config", config.to_str().unwrap()]).await;
+    assert!(
+        event_at(&second, "after-restart", at).await,
+        "a restarted activator pre-warmed from the history file"
+    );
+    let prewarms = "vm_activator_prewarm_total{namespace=\"default\",outcome=\"used\",vm=\"demo\"}";
+    assert_eq!(second.metric(prewarms).await, 1.0);
+    assert_eq!(guest_events(&second).await, ["after-restart"]);
+}

@@ -492,17 +492,23 @@ async fn two_opted_in_objects_with_one_name_are_refused_until_one_opts_out(kube:
 }
 
 /// The calls one target's cold start and scale-down make, in order (lists and watches
-/// left out). Printed as a table; each kind's are asserted exactly.
+/// left out), under the fixed idle timeout and under the adaptive policy: the same calls
+/// — the adaptive policy's history rides on the scale-down's own JSON patch. Printed as
+/// a table; each kind's are asserted exactly.
 async fn api_calls_per_cold_start_and_scale_down_for_each_kind(kube: impl Kube) {
     let ns = kube.ns().to_string();
-    kube.create_opted_in_vm("vm", annotations("2s")).await;
-    for res in [Res::Deployment, Res::StatefulSet] {
-        let name = res.plural().trim_end_matches('s').to_string();
-        kube.create_workload(&kube.workload_spec(res, &name, settings("2s", json!({}))))
+    let policies = [("", json!({})), ("-a", json!({"vm-activator.io/idle-policy": "adaptive"}))];
+    for (suffix, policy) in &policies {
+        kube.create_opted_in_vm(&format!("vm{suffix}"), settings("2s", policy.clone()))
             .await;
+        for res in [Res::Deployment, Res::StatefulSet] {
+            let name = format!("{}{suffix}", res.plural().trim_end_matches('s'));
+            kube.create_workload(&kube.workload_spec(res, &name, settings("2s", policy.clone())))
+                .await;
+        }
     }
     let activator = ready_activator(&kube).await;
-    let calls = |from: usize| -> Vec<String> {
+    let records = |from: usize| -> Vec<Recorded> {
         // A scale-up that lost a race with the real controller's status write (409,
         // then a re-read of `/scale`) is the same cold start: the retry is not counted.
         let raced = |r: &Recorded| r.status == 409 || (r.method == "GET" && r.path.ends_with("/scale"));
@@ -512,7 +518,7 @@ async fn api_calls_per_cold_start_and_scale_down_for_each_kind(kube: impl Kube) 
         kube.requests()[from..]
             .iter()
             .filter(|r| !r.is_list_or_watch() && !raced(r) && !event(r))
-            .map(|r| r.summary())
+            .cloned()
             .collect()
     };
     let expect = |resource: &str, start: &str, stop: &[&str]| -> (Vec<String>, Vec<String>) {
@@ -521,75 +527,87 @@ async fn api_calls_per_cold_start_and_scale_down_for_each_kind(kube: impl Kube) 
             stop.iter().map(|s| s.to_string()).collect(),
         )
     };
-    let expected = [
-        expect(
-            "virtualmachines/vm",
-            "PATCH virtualmachines/vm (merge patch)",
-            &["PATCH virtualmachines/vm (JSON patch)"],
-        ),
-        expect(
-            "deployments/deployment",
-            "PATCH deployments/deployment/scale (merge patch)",
-            &[
-                "PATCH deployments/deployment (JSON patch)",
-                "PATCH deployments/deployment/scale (merge patch)",
-            ],
-        ),
-        expect(
-            "statefulsets/statefulset",
-            "PATCH statefulsets/statefulset/scale (merge patch)",
-            &[
-                "PATCH statefulsets/statefulset (JSON patch)",
-                "PATCH statefulsets/statefulset/scale (merge patch)",
-            ],
-        ),
-    ];
+    let expected = |suffix: &str| {
+        [
+            expect(
+                &format!("virtualmachines/vm{suffix}"),
+                &format!("PATCH virtualmachines/vm{suffix} (merge patch)"),
+                &[&format!("PATCH virtualmachines/vm{suffix} (JSON patch)")],
+            ),
+            expect(
+                &format!("deployments/deployment{suffix}"),
+                &format!("PATCH deployments/deployment{suffix}/scale (merge patch)"),
+                &[
+                    &format!("PATCH deployments/deployment{suffix} (JSON patch)"),
+                    &format!("PATCH deployments/deployment{suffix}/scale (merge patch)"),
+                ],
+            ),
+            expect(
+                &format!("statefulsets/statefulset{suffix}"),
+                &format!("PATCH statefulsets/statefulset{suffix}/scale (merge patch)"),
+                &[
+                    &format!("PATCH statefulsets/statefulset{suffix} (JSON patch)"),
+                    &format!("PATCH statefulsets/statefulset{suffix}/scale (merge patch)"),
+                ],
+            ),
+        ]
+    };
     // Waits until `from` is followed by at least `count` calls (the audit log of the
     // real API server lags a little), then takes them.
     let wait_calls = |from: usize, count: usize| {
-        let calls = &calls;
+        let records = &records;
         async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while calls(from).len() < count && tokio::time::Instant::now() < deadline {
+            while records(from).len() < count && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             // Anything more than expected would show up here too.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            calls(from)
+            records(from)
         }
     };
     let mut table = Vec::new();
-    for ((name, kind), (want_cold, want_down)) in [
-        ("vm", "VirtualMachine"),
-        ("deployment", "Deployment"),
-        ("statefulset", "StatefulSet"),
-    ]
-    .into_iter()
-    .zip(&expected)
-    {
-        activator
-            .wait_vm_state(&ns, name, "stopped", Duration::from_secs(5))
-            .await;
-        let mark = kube.requests().len();
-        assert_eq!(activator.send_status(&kube.path(name), &format!("{name}-1")).await, 202);
-        // The activity record follows the first delivered event.
-        let cold = wait_calls(mark, want_cold.len()).await;
-        let mark = kube.requests().len();
-        activator
-            .wait_vm_state(&ns, name, "stopped", Duration::from_secs(15))
-            .await;
-        let down = wait_calls(mark, want_down.len()).await;
-        table.push((kind, cold, down));
+    for (suffix, _) in &policies {
+        for ((name, kind), (want_cold, want_down)) in [
+            ("vm", "VirtualMachine"),
+            ("deployment", "Deployment"),
+            ("statefulset", "StatefulSet"),
+        ]
+        .into_iter()
+        .zip(expected(suffix))
+        {
+            let name = format!("{name}{suffix}");
+            activator
+                .wait_vm_state(&ns, &name, "stopped", Duration::from_secs(5))
+                .await;
+            let mark = kube.requests().len();
+            assert_eq!(activator.send_status(&kube.path(&name), &format!("{name}-1")).await, 202);
+            // The activity record follows the first delivered event.
+            let cold = wait_calls(mark, want_cold.len()).await;
+            let mark = kube.requests().len();
+            activator
+                .wait_vm_state(&ns, &name, "stopped", Duration::from_secs(15))
+                .await;
+            let down = wait_calls(mark, want_down.len()).await;
+            table.push((format!("{kind}{suffix}"), cold, down, want_cold, want_down));
+        }
     }
-    for (kind, cold, down) in &table {
-        eprintln!("{kind}: cold start {cold:?}; scale-down {down:?}");
+    let summary = |records: &[Recorded]| records.iter().map(|r| r.summary()).collect::<Vec<_>>();
+    for (kind, cold, down, ..) in &table {
+        eprintln!("{kind}: cold start {:?}; scale-down {:?}", summary(cold), summary(down));
     }
-    for ((kind, cold, down), (want_cold, want_down)) in table.iter().zip(expected) {
+    for (kind, cold, down, want_cold, want_down) in &table {
         assert_eq!(
-            cold, &want_cold,
+            &summary(cold),
+            want_cold,
             "{kind} cold start: start call, then the activity record"
         );
-        assert_eq!(down, &want_down, "{kind} scale-down");
+        assert_eq!(&summary(down), want_down, "{kind} scale-down");
+        // The adaptive policy's history is in the scale-down's first patch, and only there.
+        let adaptive = kind.ends_with("-a");
+        let carries_history = |r: &Recorded| r.body.contains("vm-activator.io~1idle-history");
+        assert_eq!(carries_history(&down[0]), adaptive, "{kind}: {}", down[0].body);
+        assert!(!cold.iter().chain(&down[1..]).any(carries_history), "{kind}");
     }
 }
 
