@@ -497,7 +497,10 @@ async fn two_opted_in_objects_with_one_name_are_refused_until_one_opts_out(kube:
 /// a table; each kind's are asserted exactly.
 async fn api_calls_per_cold_start_and_scale_down_for_each_kind(kube: impl Kube) {
     let ns = kube.ns().to_string();
-    let policies = [("", json!({})), ("-a", json!({"vm-activator.io/idle-policy": "adaptive"}))];
+    let policies = [
+        ("", json!({})),
+        ("-a", json!({"vm-activator.io/idle-policy": "adaptive"})),
+    ];
     for (suffix, policy) in &policies {
         kube.create_opted_in_vm(&format!("vm{suffix}"), settings("2s", policy.clone()))
             .await;
@@ -581,7 +584,10 @@ async fn api_calls_per_cold_start_and_scale_down_for_each_kind(kube: impl Kube) 
                 .wait_vm_state(&ns, &name, "stopped", Duration::from_secs(5))
                 .await;
             let mark = kube.requests().len();
-            assert_eq!(activator.send_status(&kube.path(&name), &format!("{name}-1")).await, 202);
+            assert_eq!(
+                activator.send_status(&kube.path(&name), &format!("{name}-1")).await,
+                202
+            );
             // The activity record follows the first delivered event.
             let cold = wait_calls(mark, want_cold.len()).await;
             let mark = kube.requests().len();
