@@ -16,10 +16,13 @@
 //! both call [`Plan::adaptive`] / [`Plan::fixed`] and [`Plan::step`]: the simulator runs
 //! this code, not a copy.
 //!
+//! `kernel.rs` smooths a history's counts for a plan.
+//!
 //! Owns: the history (and its annotation text), the plan, the policy's settings. Pure:
 //! no clock, no I/O, no async. Must not import any other module of this crate.
 
 mod history;
+mod kernel;
 mod plan;
 
 pub use history::{History, HistoryError, HISTORY_ANNOTATION, MAX_SAMPLES};

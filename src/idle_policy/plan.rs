@@ -22,6 +22,7 @@
 
 use std::time::Duration;
 
+use super::kernel::{best_kernel, smooth};
 use super::{History, Settings};
 
 /// A period in which the target is up, as offsets from its last arrival.
@@ -60,7 +61,7 @@ pub struct Plan {
 
 /// One idle period of unknown length, added to every history: a history of two short
 /// gaps does not mean the next one is short for sure.
-const PRIOR: f64 = 1.0;
+pub(super) const PRIOR: f64 = 1.0;
 
 impl Plan {
     /// The fixed idle timeout: up until `idle_timeout` after the last activity (the
@@ -112,100 +113,6 @@ impl Plan {
             next => Step::Down { next: next.copied() },
         }
     }
-}
-
-/// How far a count in bin `k` is spread: `fixed` bins, and `relative × k` more.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Kernel {
-    fixed: usize,
-    relative: f64,
-}
-
-impl Kernel {
-    fn width(&self, k: usize) -> usize {
-        self.fixed + (self.relative * k as f64).round() as usize
-    }
-}
-
-/// `counts` spread evenly over the kernel's width on each side (within `1..len`).
-fn smooth(counts: &[f64], kernel: Kernel) -> Vec<f64> {
-    let bins = counts.len();
-    let mut p = vec![0.0; bins];
-    for (k, &c) in counts.iter().enumerate().skip(1).filter(|(_, c)| **c > 0.0) {
-        let width = kernel.width(k);
-        let (lo, hi) = (k.saturating_sub(width).max(1), (k + width).min(bins - 1));
-        let share = c / (2 * width + 1) as f64;
-        for slot in &mut p[lo..=hi] {
-            *slot += share;
-        }
-    }
-    p
-}
-
-/// The kernels a history may be smoothed with: none (idle times that repeat exactly),
-/// and spreads growing with the idle time (a 100-bin idle time says little about 101).
-const KERNELS: [Kernel; 9] = [
-    Kernel {
-        fixed: 0,
-        relative: 0.0,
-    },
-    Kernel {
-        fixed: 0,
-        relative: 0.05,
-    },
-    Kernel {
-        fixed: 0,
-        relative: 0.1,
-    },
-    Kernel {
-        fixed: 0,
-        relative: 0.2,
-    },
-    Kernel {
-        fixed: 0,
-        relative: 0.3,
-    },
-    Kernel {
-        fixed: 0,
-        relative: 0.5,
-    },
-    Kernel {
-        fixed: 1,
-        relative: 0.1,
-    },
-    Kernel {
-        fixed: 1,
-        relative: 0.2,
-    },
-    Kernel {
-        fixed: 2,
-        relative: 0.3,
-    },
-];
-
-/// The kernel under which each recorded idle period is best predicted by the others
-/// (leave-one-out likelihood): none for a target whose idle times repeat exactly, wider
-/// for one whose idle times scatter.
-fn best_kernel(counts: &[f64]) -> Kernel {
-    // What a held-out idle time no other one predicts still gets: the prior's share.
-    let floor = PRIOR / counts.len() as f64;
-    let score = |kernel: &Kernel| -> f64 {
-        let p = smooth(counts, *kernel);
-        counts
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0.0)
-            .map(|(k, &c)| c * ((p[k] - 1.0 / (2 * kernel.width(k) + 1) as f64).max(0.0) + floor).ln())
-            .sum()
-    };
-    let mut best = (f64::NEG_INFINITY, KERNELS[0]);
-    for kernel in KERNELS {
-        let s = score(&kernel);
-        if s > best.0 {
-            best = (s, kernel);
-        }
-    }
-    best.1
 }
 
 /// The arithmetic of one adaptive plan (see the module header); every index is a bin.

@@ -10,10 +10,18 @@
 //! Replicas: each adds only the idle periods it saw; a stored history is adopted when it
 //! is newer (its last activity later) than the one held, and what this replica saw since
 //! its last hand-over is added on top — so a peer's write never erases it.
+//!
+//! Also here: the handle's side of it (`impl VmHandle`): recording an arrival's idle
+//! period, taking a stored history, the decision for `/v1/vms`.
 
+use std::sync::MutexGuard;
 use std::time::{Duration, SystemTime};
 
+use tokio::time::Instant;
+
+use super::VmHandle;
 use crate::idle_policy::{History, IdlePolicy, Settings};
+use crate::vm::Policy;
 
 /// The adaptive policy's current decision for a VM, for operators.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,6 +132,94 @@ impl Learning {
 
     pub(super) fn set_decision(&mut self, decision: IdleDecision) {
         self.decision = Some(decision);
+    }
+}
+
+/// A VM's learning as its handle reaches it: created and fed from arrivals, adopted
+/// from the catalog, read by `/v1/vms`.
+impl VmHandle {
+    /// Whether `policy` wants the VM's owner running while the VM is at rest: to start it
+    /// ahead of a keep-warm window, or ahead of the event its stored idle history predicts.
+    pub fn needs_owner(&self, policy: &Policy) -> bool {
+        let adaptive = self.0.context.idle.policy_of(policy) == IdlePolicy::Adaptive;
+        policy.keep_warm.is_some() || (adaptive && policy.idle_history.is_some())
+    }
+
+    /// The adaptive idle policy's current decision for this VM (`None` under the fixed
+    /// idle timeout).
+    pub fn idle_decision(&self) -> Option<IdleDecision> {
+        let policy = self.0.context.idle.policy_of(&self.0.gate.policy());
+        let learning = self.lock_learning();
+        let learning = learning.as_ref()?;
+        Some(learning.decision().unwrap_or_else(|| {
+            let history = learning.history();
+            IdleDecision {
+                policy,
+                learned: false,
+                samples: history.samples(),
+                keep_alive: self.0.gate.policy().idle_timeout,
+                next_prewarm: None,
+            }
+        }))
+    }
+
+    pub(super) fn lock_learning(&self) -> MutexGuard<'_, Option<Learning>> {
+        // Never held across an await; a panic cannot leave the counts half-written.
+        self.0.learning.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Learns under `policy` if it is adaptive (created on the first such policy, the
+    /// stored history adopted) — or stops learning.
+    pub(super) fn sync_learning(&self, policy: &Policy) {
+        let rules = &self.0.context.idle;
+        let mut learning = self.lock_learning();
+        if rules.policy_of(policy) != IdlePolicy::Adaptive {
+            *learning = None;
+            self.0.gate.set_learning(None);
+            return;
+        }
+        let stored = policy.idle_history.as_deref();
+        match learning.as_mut() {
+            Some(learning) => {
+                if let Some(stored) = stored {
+                    learning.adopt(stored);
+                }
+            }
+            None => *learning = Some(Learning::new(rules.adaptive, stored)),
+        }
+        self.0.gate.set_learning(Some(rules.adaptive.bin));
+    }
+
+    /// An arrival ended an idle period here (the previous arrival here was at `local`, if
+    /// any): records the gap from the latest arrival anyone knows of, and counts a
+    /// pre-warm it found as used.
+    pub(super) fn learn_from_arrival(&self, local: Option<Instant>) {
+        let gate = &self.0.gate;
+        if gate.take_prewarm() {
+            gate.metrics().prewarm(true);
+        }
+        let now = (self.0.context.wall_clock)();
+        let local = local.map(|at| now - Instant::now().saturating_duration_since(at));
+        let mut learning = self.lock_learning();
+        let Some(learning) = learning.as_mut() else {
+            return;
+        };
+        let origin = [local, learning.stored_activity(), self.peer_activity()]
+            .into_iter()
+            .flatten()
+            .max();
+        if let Some(gap) = origin.and_then(|origin| now.duration_since(origin).ok()) {
+            if learning.record(gap) {
+                tracing::debug!(vm = %self.key(), gap = ?gap, "idle period recorded");
+            }
+        }
+    }
+
+    /// The latest activity another replica recorded, if it is later than anything this
+    /// replica shared.
+    pub(super) fn peer_activity(&self) -> Option<SystemTime> {
+        let shared = self.0.context.backend.shared_activity(self.key())?;
+        self.0.gate.is_peer_record(shared).then_some(shared)
     }
 }
 

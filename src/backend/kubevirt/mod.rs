@@ -228,15 +228,6 @@ impl KubevirtBackend {
         }
     }
 
-    /// Drops the handed-over idle history `written` once a scale-down wrote it, unless a
-    /// newer one was handed over meanwhile.
-    fn forget_written_history(&self, key: &VmKey, written: Option<&str>) {
-        let mut histories = self.idle_histories.lock().expect("histories lock");
-        if histories.get(key).map(String::as_str) == written {
-            histories.remove(key);
-        }
-    }
-
     fn vm(&self, key: &VmKey) -> Option<Arc<VirtualMachine>> {
         self.vms.get(&ObjectRef::new(&key.name).within(&key.namespace))
     }
@@ -372,8 +363,7 @@ impl Backend for KubevirtBackend {
     }
 
     fn record_idle_history(&self, key: &VmKey, history: &str) {
-        let mut histories = self.idle_histories.lock().expect("histories lock");
-        histories.insert(key.clone(), history.to_string());
+        self.keep_history_for_next_stop(key, history);
     }
 
     fn shared_activity(&self, key: &VmKey) -> Option<SystemTime> {
@@ -382,33 +372,7 @@ impl Backend for KubevirtBackend {
     }
 
     async fn stop_if_idle(&self, key: &VmKey, local_activity: SystemTime) -> Result<StopOutcome, BackendError> {
-        let target = self.target(key)?;
-        let stopped = match &target {
-            Target::Vm(vm) => vm.spec.run_strategy.as_deref() == Some("Halted"),
-            Target::Workload { object, .. } => workloads::replicas(object) == 0,
-        };
-        if stopped {
-            // A peer's stop (or an operator's) won: just wait for it.
-            self.wait_for(key, "stop", BackendPhase::Stopped).await?;
-            return Ok(StopOutcome::Stopped);
-        }
-        let Some((recorded, _)) = recorded_activity(target.annotations()) else {
-            // Nothing to compare against yet: record ours; the next idle check compares.
-            self.record_activity(key, local_activity).await?;
-            return Ok(StopOutcome::PeerActive);
-        };
-        // The idle history handed over since the last scale-down rides on this write.
-        let history = self.idle_histories.lock().expect("histories lock").get(key).cloned();
-        let history = history.as_deref();
-        let outcome = match &target {
-            Target::Vm(vm) => self.compare_and_stop(key, vm, &recorded, history).await?,
-            Target::Workload { kind, object } => self.scale_down(key, *kind, object, Some(&recorded), history).await?,
-        };
-        if outcome == StopOutcome::Stopped {
-            self.forget_written_history(key, history);
-            self.wait_for(key, "stop", BackendPhase::Stopped).await?;
-        }
-        Ok(outcome)
+        self.idle_stop(key, local_activity).await
     }
 
     async fn shutdown(&self) {

@@ -1,6 +1,7 @@
 //! The VM writes — the run strategy (start, stop), the pause and unpause subresources,
-//! the compare-and-stop that lets replicas agree without a leader — and this replica's
-//! activity record on any target. (Workload scaling is in `scale.rs`.)
+//! the compare-and-stop that lets replicas agree without a leader — this replica's
+//! activity record on any target, and the idle history kept for the next scale-down's
+//! patch. (Workload scaling is in `scale.rs`.)
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -10,7 +11,7 @@ use serde_json::json;
 
 use super::targets::Target;
 use super::{KubevirtBackend, VirtualMachine};
-use crate::backend::{BackendError, StopOutcome};
+use crate::backend::{BackendError, BackendPhase, StopOutcome};
 use crate::vm::{VmKey, LAST_ACTIVITY_ANNOTATION};
 
 /// JSON pointer to the activity annotation (`/` in the key escaped as `~1`).
@@ -32,6 +33,61 @@ pub(super) fn recorded_activity(annotations: &BTreeMap<String, String>) -> Optio
 }
 
 impl KubevirtBackend {
+    /// Keeps an idle history handed over until the target's next idle scale-down, which
+    /// writes it in its own patch (one per target: a newer one replaces it).
+    pub(super) fn keep_history_for_next_stop(&self, key: &VmKey, history: &str) {
+        let mut histories = self.idle_histories.lock().expect("histories lock");
+        histories.insert(key.clone(), history.to_string());
+    }
+
+    /// The idle history the next scale-down of `key` is to write, if one was handed over.
+    pub(super) fn history_to_write(&self, key: &VmKey) -> Option<String> {
+        self.idle_histories.lock().expect("histories lock").get(key).cloned()
+    }
+
+    /// Drops the handed-over idle history `written` once a scale-down wrote it, unless a
+    /// newer one was handed over meanwhile.
+    pub(super) fn forget_written_history(&self, key: &VmKey, written: Option<&str>) {
+        let mut histories = self.idle_histories.lock().expect("histories lock");
+        if histories.get(key).map(String::as_str) == written {
+            histories.remove(key);
+        }
+    }
+
+    /// The idle stop (`Backend::stop_if_idle`): nothing if a peer's or an operator's stop
+    /// already took effect; otherwise the compare-and-stop (a VM) or the compare-and-
+    /// scale-down (a workload) against the activity record, carrying the idle history
+    /// handed over since the last one. Returns once the target is stopped.
+    pub(super) async fn idle_stop(&self, key: &VmKey, local_activity: SystemTime) -> Result<StopOutcome, BackendError> {
+        let target = self.target(key)?;
+        let stopped = match &target {
+            Target::Vm(vm) => vm.spec.run_strategy.as_deref() == Some("Halted"),
+            Target::Workload { object, .. } => super::workloads::replicas(object) == 0,
+        };
+        if stopped {
+            // A peer's stop (or an operator's) won: just wait for it.
+            self.wait_for(key, "stop", BackendPhase::Stopped).await?;
+            return Ok(StopOutcome::Stopped);
+        }
+        let Some((recorded, _)) = recorded_activity(target.annotations()) else {
+            // Nothing to compare against yet: record ours; the next idle check compares.
+            self.write_activity(key, local_activity).await?;
+            return Ok(StopOutcome::PeerActive);
+        };
+        // The idle history handed over since the last scale-down rides on this write.
+        let history = self.history_to_write(key);
+        let history = history.as_deref();
+        let outcome = match &target {
+            Target::Vm(vm) => self.compare_and_stop(key, vm, &recorded, history).await?,
+            Target::Workload { kind, object } => self.scale_down(key, *kind, object, Some(&recorded), history).await?,
+        };
+        if outcome == StopOutcome::Stopped {
+            self.forget_written_history(key, history);
+            self.wait_for(key, "stop", BackendPhase::Stopped).await?;
+        }
+        Ok(outcome)
+    }
+
     pub(super) async fn patch_run_strategy(
         &self,
         key: &VmKey,

@@ -20,11 +20,12 @@
 
 mod accel;
 mod hibernate;
+mod history;
 mod process;
 mod qmp;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,7 +96,7 @@ impl QemuBackend {
         let histories = config.run_dir.as_deref();
         let catalog: BTreeMap<VmKey, Arc<crate::vm::Policy>> = vms
             .iter()
-            .map(|vm| (vm.key(), Arc::new(with_stored_history(vm, histories))))
+            .map(|vm| (vm.key(), Arc::new(history::policy_with_stored(vm, histories))))
             .collect();
         let vms = vms
             .into_iter()
@@ -214,18 +215,9 @@ impl Backend for QemuBackend {
         self.catalog.subscribe()
     }
 
-    /// Writes the history to `<run_dir>/<namespace>_<name>.idle-history` (a new file
-    /// renamed over the old one) when the run directory is configured: the per-process
-    /// default one does not outlive the process.
     fn record_idle_history(&self, key: &VmKey, history: &str) {
-        let Some(dir) = self.config.run_dir.as_deref() else {
-            return;
-        };
-        let file = history_file(dir, key);
-        let partial = file.with_extension("idle-history.new");
-        let written = std::fs::write(&partial, format!("{history}\n")).and_then(|()| std::fs::rename(&partial, &file));
-        if let Err(e) = written {
-            tracing::warn!(vm = %key, file = %file.display(), error = %e, "idle history not written");
+        if let Some(dir) = self.config.run_dir.as_deref() {
+            history::write(dir, key, history);
         }
     }
 
@@ -376,32 +368,6 @@ impl Backend for QemuBackend {
         });
         futures_util::future::join_all(stops).await;
     }
-}
-
-/// The idle history file of `key` in `dir`.
-fn history_file(dir: &Path, key: &VmKey) -> PathBuf {
-    dir.join(format!("{}_{}.idle-history", key.namespace, key.name))
-}
-
-/// `vm`'s policy with the idle history stored in `dir`, if there is one (a file that
-/// does not parse is a warning, and the fixed idle timeout applies until it is rewritten).
-fn with_stored_history(vm: &VmConfig, dir: Option<&Path>) -> crate::vm::Policy {
-    let mut policy = vm.policy();
-    let Some(dir) = dir else {
-        return policy;
-    };
-    let file = history_file(dir, &vm.key());
-    match std::fs::read_to_string(&file) {
-        Ok(text) => {
-            if let Err(problem) = policy.read_idle_history(text.trim()) {
-                tracing::warn!(vm = %vm.key(), file = %file.display(), %problem, "idle history not used");
-                policy.warnings.push(format!("{}: {problem}", file.display()));
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(vm = %vm.key(), file = %file.display(), error = %e, "idle history not read"),
-    }
-    policy
 }
 
 /// The first line of `binary --version`, or why there is none.

@@ -20,6 +20,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 mod admission;
+mod arrivals;
 mod rejections;
 mod target;
 
@@ -194,15 +195,6 @@ impl Gate {
         }
     }
 
-    /// When the last request arrived, while the VM learns its idle times (the adaptive
-    /// policy counts from there).
-    pub fn last_arrival_if_any(&self) -> Option<Instant> {
-        match self.0.last_arrival_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(self.0.clock_base + Duration::from_millis(ms - 1)),
-        }
-    }
-
     /// How long the last cold start took, if there was one.
     pub fn last_cold_start(&self) -> Option<Duration> {
         match self.0.last_cold_start_ms.load(Ordering::Relaxed) {
@@ -241,50 +233,6 @@ impl Gate {
             self.0.last_shared_wall_ms.fetch_max(ms, Ordering::Relaxed);
         }
         claimed
-    }
-
-    /// Whether a shared activity record `at` may be a peer's: it is later than anything
-    /// this replica shared itself.
-    pub(super) fn is_peer_record(&self, at: SystemTime) -> bool {
-        let ms = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-        ms > self.0.last_shared_wall_ms.load(Ordering::Relaxed)
-    }
-
-    /// How often this replica shares its activity.
-    pub(super) fn share_every(&self) -> Duration {
-        Duration::from_millis(self.0.share_every_ms.load(Ordering::Relaxed))
-    }
-
-    /// An arrival, for the adaptive idle policy (one relaxed load when the VM does not
-    /// learn): `Some(last)` when it ends an idle period here — more than one bin since the
-    /// last arrival (at `last`; `None`: none here yet), nothing in flight or held — and
-    /// `None` within an activity period.
-    pub(super) fn note_arrival(&self) -> Option<Option<Instant>> {
-        let bin = self.0.sample_bin_ms.load(Ordering::Relaxed);
-        if bin == 0 {
-            return None;
-        }
-        let now = self.since_base_ms() + 1;
-        let previous = self.0.last_arrival_ms.fetch_max(now, Ordering::Relaxed);
-        if self.in_flight() > 0 || self.has_held() {
-            return None;
-        }
-        if previous != 0 && now.saturating_sub(previous) <= bin {
-            return None;
-        }
-        Some((previous != 0).then(|| self.0.clock_base + Duration::from_millis(previous - 1)))
-    }
-
-    /// Whether the VM was started ahead of an event that has not come yet — and from now
-    /// on, not.
-    pub(super) fn take_prewarm(&self) -> bool {
-        self.0.prewarmed.load(Ordering::Relaxed) && self.0.prewarmed.swap(false, Ordering::Relaxed)
-    }
-
-    /// The VM learns its idle times in bins of `bin` (`None`: it does not).
-    pub(super) fn set_learning(&self, bin: Option<Duration>) {
-        let ms = bin.map_or(0, |b| b.as_millis().max(1) as u64);
-        self.0.sample_bin_ms.store(ms, Ordering::Relaxed);
     }
 
     fn lock_held(&self) -> MutexGuard<'_, HeldCounts> {
