@@ -93,6 +93,11 @@ impl Learning {
         counted
     }
 
+    /// Idle periods known: stored, and seen here since.
+    pub(super) fn samples(&self) -> u32 {
+        self.stored.as_ref().map_or(0, History::samples) + self.unwritten.samples()
+    }
+
     /// Everything known: the stored history and the idle periods seen here since.
     pub(super) fn history(&self) -> History {
         let mut history = self.stored.clone().unwrap_or_else(|| History::new(self.settings.bin));
@@ -151,15 +156,12 @@ impl VmHandle {
         let policy = self.0.context.idle.policy_of(&self.0.gate.policy());
         let learning = self.lock_learning();
         let learning = learning.as_ref()?;
-        Some(learning.decision().unwrap_or_else(|| {
-            let history = learning.history();
-            IdleDecision {
-                policy,
-                learned: false,
-                samples: history.samples(),
-                keep_alive: self.0.gate.policy().idle_timeout,
-                next_prewarm: None,
-            }
+        Some(learning.decision().unwrap_or_else(|| IdleDecision {
+            policy,
+            learned: false,
+            samples: learning.samples(),
+            keep_alive: self.0.gate.policy().idle_timeout,
+            next_prewarm: None,
         }))
     }
 

@@ -190,7 +190,7 @@ impl Owner {
     fn show_decision(&self, plan: &Plan, next_prewarm: Option<SystemTime>) {
         let mut learning = self.handle.lock_learning();
         if let Some(learning) = learning.as_mut() {
-            let samples = learning.history().samples();
+            let samples = learning.samples();
             learning.set_decision(IdleDecision {
                 policy: IdlePolicy::Adaptive,
                 learned: plan.is_learned(),
