@@ -10,6 +10,8 @@
 mod body;
 mod pool;
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,21 +101,33 @@ impl Proxy {
         // The guest's own address, as a client would set it (formatted once per endpoint).
         request.headers_mut().insert(header::HOST, endpoint_host(endpoint));
         loop {
-            let (mut sender, reused) = match self.pool.checkout(endpoint) {
-                Some(sender) => (sender, true),
+            let (mut conn, reused) = match self.pool.checkout(endpoint) {
+                Some(conn) => (conn, true),
                 None => match self.pool.connect(endpoint, connect_by).await {
-                    Ok(sender) => (sender, false),
+                    Ok(conn) => (conn, false),
                     Err(error) => return Err(Failure::NotSent(Box::new(GuestRequest(request)), error)),
                 },
             };
-            match tokio::time::timeout(timeout, sender.try_send_request(request)).await {
+            // The request and its connection, driven together in this task: the
+            // connection writes the request and reads the response head when polled here.
+            let mut sending = pin!(conn.sender.try_send_request(request));
+            let exchange = std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(answer) = sending.as_mut().poll(cx) {
+                    return std::task::Poll::Ready(answer);
+                }
+                conn.drive(cx);
+                sending.as_mut().poll(cx)
+            });
+            match tokio::time::timeout(timeout, exchange).await {
                 Err(_) => return Err(Failure::Failed(ProxyError::Timeout(timeout))),
                 Ok(Ok(response)) => {
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     let body = PooledBody {
                         body,
-                        conn: Some((self.pool.clone(), endpoint, sender)),
+                        conn: Some(conn),
+                        pool: self.pool.clone(),
+                        endpoint,
                     };
                     return Ok(Response::from_parts(parts, body));
                 }
@@ -294,6 +308,160 @@ mod tests {
             assert_eq!(post(&proxy, endpoint).await, http::StatusCode::ACCEPTED);
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    }
+
+    /// A guest on a runtime of its own (so its tasks do not count in the test's): answers
+    /// 202 with `body_chunks` chunks of 1 KiB, `chunk_pause` apart; reports each
+    /// connection's end (how many bytes it could still write after the last request).
+    fn guest_on_its_own_runtime(
+        body_chunks: usize,
+        chunk_pause: Duration,
+    ) -> (Endpoint, std::sync::mpsc::Receiver<()>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = listener.local_addr().unwrap();
+        let (ended, ends) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    let ended = ended.clone();
+                    tokio::spawn(async move {
+                        let service =
+                            hyper::service::service_fn(move |_request: Request<hyper::body::Incoming>| async move {
+                                let chunks = futures_util::stream::unfold(0, move |sent| async move {
+                                    if sent == body_chunks {
+                                        return None;
+                                    }
+                                    tokio::time::sleep(chunk_pause).await;
+                                    Some((
+                                        Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(
+                                            vec![b'x'; 1024],
+                                        ))),
+                                        sent + 1,
+                                    ))
+                                });
+                                let mut response = Response::new(http_body_util::StreamBody::new(chunks));
+                                *response.status_mut() = http::StatusCode::ACCEPTED;
+                                Ok::<_, std::convert::Infallible>(response)
+                            });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                        let _ = ended.send(());
+                    });
+                }
+            });
+        });
+        (endpoint, ends)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn no_task_runs_per_guest_connection() {
+        let proxy = Proxy::new(&ProxyConfig::default());
+        let (endpoint, _ends) = guest_on_its_own_runtime(1, Duration::ZERO);
+        let alive = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let before = alive();
+        // Eight at once: eight connections, all kept idle afterwards.
+        let statuses = futures_util::future::join_all((0..8).map(|_| post(&proxy, endpoint))).await;
+        assert!(statuses.iter().all(|s| *s == http::StatusCode::ACCEPTED));
+        assert_eq!(proxy.pool.idle_count(endpoint), 8);
+        assert!(
+            alive() <= before + 1,
+            "only the pool's reaper: {} tasks, {before} before",
+            alive()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sender_that_hangs_up_mid_body_closes_the_guest_connection() {
+        let proxy = Proxy::new(&ProxyConfig::default());
+        // 50 chunks, 20 ms apart: a second of body.
+        let (endpoint, ends) = guest_on_its_own_runtime(50, Duration::from_millis(20));
+        let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
+        let request = Proxy::prepare(http::Uri::from_static("/events"), parts, Bytes::new());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let Ok(response) = proxy.send(endpoint, request, deadline, Duration::from_secs(5)).await else {
+            panic!("the guest answers");
+        };
+        let mut body = response.into_body();
+        let first = http_body_util::BodyExt::frame(&mut body).await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap().len(), 1024);
+        drop(body);
+        let closed = tokio::task::spawn_blocking(move || ends.recv_timeout(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert!(closed.is_ok(), "the guest's connection ended when the sender hung up");
+        assert_eq!(proxy.pool.idle_count(endpoint), 0, "and it was not kept");
+    }
+
+    /// A guest that answers each connection's first request with 202 (keep-alive, as
+    /// far as the client can tell) and closes the connection 20 ms later, as a guest with
+    /// a short idle timeout does; counts the connections it accepted.
+    async fn closing_guest() -> (Endpoint, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+                        head.push(byte[0]);
+                    }
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                });
+            }
+        });
+        (endpoint, accepted)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_guest_closed_is_never_handed_out() {
+        let proxy = Proxy::new(&ProxyConfig::default());
+        let (endpoint, accepted) = closing_guest().await;
+        // The request carries a 2-byte body: the guest never reads it, so each
+        // connection's head is all it sees.
+        assert_eq!(post(&proxy, endpoint).await, http::StatusCode::ACCEPTED);
+        assert_eq!(proxy.pool.idle_count(endpoint), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The idle connection was closed by the guest meanwhile: a new one, no error.
+        for _ in 0..3 {
+            assert_eq!(post(&proxy, endpoint).await, http::StatusCode::ACCEPTED);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_reaped_after_the_idle_timeout() {
+        let config = ProxyConfig {
+            pool_idle_timeout: Duration::from_millis(300),
+            ..ProxyConfig::default()
+        };
+        let proxy = Proxy::new(&config);
+        let (endpoint, ends) = guest_on_its_own_runtime(1, Duration::ZERO);
+        assert_eq!(post(&proxy, endpoint).await, http::StatusCode::ACCEPTED);
+        assert_eq!(proxy.pool.idle_count(endpoint), 1);
+        // The reaper sweeps every second at the least.
+        let closed = tokio::task::spawn_blocking(move || ends.recv_timeout(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert!(closed.is_ok(), "the idle connection was closed");
+        assert_eq!(proxy.pool.idle_count(endpoint), 0);
     }
 
     #[tokio::test]

@@ -1,30 +1,35 @@
 //! Connections to guests, kept per endpoint: HTTP/1.1 connections made with hyper's
-//! `client::conn`, each driven by a task of its own, and the idle ones kept for the next
-//! request. Driving the connections ourselves (instead of hyper-util's pooled client)
-//! is what tells "no byte of the request reached the guest" apart from a failure after
-//! it was sent: a connect error, or a pooled connection that closed before the request
-//! was written (hyper hands the request back), can be retried safely.
+//! `client::conn`, both halves kept together — the request side and the connection
+//! future that does the I/O — and driven by whoever holds them: the task serving the
+//! request that uses the connection, never a task of the connection's own, never a
+//! channel between tasks. Driving the connections ourselves (instead of hyper-util's
+//! pooled client) is also what tells "no byte of the request reached the guest" apart
+//! from a failure after it was sent: a connect error, or a pooled connection that closed
+//! before the request was written (hyper hands the request back), can be retried safely.
+//!
+//! Idle connections are not driven by anyone: one is checked before it is handed out (a
+//! poll that wakes nobody notices a guest that closed it), and the pool drops those past
+//! the idle timeout — at each check-in, and from a small reaper task that sweeps every
+//! endpoint while any connection is idle.
 //!
 //! Owns: connecting (with its timeout), the idle connections and their bounds. Knows
 //! nothing of VMs or requests' meaning.
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::ProxyConfig;
 use crate::vm::Endpoint;
-
-/// A connection's request side.
-pub(super) type Sender = SendRequest<Full<Bytes>>;
 
 /// Why no connection could be made; nothing was sent.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -38,8 +43,40 @@ pub enum ConnectError {
     Timeout(Duration),
 }
 
+/// One HTTP/1.1 connection to a guest, both halves: whoever holds it drives it.
+pub(super) struct GuestConn {
+    /// The request side.
+    pub(super) sender: SendRequest<Full<Bytes>>,
+    /// The connection future: reads and writes happen when it is polled.
+    io: Connection<TokioIo<TcpStream>, Full<Bytes>>,
+    /// It ended (closed or failed): never polled or used again.
+    ended: bool,
+}
+
+impl GuestConn {
+    /// Does the connection's pending I/O in the caller's task. Returns whether it is
+    /// still open.
+    pub(super) fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.ended {
+            if let Poll::Ready(result) = self.io.poll_without_shutdown(cx) {
+                self.ended = true;
+                if let Err(error) = result {
+                    tracing::debug!(%error, "guest connection ended");
+                }
+            }
+        }
+        !self.ended
+    }
+
+    /// Whether it can take a request now: driven once (waking nobody: it is idle, and
+    /// whoever takes it drives it from then on), open, and ready.
+    fn usable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
+    }
+}
+
 struct Idle {
-    sender: Sender,
+    conn: GuestConn,
     since: Instant,
 }
 
@@ -49,9 +86,11 @@ pub(super) struct Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_endpoint: usize,
+    /// Whether the reaper task runs (it ends when nothing is idle).
+    reaping: std::sync::atomic::AtomicBool,
 }
 
-/// More endpoints than this in the map: sweep out the ones with no live connection
+/// More endpoints than this in the map: sweep out the ones with no usable connection
 /// (pods come and go; their addresses must not pile up).
 const SWEEP_ABOVE: usize = 256;
 
@@ -62,55 +101,93 @@ impl Pool {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.pool_idle_timeout,
             max_idle_per_endpoint: config.pool_max_idle_per_host,
+            reaping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// The most recently used idle connection to `endpoint` that can take a request now.
-    pub(super) fn checkout(&self, endpoint: Endpoint) -> Option<Sender> {
+    pub(super) fn checkout(&self, endpoint: Endpoint) -> Option<GuestConn> {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.get_mut(&endpoint)?;
         let now = Instant::now();
-        let mut found = None;
-        let mut i = list.len();
-        while i > 0 {
-            i -= 1;
-            let conn = &list[i];
-            if conn.sender.is_closed() || now.duration_since(conn.since) > self.idle_timeout {
-                list.swap_remove(i);
-            } else if conn.sender.is_ready() {
-                found = Some(list.swap_remove(i).sender);
-                break;
+        while let Some(mut idle) = list.pop() {
+            if now.duration_since(idle.since) <= self.idle_timeout && idle.conn.usable() {
+                return Some(idle.conn);
             }
-            // Not ready yet (its last response is still being finished): left for later.
+            // Closed by the guest, or idle too long: dropped (its socket closed).
         }
-        found
+        None
     }
 
-    /// Keeps `sender` for the next request to `endpoint`, if it is still open and there
-    /// is room.
-    pub(super) fn checkin(&self, endpoint: Endpoint, sender: Sender) {
-        if sender.is_closed() {
+    /// Keeps `conn` for the next request to `endpoint`, if it is still open and there is
+    /// room. The caller drove it to the end of its last exchange.
+    pub(super) fn checkin(self: &Arc<Self>, endpoint: Endpoint, conn: GuestConn) {
+        if conn.ended {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() > SWEEP_ABOVE && !idle.contains_key(&endpoint) {
             idle.retain(|_, list| {
-                list.retain(|conn| !conn.sender.is_closed());
+                list.retain_mut(|idle| idle.conn.usable());
                 !list.is_empty()
             });
         }
         let list = idle.entry(endpoint).or_default();
         if list.len() < self.max_idle_per_endpoint {
             list.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
+        drop(idle);
+        self.start_reaper();
+    }
+
+    /// Drops every idle connection past the idle timeout or no longer usable. Returns
+    /// whether any is left.
+    fn sweep(&self) -> bool {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let now = Instant::now();
+        idle.retain(|_, list| {
+            list.retain_mut(|idle| now.duration_since(idle.since) <= self.idle_timeout && idle.conn.usable());
+            !list.is_empty()
+        });
+        !idle.is_empty()
+    }
+
+    /// Runs the reaper unless it runs already: every half idle timeout (at least a
+    /// second) it sweeps, and it ends once nothing is idle.
+    fn start_reaper(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.reaping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.reaping.store(false, Ordering::Release);
+            return;
+        };
+        let every = (self.idle_timeout / 2).max(Duration::from_secs(1));
+        let pool: Weak<Pool> = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                if !pool.sweep() {
+                    pool.reaping.store(false, Ordering::Release);
+                    // A check-in may have come between the sweep and now.
+                    if !pool.sweep() || pool.reaping.swap(true, Ordering::AcqRel) {
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// A new connection to `endpoint`, given up at the connect timeout or `deadline`,
     /// whichever is first.
-    pub(super) async fn connect(&self, endpoint: Endpoint, deadline: Instant) -> Result<Sender, ConnectError> {
+    pub(super) async fn connect(&self, endpoint: Endpoint, deadline: Instant) -> Result<GuestConn, ConnectError> {
         let limit = (Instant::now() + self.connect_timeout).min(deadline);
         let stream = match tokio::time::timeout_at(limit, TcpStream::connect(endpoint)).await {
             Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
@@ -119,15 +196,20 @@ impl Pool {
         };
         let _ = stream.set_nodelay(true);
         // The handshake of HTTP/1 does no I/O: it cannot fail for the network's reasons.
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        let (sender, io) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ConnectError::Refused(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%endpoint, %error, "guest connection ended");
-            }
-        });
-        Ok(sender)
+        Ok(GuestConn {
+            sender,
+            io,
+            ended: false,
+        })
+    }
+
+    /// Idle connections to `endpoint` (tests).
+    #[cfg(test)]
+    pub(super) fn idle_count(&self, endpoint: Endpoint) -> usize {
+        self.idle.lock().expect("pool lock").get(&endpoint).map_or(0, Vec::len)
     }
 }
 
