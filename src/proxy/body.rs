@@ -18,7 +18,7 @@ use crate::vm::Endpoint;
 /// connection goes back to the pool. A body dropped half-read closes its connection.
 pub struct PooledBody {
     pub(super) body: Incoming,
-    pub(super) conn: Option<GuestConn>,
+    pub(super) conn: Option<Box<GuestConn>>,
     pub(super) pool: Arc<Pool>,
     pub(super) endpoint: Endpoint,
 }

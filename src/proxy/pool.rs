@@ -76,7 +76,7 @@ impl GuestConn {
 }
 
 struct Idle {
-    conn: GuestConn,
+    conn: Box<GuestConn>,
     since: Instant,
 }
 
@@ -106,7 +106,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection to `endpoint` that can take a request now.
-    pub(super) fn checkout(&self, endpoint: Endpoint) -> Option<GuestConn> {
+    pub(super) fn checkout(&self, endpoint: Endpoint) -> Option<Box<GuestConn>> {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.get_mut(&endpoint)?;
         let now = Instant::now();
@@ -121,7 +121,7 @@ impl Pool {
 
     /// Keeps `conn` for the next request to `endpoint`, if it is still open and there is
     /// room. The caller drove it to the end of its last exchange.
-    pub(super) fn checkin(self: &Arc<Self>, endpoint: Endpoint, conn: GuestConn) {
+    pub(super) fn checkin(self: &Arc<Self>, endpoint: Endpoint, conn: Box<GuestConn>) {
         if conn.ended {
             return;
         }
@@ -186,8 +186,9 @@ impl Pool {
     }
 
     /// A new connection to `endpoint`, given up at the connect timeout or `deadline`,
-    /// whichever is first.
-    pub(super) async fn connect(&self, endpoint: Endpoint, deadline: Instant) -> Result<GuestConn, ConnectError> {
+    /// whichever is first. Boxed once here: it moves between the pool and the requests
+    /// that use it many times.
+    pub(super) async fn connect(&self, endpoint: Endpoint, deadline: Instant) -> Result<Box<GuestConn>, ConnectError> {
         let limit = (Instant::now() + self.connect_timeout).min(deadline);
         let stream = match tokio::time::timeout_at(limit, TcpStream::connect(endpoint)).await {
             Err(_) => return Err(ConnectError::Timeout(self.connect_timeout)),
@@ -199,11 +200,11 @@ impl Pool {
         let (sender, io) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ConnectError::Refused(e.to_string()))?;
-        Ok(GuestConn {
+        Ok(Box::new(GuestConn {
             sender,
             io,
             ended: false,
-        })
+        }))
     }
 
     /// Idle connections to `endpoint` (tests).
