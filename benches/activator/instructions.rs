@@ -60,6 +60,15 @@ pub async fn run(mode: Mode, generator: &Generator) {
         return;
     };
     let per_request = instructions as f64 / load.requests.max(1) as f64;
+    if let Ok(keep) = std::env::var("BENCH_KEEP_CALLGRIND") {
+        for entry in std::fs::read_dir(dir.path()).unwrap().filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("callgrind.out") {
+                let _ = std::fs::copy(entry.path(), format!("{keep}.{name}"));
+            }
+        }
+        println!("callgrind dumps kept: {keep}.* ({} requests)", load.requests);
+    }
     println!("| requests counted | errors | instructions | per request |");
     println!("|---:|---:|---:|---:|");
     println!(

@@ -20,7 +20,9 @@
 //! each cold start step of the in-process activator; BENCH_ACTIVATOR_LOG sets RUST_LOG
 //! of the binary (default `warn`); BENCH_LOADGEN=hyper forces the in-process client;
 //! BENCH_SERVE=N keeps the warm-path targets up N seconds first (for a profiler);
-//! BENCH_ACTIVATOR_WRAPPER prefixes the binary's command (e.g. valgrind --tool=massif).
+//! BENCH_ACTIVATOR_WRAPPER prefixes the binary's command (e.g. valgrind --tool=massif);
+//! BENCH_KEEP_CALLGRIND=PREFIX keeps the `instructions` section's callgrind dumps as
+//! PREFIX.callgrind.out.N (for `callgrind_annotate`).
 
 mod allocs;
 mod burst;
