@@ -366,3 +366,83 @@ async fn real_vm_adaptive_policy_learns_the_period_and_a_restart_keeps_it() {
     assert_eq!(second.metric(prewarms).await, 1.0);
     assert_eq!(guest_events(&second).await, ["after-restart"]);
 }
+
+/// A VM whose plan hibernates keeps its RAM in a file: a hibernation writes only the
+/// device state (under a MiB instead of tens), a restore maps the RAM file — the guest's
+/// memory survives — and a RAM file changed behind the activator's back is a boot, not a
+/// restore of the wrong memory; a VM stopped for good loses its RAM file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_with_its_ram_in_a_file_saves_device_state_only() {
+    if skip_without_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "1h");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("idle_timeout: 1h", "idle_timeout: 1h\n    scale_down: hibernate");
+    std::fs::write(&config, text).unwrap();
+    let mut activator = Activator::spawn(&["--config", config.to_str().unwrap()]).await;
+    let (state, ram) = (
+        dir.path().join("run/default_demo.state"),
+        dir.path().join("run/default_demo.ram"),
+    );
+    for id in ["before-1", "before-2"] {
+        assert_eq!(activator.send_status("/default/demo", id).await, 202);
+    }
+    assert!(ram.is_file(), "the running guest's RAM is in its file");
+
+    hibernate(&activator).await;
+    let state_bytes = std::fs::metadata(&state).unwrap().len();
+    assert!(state_bytes < 4 * 1024 * 1024, "device state only: {state_bytes} bytes");
+    assert!(ram.is_file());
+    let ids: Vec<String> = (0..10).map(|i| format!("held-{i}")).collect();
+    let codes = join_all(ids.iter().map(|id| activator.send_status("/default/demo", id))).await;
+    assert!(codes.iter().all(|c| *c == 202), "{codes:?}");
+    let events = guest_events(&activator).await;
+    assert_eq!(events[..2], ["before-1", "before-2"], "memory survived: {events:?}");
+    assert_eq!(events.len(), 12, "each exactly once: {events:?}");
+    assert_eq!(restores(&activator).await, 1.0);
+    let listed = vm(&activator).await;
+    assert!(
+        listed["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("RAM mapped from its file"),
+        "{listed}"
+    );
+
+    // The RAM file rewritten behind the activator's back: not restored, booted.
+    hibernate(&activator).await;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ram)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    assert_eq!(activator.send_status("/default/demo", "after-tampering").await, 202);
+    assert_eq!(guest_events(&activator).await, ["after-tampering"], "a fresh boot");
+    let listed = vm(&activator).await;
+    assert!(
+        listed["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("RAM file changed"),
+        "{listed}"
+    );
+    assert_eq!(restores(&activator).await, 1.0);
+
+    // Stopped for good: no state, no RAM file.
+    let stop = reqwest::Client::new()
+        .post(format!("{}/v1/vms/default/demo/stop", activator.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stop.status(), 202);
+    activator
+        .wait_vm_state("default", "demo", "stopped", Duration::from_secs(30))
+        .await;
+    assert!(!state.exists() && !ram.exists(), "stopped for good: nothing left");
+    let status = activator.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit status {status}");
+}

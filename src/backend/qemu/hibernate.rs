@@ -1,27 +1,41 @@
-//! The hibernate tier: a VM's RAM and device state saved to a file under the run
-//! directory, its QEMU process ended (its memory freed); the next start runs a new process
-//! that loads the file (`-incoming`) and the guest continues where it was.
+//! The hibernate tier: a VM's RAM and device state kept in files under the run directory,
+//! its QEMU process ended (its memory freed); the next start runs a new process that
+//! loads them and the guest continues where it was.
+//!
+//! Two layouts:
+//! - **RAM in a file** — a VM whose plan hibernates (`hibernate`, `pause-then-hibernate`,
+//!   `hibernate-then-stop`) runs with its RAM in `NAME.ram`, mapped shared
+//!   (`memory-backend-file,share=on`). A save migrates with `x-ignore-shared`: the state
+//!   file holds only the device state (well under a MiB), the RAM file is synced as it
+//!   is; a restore maps the RAM file instead of reading it (Kata's VM templating uses the
+//!   same technique). While the VM runs, its RAM file holds what the guest touched.
+//! - **Stream** — any other VM hibernated by an operator: RAM and device state streamed
+//!   into the state file. Pages the guest never wrote (or zeroed) cost a few bytes each:
+//!   the file is about the guest's used memory.
 //!
 //! QEMU 7.2 (Debian 12) has no `file:` migration target, so the state is streamed
 //! through `exec:cat`: QMP `stop`, then `migrate` to `exec:cat > NAME.partial`, polled
-//! with `query-migrate` until it completes. A restore hands QEMU the file itself
-//! (`-incoming fd:3`). Pages the guest never wrote (or zeroed) cost
-//! a few bytes each in the stream: the file is about the guest's used memory.
+//! with `query-migrate` until it completes. A restore hands QEMU the state file itself
+//! as fd 3 (`-incoming fd:3`; with the RAM in a file `-incoming defer`, then the
+//! capability and `migrate-incoming fd:3` over QMP, as the capability must be set first).
 //!
 //! Safety of a restore, in order:
 //! 1. written atomically: `.partial` → synced → renamed to `.state`, and only then the
 //!    sidecar `.meta` written the same way — no `.meta`, no restore;
 //! 2. the sidecar names what the state belongs to (QEMU's version, kernel and initrd by
-//!    size and mtime, the command line that shapes the machine) and the state's size: any
-//!    difference (another QEMU, a rebuilt guest image, a truncated file) and the files are
-//!    removed and the VM boots;
+//!    size and mtime, the command line that shapes the machine and the layout), the
+//!    state's size and the RAM file's size and mtime (synced before the sidecar is
+//!    written): any difference (another QEMU, a rebuilt guest image, a truncated or
+//!    rewritten file) and the files are removed and the VM boots;
 //! 3. QEMU refusing the stream anyway (a corrupted file): the process exits, the files are
 //!    removed and the VM boots. Either way the reason is the VM's status message
 //!    (`/v1/vms`) and a warning in the log; the events held meanwhile wait for the boot.
 //!
-//! A restored state is removed at once (the guest has moved on from it); a VM stopped for
-//! good loses its state; a save that would pass the disk budget is refused (the caller
-//! stops the VM instead).
+//! A restored state is removed at once (the guest has moved on from it; its RAM file is
+//! the running guest's memory again); a VM stopped for good loses its state and its RAM
+//! file; a boot starts from a new, empty RAM file. A save that would pass the disk budget
+//! — every hibernated VM's state and RAM files, and this VM's whole RAM — is refused (the
+//! caller stops the VM instead).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -38,18 +52,30 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often `query-migrate` is asked while saving.
 const SAVE_POLL: Duration = Duration::from_millis(5);
 
-/// The state file of a VM, its sidecar, and the file being written.
+/// The state file of a VM, its sidecar, the file being written, and the RAM file of the
+/// RAM-in-a-file layout.
 pub(super) struct StateFiles {
     pub(super) state: PathBuf,
     pub(super) meta: PathBuf,
     partial: PathBuf,
+    pub(super) ram: Option<PathBuf>,
 }
 
 impl StateFiles {
-    /// Removes all three (a missing one is fine).
-    pub(super) fn remove(&self) {
+    /// Removes the saved state: state file, sidecar and partial ones (a missing one is
+    /// fine). The RAM file stays: a running or restored guest's memory is in it.
+    pub(super) fn remove_saved(&self) {
         for file in [&self.state, &self.meta, &self.partial, &self.meta_partial()] {
             let _ = std::fs::remove_file(file);
+        }
+    }
+
+    /// Removes the saved state and the RAM file: the guest's memory is not wanted any
+    /// more (stopped for good, a state that cannot be used, a new boot).
+    pub(super) fn remove(&self) {
+        self.remove_saved();
+        if let Some(ram) = &self.ram {
+            let _ = std::fs::remove_file(ram);
         }
     }
 
@@ -74,6 +100,9 @@ struct Fingerprint {
     initrd: FileStamp,
     machine: String,
     state_bytes: u64,
+    /// The RAM file as synced with the state (RAM-in-a-file layout).
+    #[serde(default)]
+    ram: Option<FileStamp>,
 }
 
 /// A file by size and modification time (a rebuilt guest image differs in one of them).
@@ -115,6 +144,7 @@ impl QemuBackend {
             state: with("state"),
             meta: with("state.meta"),
             partial: with("state.partial"),
+            ram: vm.ram_file.clone(),
         }
     }
 
@@ -126,14 +156,16 @@ impl QemuBackend {
             kernel: FileStamp::of(&m.kernel)?,
             initrd: FileStamp::of(&m.initrd)?,
             machine: format!(
-                "accel={} memory_mib={} cpus={} port={} append={}",
+                "accel={} memory_mib={} cpus={} port={} append={} ram={}",
                 self.accel,
                 m.memory_mib,
                 m.cpus,
                 vm.spec.policy().port,
-                m.append
+                m.append,
+                if vm.ram_file.is_some() { "file" } else { "stream" },
             ),
             state_bytes,
+            ram: None,
         })
     }
 
@@ -171,6 +203,12 @@ impl QemuBackend {
                     saved.machine, now.machine
                 ));
             }
+            if let Some(ram) = &files.ram {
+                let stamp = FileStamp::of(ram).map_err(|e| format!("the RAM file is missing: {e}"))?;
+                if saved.ram.as_ref() != Some(&stamp) {
+                    return Err("the RAM file changed since the state was saved".into());
+                }
+            }
             Ok(files.state.clone())
         })();
         match verdict {
@@ -182,13 +220,16 @@ impl QemuBackend {
         }
     }
 
-    /// Bytes of state files other VMs keep.
+    /// Bytes other hibernated VMs keep on disk: their state files and, with the RAM in
+    /// a file, their RAM files.
     fn others_state_bytes(&self, vm: &LocalVm) -> u64 {
+        let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
         self.vms
             .values()
             .filter(|other| other.key != vm.key)
-            .filter_map(|other| std::fs::metadata(self.state_files(other).state).ok())
-            .map(|meta| meta.len())
+            .map(|other| self.state_files(other))
+            .filter(|files| files.state.exists())
+            .map(|files| size(&files.state) + files.ram.as_deref().map_or(0, size))
             .sum()
     }
 
@@ -210,7 +251,7 @@ impl QemuBackend {
             ));
         }
         let files = self.state_files(vm);
-        files.remove();
+        files.remove_saved();
         let started = tokio::time::Instant::now();
         let mut guard = qmp.lock().await;
         let qmp = guard.as_mut().ok_or("QMP is not connected")?;
@@ -221,7 +262,7 @@ impl QemuBackend {
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false);
         qmp.execute("stop", None).await?;
-        let result = migrate_to(qmp, &files.partial).await;
+        let result = migrate_to(qmp, &files.partial, files.ram.is_some()).await;
         let result = match result {
             Ok(()) => commit(&files, || self.fingerprint(vm, 0)).await,
             Err(e) => Err(e),
@@ -232,7 +273,7 @@ impl QemuBackend {
                 took: started.elapsed(),
             }),
             Err(e) => {
-                files.remove();
+                files.remove_saved();
                 if was_running {
                     let _ = qmp.execute("cont", None).await;
                 }
@@ -242,8 +283,12 @@ impl QemuBackend {
     }
 }
 
-/// Streams the (stopped) machine's state into `partial` and waits for the end.
-async fn migrate_to(qmp: &mut Qmp, partial: &Path) -> Result<(), String> {
+/// Streams the (stopped) machine's state into `partial` and waits for the end; with
+/// `ram_in_file`, only the device state (`x-ignore-shared`: the RAM stays in its file).
+async fn migrate_to(qmp: &mut Qmp, partial: &Path, ram_in_file: bool) -> Result<(), String> {
+    if ram_in_file {
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared())).await?;
+    }
     let target = format!("exec:cat > {}", shell_quote(&partial.display().to_string()));
     qmp.execute("migrate", Some(json!({ "uri": target }))).await?;
     let deadline = tokio::time::Instant::now() + SAVE_TIMEOUT;
@@ -268,15 +313,31 @@ async fn migrate_to(qmp: &mut Qmp, partial: &Path) -> Result<(), String> {
     }
 }
 
-/// Makes a written `.partial` the VM's state: synced, renamed, then its sidecar written
-/// and renamed the same way. Returns the state's size.
+/// The migration capability that leaves shared RAM (the RAM file) out of the stream; set
+/// on both sides.
+pub(super) fn ignore_shared() -> serde_json::Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+}
+
+/// Makes a written `.partial` the VM's state: synced (with the RAM file, if any),
+/// renamed, then its sidecar written and renamed the same way. Returns the state's size.
 async fn commit(files: &StateFiles, fingerprint: impl Fn() -> Result<Fingerprint, String>) -> Result<u64, String> {
-    let partial = files.partial.clone();
+    let (partial, ram) = (files.partial.clone(), files.ram.clone());
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
-    let bytes = tokio::task::spawn_blocking(move || {
+    let (bytes, ram) = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&partial).map_err(|e| io("open the state file", e))?;
         file.sync_all().map_err(|e| io("sync the state file", e))?;
-        Ok::<_, String>(file.metadata().map_err(|e| io("stat the state file", e))?.len())
+        let bytes = file.metadata().map_err(|e| io("stat the state file", e))?.len();
+        let ram = match &ram {
+            Some(ram) => {
+                // The guest's memory is on disk once its dirty pages are written back.
+                let file = std::fs::File::open(ram).map_err(|e| io("open the RAM file", e))?;
+                file.sync_all().map_err(|e| io("sync the RAM file", e))?;
+                Some(FileStamp::of(ram)?)
+            }
+            None => None,
+        };
+        Ok::<_, String>((bytes, ram))
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -285,6 +346,7 @@ async fn commit(files: &StateFiles, fingerprint: impl Fn() -> Result<Fingerprint
     }
     let mut fingerprint = fingerprint()?;
     fingerprint.state_bytes = bytes;
+    fingerprint.ram = ram;
     std::fs::rename(&files.partial, &files.state).map_err(|e| io("rename the state file", e))?;
     let meta_partial = files.meta_partial();
     let text = serde_json::to_vec_pretty(&fingerprint).map_err(|e| e.to_string())?;

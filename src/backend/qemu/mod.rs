@@ -63,6 +63,10 @@ struct LocalVm {
     restore_note: std::sync::Mutex<Option<String>>,
     /// Whether the last start was a restore (not a boot).
     restored: std::sync::atomic::AtomicBool,
+    /// Where the guest's RAM lives when the VM's plan hibernates it: a file in the run
+    /// directory, mapped shared, so a save writes only the device state and a restore
+    /// maps the RAM instead of reading it (`hibernate.rs`). `None`: anonymous memory.
+    ram_file: Option<PathBuf>,
 }
 
 struct Process {
@@ -102,7 +106,13 @@ impl QemuBackend {
             .into_iter()
             .map(|spec| {
                 let key = spec.key();
+                let ram_file = spec
+                    .policy()
+                    .scale_down
+                    .hibernates()
+                    .then(|| run_dir.join(format!("{}_{}.ram", key.namespace, key.name)));
                 let vm = LocalVm {
+                    ram_file,
                     key: key.clone(),
                     spec,
                     status: watch::channel(BackendStatus::stopped()).0,
@@ -177,16 +187,23 @@ impl QemuBackend {
         })
         .await
         .unwrap_or_else(|_| Err(format!("the restore did not finish within {RESTORE_TIMEOUT:?}")));
-        // Either way the file is spent: the guest has moved on from it, or it is bad.
-        self.state_files(vm).remove();
+        // Either way the state file is spent: the guest has moved on from it (its RAM
+        // file, if any, is its memory again), or it is bad.
+        let files = self.state_files(vm);
+        files.remove_saved();
         match outcome {
             Ok(()) => {
                 let took = started.elapsed();
                 tracing::info!(vm = %vm.key, bytes, took_ms = took.as_millis() as u64, "restored from the hibernated state");
+                let ram = if files.ram.is_some() {
+                    ", its RAM mapped from its file,"
+                } else {
+                    ""
+                };
                 self.note(
                     vm,
                     format!(
-                        "restored from a hibernated state of {} MiB in {} ms",
+                        "restored from a hibernated state of {} MiB{ram} in {} ms",
                         bytes / (1024 * 1024),
                         took.as_millis()
                     ),
@@ -195,6 +212,7 @@ impl QemuBackend {
             }
             Err(reason) => {
                 process::quit(vm, &mut process).await;
+                files.remove();
                 Err(reason)
             }
         }
@@ -273,10 +291,11 @@ impl Backend for QemuBackend {
         if let Some(mut p) = process.take() {
             self.stop_process(vm, &mut p).await;
         }
-        // Stopped for good: a hibernated state is spent.
+        // Stopped for good: a hibernated state is spent, and so is the guest's memory.
         let files = self.state_files(vm);
-        if files.exists() {
-            files.remove();
+        let had_state = files.exists();
+        files.remove();
+        if had_state {
             vm.status.send_replace(BackendStatus {
                 phase: BackendPhase::Stopped,
                 endpoints: Vec::new(),
@@ -353,17 +372,21 @@ impl Backend for QemuBackend {
         Ok(())
     }
 
-    /// Stops every running VM. Hibernated states are kept when the run directory is
-    /// configured (the next activator restores them) and removed from the default,
-    /// per-process one (nothing would ever use them).
+    /// Stops every running VM (and removes its RAM file). Hibernated states are kept
+    /// when the run directory is configured (the next activator restores them) and
+    /// removed from the default, per-process one (nothing would ever use them).
     async fn shutdown(&self) {
         let keep_states = self.config.run_dir.is_some();
         let stops = self.vms.values().map(|vm| async move {
+            let files = self.state_files(vm);
             if let Some(mut p) = vm.process.lock().await.take() {
                 self.stop_process(vm, &mut p).await;
+                if !files.state.exists() {
+                    files.remove();
+                }
             }
             if !keep_states {
-                self.state_files(vm).remove();
+                files.remove();
             }
         });
         futures_util::future::join_all(stops).await;

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch, Mutex};
@@ -63,10 +63,26 @@ impl QemuBackend {
         if self.accel == "kvm" {
             args.extend(["-cpu".into(), "host".into()]);
         }
-        if incoming.is_some() {
+        if let Some(ram) = &vm.ram_file {
+            // The guest's RAM in a file, mapped shared (hibernate.rs).
+            args.extend([
+                "-object".into(),
+                format!(
+                    "memory-backend-file,id=ram,size={}M,mem-path={},share=on",
+                    m.memory_mib,
+                    ram.display()
+                ),
+                "-machine".into(),
+                "memory-backend=ram".into(),
+            ]);
+        }
+        match (incoming.is_some(), vm.ram_file.is_some()) {
             // The state file, opened by the activator, is the child's fd 3 (see `spawn`):
             // QEMU reads it directly — no `cat` process, no pipe to copy through.
-            args.extend(["-incoming".into(), format!("fd:{INCOMING_FD}")]);
+            (true, false) => args.extend(["-incoming".into(), format!("fd:{INCOMING_FD}")]),
+            // The same fd, read once the RAM is marked ignored over QMP (`supervise`).
+            (true, true) => args.extend(["-incoming".into(), "defer".into()]),
+            (false, _) => {}
         }
         args
     }
@@ -90,6 +106,10 @@ impl QemuBackend {
         let qmp_path = self.run_dir.join(format!("{stem}.qmp"));
         let console = self.run_dir.join(format!("{stem}.console.log"));
         let _ = std::fs::remove_file(&qmp_path);
+        if let (None, Some(ram)) = (incoming, &vm.ram_file) {
+            // A boot starts from new, empty memory.
+            let _ = std::fs::remove_file(ram);
+        }
         let mut command = Command::new(&self.config.binary);
         command
             .args(self.args(vm, host_port, &qmp_path, &console, incoming))
@@ -155,6 +175,7 @@ impl QemuBackend {
             endpoint,
             on_exit: on_exit.clone(),
             restoring: incoming.is_some(),
+            deferred_incoming: incoming.is_some() && vm.ram_file.is_some(),
         }));
         Ok(Process {
             qmp,
@@ -233,6 +254,8 @@ struct Supervised {
     on_exit: Arc<std::sync::Mutex<OnExit>>,
     /// Loading a saved state (`-incoming`) rather than booting.
     restoring: bool,
+    /// The state is to be loaded over QMP (`-incoming defer`), the RAM left in its file.
+    deferred_incoming: bool,
 }
 
 /// Watches one QEMU process: brings up QMP, reports Running once QEMU says the
@@ -250,9 +273,16 @@ async fn supervise(supervised: Supervised) {
         endpoint,
         on_exit,
         restoring,
+        deferred_incoming,
     } = supervised;
     let boot = async {
         let mut qmp = Qmp::connect(&qmp_path).await?;
+        if deferred_incoming {
+            qmp.execute("migrate-set-capabilities", Some(super::hibernate::ignore_shared()))
+                .await?;
+            let uri = json!({ "uri": format!("fd:{INCOMING_FD}") });
+            qmp.execute("migrate-incoming", Some(uri)).await?;
+        }
         let mut status = qmp.execute("query-status", None).await?;
         // Loading a saved state: QEMU says `inmigrate` until it is loaded. The state was
         // saved stopped, and QEMU keeps a guest that was stopped at the source stopped:
