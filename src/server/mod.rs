@@ -8,6 +8,7 @@
 //! Owns: wiring and process lifecycle. Nothing imports this module but `main` and tests.
 
 pub mod admin;
+pub mod h1;
 mod listener;
 mod verbs;
 
@@ -33,7 +34,7 @@ use crate::lifecycle::IdleRules;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::readiness::Prober;
-use listener::{serve, ListenerLimits};
+use listener::{serve, serve_ingress, ListenerLimits};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +157,7 @@ pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, 
         max_connections: config.ingress.max_connections,
     };
     let listeners = vec![
-        tokio::spawn(serve(ingress_listener, ingress_router, limits, stop_rx.clone())),
+        tokio::spawn(serve_ingress(ingress_listener, ingress_router, limits, stop_rx.clone())),
         tokio::spawn(serve(admin_listener, admin_router, limits, stop_rx)),
     ];
     let background = vec![tokio::spawn(activator.clone().run_catalog_sync())];
