@@ -21,7 +21,6 @@ use std::sync::Arc;
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use tokio::time::Instant;
 use tracing::{Instrument, Span};
@@ -271,11 +270,35 @@ where
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(IngressError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(IngressError::BodyTooLarge { limit }),
-        Err(e) => Err(IngressError::BodyRead(e.to_string())),
+    // Most bodies come as one frame: that frame is the body, not copied; more frames are
+    // joined into one buffer.
+    let mut body = std::pin::pin!(body);
+    let (mut first, mut joined, mut total) = (None::<Bytes>, None::<bytes::BytesMut>, 0usize);
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = frame.map_err(|e| IngressError::BodyRead(e.into().to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            // Trailers carry nothing the event needs.
+            continue;
+        };
+        total += data.len();
+        if total > limit {
+            return Err(IngressError::BodyTooLarge { limit });
+        }
+        match (&first, &mut joined) {
+            (None, _) => first = Some(data),
+            (Some(first), None) => {
+                let mut buf = bytes::BytesMut::with_capacity(declared.map_or(total, |len| len as usize).max(total));
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
+            (Some(_), Some(buf)) => buf.extend_from_slice(&data),
+        }
     }
+    Ok(match (joined, first) {
+        (Some(buf), _) => buf.freeze(),
+        (None, first) => first.unwrap_or_default(),
+    })
 }
 
 #[cfg(test)]

@@ -55,23 +55,31 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let answer = self.answer(request);
+        Box::pin(async move { Ok(answer.await) })
+    }
+}
+
+impl Ingress {
+    /// Answers `request`: the future the `Service` impl boxes, unboxed for a caller that
+    /// holds it inline (the HTTP/1.1 connection's task: one allocation less per request).
+    pub fn answer<B>(&self, request: Request<B>) -> impl Future<Output = Response<IngressBody>> + Send + use<B>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let (state, slots) = (self.state.clone(), self.slots.clone());
-        if telemetry::enabled() {
-            // Traced: the whole request runs in its span (a separate future, so that
-            // with traces off no request carries one).
-            let span = telemetry::event::span(request.headers());
-            return Box::pin(
-                async move {
-                    let _slot = slots.acquire_owned().await.expect("never closed");
-                    Ok(deliver(state, request).await)
-                }
-                .instrument(span),
-            );
-        }
-        Box::pin(async move {
+        // Traced: the whole request runs in its span; with traces off, no span is made.
+        let span = if telemetry::enabled() {
+            telemetry::event::span(request.headers())
+        } else {
+            tracing::Span::none()
+        };
+        async move {
             let _slot = slots.acquire_owned().await.expect("never closed");
-            Ok(deliver(state, request).await)
-        })
+            deliver(state, request).await
+        }
+        .instrument(span)
     }
 }
 

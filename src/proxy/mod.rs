@@ -82,7 +82,18 @@ impl Proxy {
     pub fn prepare(target: http::Uri, mut parts: http::request::Parts, body: Bytes) -> GuestRequest {
         parts.uri = target;
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::CONTENT_LENGTH);
+        // The sender's length, when it is the body's (binary mode: the same bytes), goes
+        // on as it came; any other is replaced by the client with the body's.
+        let mut lengths = parts.headers.get_all(header::CONTENT_LENGTH).iter();
+        let same_length = lengths
+            .next()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|len| len == body.len())
+            && lengths.next().is_none();
+        if !same_length {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         parts.version = http::Version::HTTP_11;
         GuestRequest(Request::from_parts(parts, Full::new(body)))
     }

@@ -82,7 +82,7 @@ struct Idle {
 
 /// The idle connections to every endpoint.
 pub(super) struct Pool {
-    idle: Mutex<HashMap<Endpoint, Vec<Idle>>>,
+    idle: Mutex<HashMap<Endpoint, Vec<Idle>, foldhash::fast::RandomState>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_endpoint: usize,
@@ -97,7 +97,7 @@ const SWEEP_ABOVE: usize = 256;
 impl Pool {
     pub(super) fn new(config: &ProxyConfig) -> Pool {
         Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
             connect_timeout: config.connect_timeout,
             idle_timeout: config.pool_idle_timeout,
             max_idle_per_endpoint: config.pool_max_idle_per_host,

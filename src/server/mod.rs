@@ -221,3 +221,15 @@ async fn wait_for_signal() {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
 }
+
+/// HTTP/1.1 connections hold the ingress's request future inline.
+impl h1::Handler for Ingress {
+    type Body = ingress::IngressBody;
+
+    fn handle(
+        &self,
+        request: http::Request<h1::RequestBody>,
+    ) -> impl std::future::Future<Output = http::Response<ingress::IngressBody>> + Send {
+        self.answer(request)
+    }
+}

@@ -7,9 +7,10 @@
 //! buffer that grows only as far as the head needs (up to the head limit); a body larger
 //! than what came with its head gets an allocation of its own size; responses are
 //! written from a small buffer that holds the head and, when they come at once, the first
-//! body bytes. A request's own bytes are what a held event keeps.
+//! body bytes; it stays with the connection for the next response while it is small
+//! (≤ 1 KiB; a larger one is freed). A request's own bytes, and at most that 1 KiB on a
+//! connection that has answered before, are what a held event keeps.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -32,6 +33,9 @@ use super::write::{self, BodyFraming};
 const HEAD_START: usize = 1024;
 /// Response bytes gathered before they are written.
 const WRITE_BATCH: usize = 16 * 1024;
+/// The most response buffer a connection keeps between requests (a held event on a
+/// kept-alive connection holds it).
+const KEEP_OUT: usize = 1024;
 
 /// Limits of one connection.
 #[derive(Clone, Copy, Debug)]
@@ -45,9 +49,9 @@ pub struct Limits {
 
 /// Serves HTTP/1.1 requests on `stream` with `service` until the connection closes,
 /// either side ends it, or `stop` turns true (the exchange in progress finishes first).
-pub async fn serve<S, B>(stream: TcpStream, mut service: S, limits: Limits, mut stop: watch::Receiver<bool>)
+pub async fn serve<S, B>(stream: TcpStream, service: S, limits: Limits, mut stop: watch::Receiver<bool>)
 where
-    S: tower::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
+    S: super::Handler<Body = B>,
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
@@ -59,6 +63,8 @@ where
         },
         true,
     ))));
+    // The response buffer, kept between requests up to `KEEP_OUT` bytes.
+    let mut out = Vec::new();
     loop {
         let Some((mut reader, true)) = take(&slot) else {
             // The last body was not read to its end: where the next request starts is
@@ -94,14 +100,19 @@ where
         *request.uri_mut() = uri;
         *request.version_mut() = version;
         *request.headers_mut() = headers;
-        let Ok(response) = service.call(request).await;
+        let response = service.handle(request).await;
         let body_read = slot
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .is_some_and(|(_, complete)| *complete);
         let close = !keep_alive || !body_read || *stop.borrow() || asks_close(response.headers());
-        match write_response(&mut write, response, version, head_request, close).await {
+        let written = write_response(&mut write, &mut out, response, version, head_request, close).await;
+        out.clear();
+        if out.capacity() > KEEP_OUT {
+            out = Vec::new();
+        }
+        match written {
             Ok(true) if !close => {}
             _ => {
                 let _ = write.shutdown().await;
@@ -186,6 +197,7 @@ async fn answer_error(write: &mut OwnedWriteHalf, status: StatusCode) -> std::io
 /// whether the whole response was written as framed (the connection may be reused).
 async fn write_response<B>(
     write: &mut OwnedWriteHalf,
+    out: &mut Vec<u8>,
     response: Response<B>,
     version: http::Version,
     head_request: bool,
@@ -204,10 +216,10 @@ where
         body.size_hint().exact(),
     );
     let close = close || framing == BodyFraming::UntilClose;
-    let mut out = Vec::with_capacity(256);
-    write::head(&mut out, version, parts.status, &parts.headers, framing, close);
+    out.reserve(256);
+    write::head(out, version, parts.status, &parts.headers, framing, close);
     if framing == BodyFraming::None {
-        write.write_all(&out).await?;
+        write.write_all(out).await?;
         return Ok(true);
     }
     let mut body = std::pin::pin!(body);
@@ -218,7 +230,7 @@ where
             Some(frame) => frame,
             None => {
                 if !out.is_empty() {
-                    write.write_all(&out).await?;
+                    write.write_all(out).await?;
                     out.clear();
                 }
                 std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
@@ -241,12 +253,12 @@ where
                     continue;
                 }
                 if framing == BodyFraming::Chunked {
-                    write::chunk_head(&mut out, data.len());
+                    write::chunk_head(out, data.len());
                 }
                 if out.len() + data.len() <= WRITE_BATCH {
                     out.extend_from_slice(&data);
                 } else {
-                    write.write_all(&out).await?;
+                    write.write_all(out).await?;
                     out.clear();
                     write.write_all(&data).await?;
                 }
@@ -257,7 +269,7 @@ where
             Some(Err(error)) => {
                 tracing::debug!(%error, "response body failed; closing");
                 if !out.is_empty() {
-                    let _ = write.write_all(&out).await;
+                    let _ = write.write_all(out).await;
                 }
                 return Ok(false);
             }
@@ -273,7 +285,7 @@ where
         _ => true,
     };
     if !out.is_empty() {
-        write.write_all(&out).await?;
+        write.write_all(out).await?;
     }
     Ok(complete)
 }

@@ -17,13 +17,19 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
+
+use super::names;
 use http::{Method, Uri, Version};
 
 /// The most headers a request may have (hyper's default).
 pub const MAX_HEADERS: usize = 100;
 /// The longest request target (hyper's).
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+
+/// Where a header's name and value are in the head: (name at, name length, value at,
+/// value length).
+type Span = (usize, usize, usize, usize);
 
 /// How the request's body is framed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,14 +118,18 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadEr
         .map_err(|_| HeadError::Malformed("method"))?;
     let http11 = request.version == Some(1);
     let path_at = (offset(path.as_bytes()), path.len());
-    let mut spans = Vec::with_capacity(request.headers.len());
-    for h in request.headers.iter() {
-        spans.push((offset(h.name.as_bytes()), h.name.len(), offset(h.value), h.value.len()));
+    // On the stack, not zeroed: where each header is, until the head is frozen.
+    let mut spans: [MaybeUninit<Span>; MAX_HEADERS] = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let count = request.headers.len();
+    for (span, h) in spans.iter_mut().zip(request.headers.iter()) {
+        span.write((offset(h.name.as_bytes()), h.name.len(), offset(h.value), h.value.len()));
     }
+    // SAFETY: the first `count` spans were written just above.
+    let spans: &[Span] = unsafe { std::slice::from_raw_parts(spans.as_ptr().cast::<Span>(), count) };
     let head = buf.split_to(len).freeze();
     let slice = |(at, len): (usize, usize)| head.slice(at..at + len);
     let uri = Uri::from_maybe_shared(slice(path_at)).map_err(|_| HeadError::Malformed("request target"))?;
-    frame(method, uri, http11, &head, &spans, slice).map(Some)
+    frame(method, uri, http11, &head, spans, slice).map(Some)
 }
 
 /// Builds the head's headers and decides its framing (see the module header).
@@ -128,7 +138,7 @@ fn frame(
     uri: Uri,
     http11: bool,
     head: &Bytes,
-    spans: &[(usize, usize, usize, usize)],
+    spans: &[Span],
     slice: impl Fn((usize, usize)) -> Bytes,
 ) -> Result<Head, HeadError> {
     let mut headers = HeaderMap::with_capacity(spans.len());
@@ -137,7 +147,7 @@ fn frame(
     let (mut te, mut chunked, mut length, mut saw_length) = (false, false, None::<u64>, false);
     let mut expect_continue = false;
     for &(name_at, name_len, value_at, value_len) in spans {
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len]).map_err(|_| HeaderError::name())?;
+        let name = names::header_name(&head[name_at..name_at + name_len]).map_err(|_| HeaderError::name())?;
         let value = HeaderValue::from_maybe_shared(slice((value_at, value_len))).map_err(|_| HeaderError::value())?;
         match name {
             header::TRANSFER_ENCODING => {

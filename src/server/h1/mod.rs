@@ -7,7 +7,8 @@
 //!
 //! `head.rs` parses a request head and decides its framing, `chunked.rs` decodes a
 //! chunked body, `write.rs` frames a response, `body.rs` is the request body read from
-//! the connection, `conn.rs` the connection's loop. What hyper's server refuses is
+//! the connection, `conn.rs` the connection's loop, `names.rs` keeps the CloudEvents
+//! header names without a copy. What hyper's server refuses is
 //! refused here the same way: `tests/h1.rs` sends every row of a request-smuggling
 //! table to both and compares; `tests/fuzz/fuzz_targets/h1.rs` fuzzes the parsers.
 //!
@@ -18,6 +19,7 @@ mod body;
 mod chunked;
 mod conn;
 pub mod head;
+mod names;
 mod write;
 
 pub use body::{BodyError, RequestBody};
@@ -35,15 +37,26 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+/// What answers the requests of an HTTP/1.1 connection: a service whose future is its
+/// own type, not boxed — the connection's task holds the request's state inline, with
+/// no allocation for it.
+pub trait Handler {
+    /// The response body.
+    type Body: Body<Data = Bytes>;
+    /// Answers `request`.
+    fn handle(&self, request: Request<RequestBody>) -> impl std::future::Future<Output = Response<Self::Body>> + Send;
+}
+
 /// The first bytes of an HTTP/2 connection with prior knowledge.
 const H2_START: &[u8; 4] = b"PRI ";
 
 /// Serves one connection with `service`: HTTP/2 when it begins with the HTTP/2 preface
-/// (hyper's server), else HTTP/1.1 (ours). Returns when the connection is done; when
+/// (hyper's server, through its `Service` impl), else HTTP/1.1 (ours, through its
+/// `Handler` impl). Returns when the connection is done; when
 /// `stop` turns true, the exchanges in progress finish first.
 pub async fn serve_connection<S, B>(stream: TcpStream, service: S, limits: Limits, mut stop: watch::Receiver<bool>)
 where
-    S: tower::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
+    S: Handler<Body = B>
         + tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
