@@ -29,10 +29,10 @@ pub struct KubevirtConfig {
     /// VirtualMachinePool (each needs its RBAC rule: see `deploy/components/`).
     pub scale_kinds: Vec<ScaleKind>,
     /// The API server ends each watch after this long (the watch then resumes from its
-    /// last version, no re-list), and a watch that delivers nothing — not even a
-    /// bookmark — for 5 s more is taken for dead and restarted: a silently partitioned
-    /// API server is noticed within this + 5 s. kube-apiserver sends a bookmark about
-    /// once a minute. Default 55s; 5s to 290s.
+    /// last version, no re-list). Any connection to the API server silent for this + 4 s
+    /// — a watch that delivers nothing, not even its end — is given up: the watch fails,
+    /// `/readyz` fails and a re-list is tried, so a half-open path to the API server is
+    /// noticed within this + 4 s (59 s by default). Default 55s; 5s to 290s.
     #[serde(with = "human_duration")]
     pub watch_timeout: Duration,
 }

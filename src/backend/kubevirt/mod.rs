@@ -90,6 +90,14 @@ pub struct KubevirtBackend {
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// How long a connection to the API server may stay silent before it is given up:
+/// `watch_timeout` + 4 s — past the server's own end of every watch, and before
+/// kube-runtime's watcher (which waits `watch_timeout` + 5 s) would quietly open another.
+/// The bound on noticing a half-open path to the API server (59 s by default).
+pub fn api_read_timeout(watch_timeout: Duration) -> Duration {
+    watch_timeout + Duration::from_secs(4)
+}
+
 impl KubevirtBackend {
     /// Builds a client (from `--kubeconfig`, `KUBECONFIG`, `~/.kube/config` or the
     /// in-cluster service account) and starts the two watches. Does not wait for the API
@@ -107,6 +115,16 @@ impl KubevirtBackend {
                 .await
                 .map_err(|e| BackendError::Unavailable(format!("no Kubernetes credentials: {e}")))?,
         };
+        let mut kube_config = kube_config;
+        // A path to the API server that stops moving bytes without closing (a load
+        // balancer or conntrack entry that forgot the flow) gives no error: a silent watch
+        // would be quietly replaced by kube-runtime's watcher after `watch_timeout` + 5 s,
+        // over the same dead path, for ever. Every connection silent for longer than a
+        // watch can be (the server ends each after `watch_timeout`) fails instead — the
+        // watch with it, so `/readyz` fails and a re-list is tried — and every list,
+        // write and review on a dead path ends as late.
+        kube_config.read_timeout = Some(api_read_timeout(config.watch_timeout));
+        kube_config.reset_reader_on_write = true;
         let client = Client::try_from(kube_config).map_err(|e| BackendError::Unavailable(e.to_string()))?;
         Ok(Self::start(client, config))
     }

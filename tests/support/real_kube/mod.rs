@@ -186,7 +186,7 @@ impl RealKube {
             .to_string();
         let dir = tempfile::tempdir().unwrap();
         let activator_kubeconfig = dir.path().join("kubeconfig");
-        write_kubeconfig(&activator_kubeconfig, env, &token);
+        write_kubeconfig(&activator_kubeconfig, &env.server, env, &token);
         let logs: Arc<Mutex<HashMap<String, GuestLog>>> = Arc::default();
         let boots: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let controller = tokio::spawn(virt_controller(
@@ -241,10 +241,38 @@ impl RealKube {
 
     /// As [`RealKube::spawn_activator`], with `yaml` (more top-level keys) in its config.
     pub async fn spawn_activator_with(&self, yaml: &str, extra: &[&str]) -> Activator {
-        let config = self.dir.path().join(format!("activator-{}.yaml", unique_suffix()));
+        self.spawn_activator_via(None, "", yaml, extra).await
+    }
+
+    /// As [`RealKube::spawn_activator_with`], reaching the API server at `server` (e.g.
+    /// `https://127.0.0.1:port` of a fault proxy; the server's own address with `None`),
+    /// with `kubevirt_yaml` (more keys of the `kubevirt` section, indented by two).
+    pub async fn spawn_activator_via(
+        &self,
+        server: Option<&str>,
+        kubevirt_yaml: &str,
+        yaml: &str,
+        extra: &[&str],
+    ) -> Activator {
+        let suffix = unique_suffix();
+        let kubeconfig = match server {
+            Some(server) => {
+                let path = self.dir.path().join(format!("kubeconfig-{suffix}"));
+                let token = std::fs::read_to_string(&self.activator_kubeconfig).unwrap();
+                let token = token
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("token: "))
+                    .expect("the activator's token")
+                    .to_string();
+                write_kubeconfig(&path, server, self.env, &token);
+                path
+            }
+            None => self.activator_kubeconfig.clone(),
+        };
+        let config = self.dir.path().join(format!("activator-{suffix}.yaml"));
         let text = format!(
-            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  namespaces: [{}]\n{yaml}",
-            self.activator_kubeconfig.display(),
+            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  namespaces: [{}]\n{kubevirt_yaml}{yaml}",
+            kubeconfig.display(),
             self.namespace
         );
         std::fs::write(&config, text).unwrap();
@@ -462,15 +490,14 @@ async fn ensure_cluster_role(client: &kube::Client) {
         .expect("update the ClusterRole");
 }
 
-fn write_kubeconfig(path: &Path, env: &Env, token: &str) {
+fn write_kubeconfig(path: &Path, server: &str, env: &Env, token: &str) {
     use base64::Engine;
     let ca = std::fs::read(env.dir.join("pki/ca.crt")).expect("CA");
     let ca = base64::engine::general_purpose::STANDARD.encode(ca);
     let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\n\
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\n\
          users:\n- name: activator\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: activator\n\
-         current-context: test\n",
-        env.server
+         current-context: test\n"
     );
     std::fs::write(path, text).unwrap();
 }
