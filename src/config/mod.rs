@@ -172,6 +172,10 @@ pub struct ProxyConfig {
     pub pool_idle_timeout: Duration,
     /// At most this many idle connections kept per guest. Default 256.
     pub pool_max_idle_per_host: usize,
+    /// A guest's response body may be at most this large: a larger `Content-Length` is
+    /// answered 502 `guest_response_too_large`, a streamed body is cut off there (the
+    /// sender's response ends early). Default 8 MiB.
+    pub max_response_body_bytes: u64,
 }
 
 impl Default for ProxyConfig {
@@ -180,6 +184,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            max_response_body_bytes: 8 * 1024 * 1024,
         }
     }
 }

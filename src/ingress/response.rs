@@ -94,6 +94,7 @@ impl IngressError {
             ),
             E::Proxy(ProxyError::Timeout(_)) => (S::GATEWAY_TIMEOUT, "guest_timeout", None),
             E::Proxy(ProxyError::Unreachable(_)) => (S::BAD_GATEWAY, "guest_unreachable", None),
+            E::Proxy(ProxyError::ResponseTooLarge { .. }) => (S::BAD_GATEWAY, "guest_response_too_large", None),
             E::Proxy(ProxyError::NotConnected {
                 last: ConnectError::Timeout(_),
                 ..
@@ -187,6 +188,7 @@ mod tests {
             E::Admit(AdmitError::BackendUnavailable) => "Admit(BackendUnavailable)",
             E::Proxy(ProxyError::Timeout(_)) => "Proxy(Timeout)",
             E::Proxy(ProxyError::Unreachable(_)) => "Proxy(Unreachable)",
+            E::Proxy(ProxyError::ResponseTooLarge { .. }) => "Proxy(ResponseTooLarge)",
             E::Proxy(ProxyError::NotConnected {
                 last: ConnectError::Timeout(_),
                 ..
@@ -300,6 +302,12 @@ mod tests {
                 None,
             ),
             (
+                ProxyError::ResponseTooLarge { declared: 2, limit: 1 }.into(),
+                502,
+                "guest_response_too_large",
+                None,
+            ),
+            (
                 ProxyError::NotConnected {
                     attempts: 9,
                     last: ConnectError::Timeout(Duration::from_secs(2)),
@@ -364,6 +372,6 @@ mod tests {
             );
             assert_eq!(response.headers().contains_key(header::ALLOW), code == 405, "{detail}");
         }
-        assert_eq!(seen.len(), 23, "every variant of IngressError is in the table");
+        assert_eq!(seen.len(), 24, "every variant of IngressError is in the table");
     }
 }

@@ -1,26 +1,87 @@
 //! Response bodies: a guest's, read in the task that streams it back — which drives
 //! the guest connection as it reads and gives the connection back to the pool once the
-//! body is done — and one that holds a guard (the request's permit) until it is done.
+//! body is done — bounded in size and in time; and one that holds a guard (the request's
+//! permit) until it is done.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use super::pool::{GuestConn, Pool};
 use crate::vm::Endpoint;
 
+/// Why a guest's response body was cut short. Its head has gone to the sender by then,
+/// so the sender learns it from a response that ends early (the connection closes).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The connection failed while the body was read.
+    #[error("the guest's response body failed: {0}")]
+    Guest(#[from] hyper::Error),
+    /// The body grew past `proxy.max_response_body_bytes`.
+    #[error("the guest's response body is larger than proxy.max_response_body_bytes ({limit} bytes)")]
+    TooLarge {
+        /// The bound.
+        limit: u64,
+    },
+    /// The body did not end within the exchange's `request_timeout`.
+    #[error("the guest's response body did not end within the request timeout ({0:?})")]
+    Timeout(Duration),
+}
+
 /// A guest's response body. Polling it drives its connection (in the polling task: the
 /// one serving the sender's request); once the body has been read to the end the
 /// connection goes back to the pool. A body dropped half-read closes its connection.
+/// The body must end by the exchange's deadline and within the size bound: a guest that
+/// trickles or answers without end is cut off there.
 pub struct PooledBody {
     pub(super) body: Incoming,
     pub(super) conn: Option<Box<GuestConn>>,
     pub(super) pool: Arc<Pool>,
     pub(super) endpoint: Endpoint,
+    pub(super) bounds: Bounds,
+}
+
+/// How much of a guest's body may come, and by when.
+pub(super) struct Bounds {
+    /// Bytes that may still come.
+    pub(super) left: u64,
+    /// The bound it started from (for the error).
+    pub(super) limit: u64,
+    /// When the exchange's time is up.
+    pub(super) deadline: Instant,
+    /// The exchange's whole time (for the error).
+    pub(super) timeout: Duration,
+    /// Made the first time the body has to wait for the guest: a body that came with its
+    /// head (the usual answer to an event) never registers a timer.
+    pub(super) timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Bounds {
+    /// Counts a frame's bytes against the size bound.
+    fn take(&mut self, frame: &Frame<Bytes>) -> Result<(), BodyError> {
+        let len = frame.data_ref().map_or(0, |data| data.len() as u64);
+        self.left = self
+            .left
+            .checked_sub(len)
+            .ok_or(BodyError::TooLarge { limit: self.limit })?;
+        Ok(())
+    }
+
+    /// Whether the exchange's time is up (registering the waker for when it will be).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.deadline;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl PooledBody {
@@ -37,9 +98,9 @@ impl PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let mut polled = Pin::new(&mut this.body).poll_frame(cx);
         if polled.is_pending() {
@@ -49,12 +110,28 @@ impl Body for PooledBody {
             }
             polled = Pin::new(&mut this.body).poll_frame(cx);
         }
-        match &polled {
-            Poll::Ready(None) => this.check_in(cx),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.check_in(cx),
-            _ => {}
+        match polled {
+            Poll::Pending => {
+                if !this.bounds.expired(cx) {
+                    return Poll::Pending;
+                }
+                this.cut(BodyError::Timeout(this.bounds.timeout))
+            }
+            Poll::Ready(None) => {
+                this.check_in(cx);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Err(error) = this.bounds.take(&frame) {
+                    return this.cut(error);
+                }
+                if this.body.is_end_stream() {
+                    this.check_in(cx);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -63,6 +140,15 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl PooledBody {
+    /// Ends the body with `error`; its connection, mid-response, is closed.
+    fn cut(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        tracing::warn!(endpoint = %self.endpoint, %error, "guest response cut off");
+        self.conn = None;
+        Poll::Ready(Some(Err(error)))
     }
 }
 

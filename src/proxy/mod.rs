@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::ProxyConfig;
 use crate::vm::Endpoint;
-pub use body::{GuardedBody, PooledBody};
+pub use body::{BodyError, GuardedBody, PooledBody};
 pub use pool::ConnectError;
 use pool::Pool;
 
@@ -37,6 +37,15 @@ pub enum ProxyError {
     /// endpoint is re-probed).
     #[error("the guest connection failed: {0}")]
     Unreachable(String),
+    /// The guest announced a response body larger than `proxy.max_response_body_bytes`
+    /// (→ 502; nothing of it is passed on).
+    #[error("the guest answered with a body of {declared} bytes, more than proxy.max_response_body_bytes ({limit})")]
+    ResponseTooLarge {
+        /// The body's `Content-Length`.
+        declared: u64,
+        /// The bound.
+        limit: u64,
+    },
     /// No connection could be made until the request's budget was spent (→ 502, or 504
     /// when the attempts timed out).
     #[error("could not connect to the guest ({attempts} attempt(s)); last: {last}")]
@@ -68,6 +77,8 @@ pub enum Failure {
 #[derive(Clone)]
 pub struct Proxy {
     pool: Arc<Pool>,
+    /// `proxy.max_response_body_bytes`.
+    max_response_body: u64,
 }
 
 impl Proxy {
@@ -75,6 +86,7 @@ impl Proxy {
     pub fn new(config: &ProxyConfig) -> Proxy {
         Proxy {
             pool: Arc::new(Pool::new(config)),
+            max_response_body: config.max_response_body_bytes,
         }
     }
 
@@ -109,6 +121,7 @@ impl Proxy {
         timeout: Duration,
     ) -> Result<Response<PooledBody>, Failure> {
         let mut request = request.0;
+        let deadline = Instant::now() + timeout;
         // The guest's own address, as a client would set it (formatted once per endpoint).
         request.headers_mut().insert(header::HOST, endpoint_host(endpoint));
         loop {
@@ -129,16 +142,28 @@ impl Proxy {
                 conn.drive(cx);
                 sending.as_mut().poll(cx)
             });
-            match tokio::time::timeout(timeout, exchange).await {
+            match tokio::time::timeout_at(deadline, exchange).await {
                 Err(_) => return Err(Failure::Failed(ProxyError::Timeout(timeout))),
                 Ok(Ok(response)) => {
                     let (mut parts, body) = response.into_parts();
+                    let limit = self.max_response_body;
+                    if let Some(declared) = http_body::Body::size_hint(&body).exact().filter(|&len| len > limit) {
+                        // Refused before anything is passed on; the connection closes.
+                        return Err(Failure::Failed(ProxyError::ResponseTooLarge { declared, limit }));
+                    }
                     strip_hop_by_hop(&mut parts.headers);
                     let body = PooledBody {
                         body,
                         conn: Some(conn),
                         pool: self.pool.clone(),
                         endpoint,
+                        bounds: body::Bounds {
+                            left: limit,
+                            limit,
+                            deadline,
+                            timeout,
+                            timer: None,
+                        },
                     };
                     return Ok(Response::from_parts(parts, body));
                 }

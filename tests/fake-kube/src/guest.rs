@@ -62,6 +62,24 @@ pub struct GuestStyle {
     /// — connections are refused — then listen again (an application restarting right
     /// after its health check passed).
     pub refuse_after_ready: Duration,
+    /// How it answers events (probes are answered as usual).
+    pub fault: GuestFault,
+}
+
+/// A guest application that misbehaves once it is up: its probes pass, its answers to
+/// events do not come as they should.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestFault {
+    /// Events are accepted with 202.
+    None,
+    /// Events are neither read nor answered; the connection stays open.
+    Stall,
+    /// Events are logged and answered 200 with a 1,000-byte body that comes one byte
+    /// this far apart.
+    Trickle(Duration),
+    /// Events are logged and answered 200 with a body without end, in 64 KiB chunks:
+    /// announced by a `Content-Length` of this many bytes, or chunked with `None`.
+    Oversize(Option<u64>),
 }
 
 impl Default for GuestStyle {
@@ -71,6 +89,7 @@ impl Default for GuestStyle {
             accept_every: Duration::ZERO,
             close_each: false,
             refuse_after_ready: Duration::ZERO,
+            fault: GuestFault::None,
         }
     }
 }
@@ -111,7 +130,13 @@ pub async fn run(socket: tokio::net::TcpSocket, log: GuestLog, style: GuestStyle
                     refusing.probed.notify_one();
                     refusing.closed.notified().await;
                 }
+                if request.method() == Method::POST && style.fault == GuestFault::Stall {
+                    return std::future::pending().await;
+                }
                 let mut response = next.run(request).await;
+                if response.status() == StatusCode::ACCEPTED && style.fault != GuestFault::None {
+                    response = faulty_answer(style.fault);
+                }
                 if style.close_each {
                     response.headers_mut().insert(
                         axum::http::header::CONNECTION,
@@ -182,6 +207,35 @@ async fn accept(
 }
 
 /// The guest application: accepts CloudEvents with 202 and lists their ids.
+/// The 200 a misbehaving guest answers an event with (after logging it).
+fn faulty_answer(fault: GuestFault) -> axum::response::Response {
+    use futures_util::StreamExt;
+    let (length, body) = match fault {
+        GuestFault::Trickle(every) => (
+            Some(1000),
+            axum::body::Body::from_stream(futures_util::stream::iter(0..1000).then(move |_| async move {
+                tokio::time::sleep(every).await;
+                Ok::<_, std::convert::Infallible>(Bytes::from_static(b"x"))
+            })),
+        ),
+        GuestFault::Oversize(length) => (
+            length,
+            axum::body::Body::from_stream(futures_util::stream::repeat_with(|| {
+                Ok::<_, std::convert::Infallible>(Bytes::from(vec![b'x'; 64 * 1024]))
+            })),
+        ),
+        GuestFault::None | GuestFault::Stall => unreachable!("answered as usual or not at all"),
+    };
+    let mut response = axum::response::Response::new(body);
+    if let Some(length) = length {
+        response.headers_mut().insert(
+            axum::http::header::CONTENT_LENGTH,
+            axum::http::HeaderValue::from(length),
+        );
+    }
+    response
+}
+
 fn router(log: GuestLog) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
