@@ -132,7 +132,11 @@ async fn send_one(client: &reqwest::Client, activator: &Activator, id: &str) -> 
 }
 
 fn rss_kib(activator: &Activator) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", activator.child.id())).unwrap();
+    rss_kib_of(activator.child.id())
+}
+
+fn rss_kib_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -207,5 +211,196 @@ async fn stalling_trickling_and_endless_guests_end_within_their_budget() {
             200,
             "{fault:?}: the activator still serves"
         );
+    }
+}
+
+/// One raw HTTP/1.1 request on its own connection: the whole event, or (`slow_body`)
+/// the head and 10 of the 1,000 bytes it announces, then nothing. The status line's
+/// code and whether a `Retry-After` came; the connection is closed after.
+async fn raw_event(ingress: &str, path: &str, id: &str, slow_body: bool) -> (u16, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = ingress.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (length, body) = if slow_body { (1000, "{\"partial\"") } else { (2, "{}") };
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nce-specversion: 1.0\r\nce-id: {id}\r\nce-source: flood\r\n\
+         ce-type: test\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n{body}"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text.contains("\r\nretry-after:"))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// Sequential events to the warm VM: their latencies, sorted.
+async fn warm_latencies(client: &reqwest::Client, activator: &Activator, n: usize, tag: &str) -> Vec<Duration> {
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let sent = Instant::now();
+        let status = client
+            .post(format!("{}/apps/warm", activator.ingress))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", format!("{tag}-{i}"))
+            .header("ce-source", "flood")
+            .header("ce-type", "test")
+            .body("{}")
+            .send()
+            .await
+            .expect("warm answer")
+            .status();
+        assert_eq!(status, 202, "the warm VM is served during the flood");
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort();
+    latencies
+}
+
+/// Far more events than `max_buffered` for stopped VMs whose guests do not come up,
+/// each on its own connection, plus senders that never finish their body: exactly
+/// `max_buffered` per VM are held, every other one is answered 503 + Retry-After at
+/// once, the slow bodies get 408 after `ingress.body_read_timeout`, the activator's
+/// memory stays under the bound its config implies, and a warm VM keeps being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_beyond_the_bounds_is_refused_at_once_and_memory_stays_bounded() {
+    const VMS: usize = 4;
+    const PER_VM: usize = 1000;
+    const MAX_BUFFERED: usize = 500;
+    const SLOW_BODIES: usize = 200;
+    let kube = FakeKube::start(Options::default()).await;
+    kube.create_opted_in_vm("apps", "warm", annotations("10m"));
+    for v in 0..VMS {
+        let mut vm = annotations("10m");
+        vm["vm-activator.io/max-buffered"] = MAX_BUFFERED.to_string().into();
+        vm["vm-activator.io/start-timeout"] = "60s".into();
+        kube.create_opted_in_vm("apps", &format!("cold-{v}"), vm);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.write_kubeconfig(dir.path());
+    let config = dir.path().join("config.yaml");
+    let text = format!(
+        "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\ningress:\n  body_read_timeout: 5s\n",
+        kubeconfig.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let activator = Activator::spawn(&["--config", config.to_str().unwrap(), "--auth", "none"]).await;
+    activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
+    let client = reqwest::Client::new();
+    warm_latencies(&client, &activator, 50, "warm-up").await;
+    let quiet = warm_latencies(&client, &activator, 200, "quiet").await;
+    // From now on no guest comes up: what is held stays held.
+    kube.hold_guests(true);
+    let idle_rss = rss_kib(&activator);
+
+    let ingress = activator.ingress.clone();
+    let flood_started = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    for v in 0..VMS {
+        for i in 0..PER_VM {
+            let ingress = ingress.clone();
+            senders.spawn(async move {
+                let answer = raw_event(&ingress, &format!("/apps/cold-{v}"), &format!("{v}-{i}"), false).await;
+                (false, answer, Instant::now())
+            });
+        }
+    }
+    for i in 0..SLOW_BODIES {
+        let ingress = ingress.clone();
+        senders.spawn(async move {
+            let answer = raw_event(&ingress, &format!("/apps/cold-{}", i % VMS), &format!("slow-{i}"), true).await;
+            (true, answer, Instant::now())
+        });
+    }
+    // The highest RSS while the flood lasts.
+    let pid = activator.child.id();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = tokio::spawn({
+        let peak = peak.clone();
+        async move {
+            loop {
+                peak.fetch_max(rss_kib_of(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    // The overflow is refused at once, the slow bodies get 408 once their time is up;
+    // the held events wait (any answer to one of them fails the test).
+    let (mut refused, mut refused_by, mut timed_out) = (0, Duration::ZERO, 0);
+    let mut during = Vec::new();
+    while refused < VMS * (PER_VM - MAX_BUFFERED) || timed_out < SLOW_BODIES {
+        if during.is_empty() && refused == VMS * (PER_VM - MAX_BUFFERED) {
+            during = warm_latencies(&client, &activator, 200, "flood").await;
+        }
+        let (slow, (status, retry_after), at) = tokio::time::timeout(Duration::from_secs(30), senders.join_next())
+            .await
+            .expect("the overflow and the slow bodies are answered")
+            .expect("a sender")
+            .unwrap();
+        if slow {
+            assert_eq!(status, 408, "a body that never came");
+            timed_out += 1;
+        } else {
+            assert_eq!((status, retry_after), (503, true), "overflow: 503 + Retry-After");
+            refused += 1;
+            refused_by = at - flood_started;
+        }
+    }
+    if during.is_empty() {
+        during = warm_latencies(&client, &activator, 200, "flood").await;
+    }
+    let mut buffered = 0.0;
+    for v in 0..VMS {
+        let series = format!("vm_activator_buffered_requests{{namespace=\"apps\",vm=\"cold-{v}\"}}");
+        buffered += activator.metric(&series).await;
+    }
+    sampler.abort();
+    let peak_rss = peak.load(std::sync::atomic::Ordering::Relaxed).max(rss_kib(&activator));
+    assert_eq!(senders.len(), VMS * MAX_BUFFERED, "exactly max_buffered held per VM");
+    let grown = peak_rss.saturating_sub(idle_rss);
+    // The bound the config implies (README, "Bounds"): per held event its body and at most
+    // 16 KiB (its request, connection and place in the queue), per other open connection
+    // 8 KiB, plus 8 MiB for the runtime and allocator.
+    let held = VMS * MAX_BUFFERED;
+    let bound_kib = (held * 16 + SLOW_BODIES * 8 + 8 * 1024) as u64;
+    eprintln!(
+        "flood: {} senders, {refused} refused 503 within {refused_by:?}, {held} held (buffered gauge sum {buffered}), \
+         {SLOW_BODIES} slow bodies 408; RSS {idle_rss} → {peak_rss} KiB (+{grown}, bound {bound_kib}); \
+         warm p50/p99 quiet {:?}/{:?}, during the flood {:?}/{:?}",
+        VMS * PER_VM + SLOW_BODIES,
+        percentile(&quiet, 0.5),
+        percentile(&quiet, 0.99),
+        percentile(&during, 0.5),
+        percentile(&during, 0.99),
+    );
+    assert!(
+        grown <= bound_kib,
+        "RSS grew {grown} KiB, over the bound of {bound_kib} KiB"
+    );
+
+    // The guests come up: every held event is delivered, once.
+    kube.hold_guests(false);
+    let mut delivered = 0;
+    while let Some(done) = tokio::time::timeout(Duration::from_secs(60), senders.join_next())
+        .await
+        .expect("held events answered once the VMs are up")
+    {
+        let (_, (status, _), _) = done.unwrap();
+        assert_eq!(status, 202);
+        delivered += 1;
+    }
+    assert_eq!(delivered, held);
+    for v in 0..VMS {
+        assert_eq!(kube.guest_events("apps", &format!("cold-{v}")).len(), MAX_BUFFERED);
     }
 }

@@ -18,6 +18,11 @@ pub struct IngressConfig {
     /// How long a client may take to send its request headers. Default 10s.
     #[serde(with = "human_duration")]
     pub header_read_timeout: Duration,
+    /// How long a client may take to send its body once its headers came (→ 408
+    /// `body_timeout`): a sender that never finishes its body holds a connection and a
+    /// request slot no longer than this. Default 15s.
+    #[serde(with = "human_duration")]
+    pub body_read_timeout: Duration,
     /// `Retry-After` seconds sent with every 503. Default 1.
     pub retry_after_seconds: u32,
     /// Largest request head (request line + headers) in bytes (larger → 431). Default 64 KiB.
@@ -113,6 +118,7 @@ impl Default for IngressConfig {
             max_body_bytes: 1024 * 1024,
             max_concurrent_requests: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(15),
             retry_after_seconds: 1,
             max_header_bytes: 64 * 1024,
             max_connections: 20_000,

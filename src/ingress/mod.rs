@@ -198,7 +198,11 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<service::BoxError>,
 {
-    let body = read_body(&parts.headers, body, state.config.max_body_bytes).await?;
+    let reading = read_body(&parts.headers, body, state.config.max_body_bytes);
+    // A body that came with its head is read at once and never registers the timer.
+    let body = tokio::time::timeout(state.config.body_read_timeout, reading)
+        .await
+        .map_err(|_| IngressError::BodyTimeout(state.config.body_read_timeout))??;
     let envelope = cloudevent::validate(&parts.headers, body)?;
     if let Some(kind) = envelope.event_type(&parts.headers) {
         if state.config.prewarm_types.iter().any(|t| t == kind) {

@@ -41,7 +41,10 @@ pub enum IngressError {
     /// A path segment is `.`/`..` or otherwise unusable.
     #[error("invalid path: {0}")]
     BadPath(String),
-    /// The body exceeded the limit.
+    /// The body did not come within `ingress.body_read_timeout` of the head.
+    #[error("the request body did not come within {0:?} (ingress.body_read_timeout)")]
+    BodyTimeout(std::time::Duration),
+    /// The body exceeded `ingress.max_body_bytes`.
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge {
         /// The limit.
@@ -80,6 +83,7 @@ impl IngressError {
             E::Refused(_) => (S::CONFLICT, "conflict", Some(R::Conflict)),
             E::BadPath(_) => (S::BAD_REQUEST, "bad_path", Some(R::InvalidEvent)),
             E::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "body_too_large", Some(R::BodyTooLarge)),
+            E::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "body_timeout", Some(R::BodyTimeout)),
             E::BodyRead(_) => (S::BAD_REQUEST, "body_unreadable", Some(R::InvalidEvent)),
             E::InvalidEvent(_) => (S::BAD_REQUEST, "invalid_event", Some(R::InvalidEvent)),
             E::Admit(AdmitError::BufferFull { .. }) => (S::SERVICE_UNAVAILABLE, "buffer_full", Some(R::BufferFull)),
@@ -178,6 +182,7 @@ mod tests {
             E::Refused(_) => "Refused",
             E::BadPath(_) => "BadPath",
             E::BodyTooLarge { .. } => "BodyTooLarge",
+            E::BodyTimeout(_) => "BodyTimeout",
             E::BodyRead(_) => "BodyRead",
             E::InvalidEvent(_) => "InvalidEvent",
             E::Admit(AdmitError::BufferFull { .. }) => "Admit(BufferFull)",
@@ -233,6 +238,12 @@ mod tests {
                 400,
                 "bad_path",
                 Some(R::InvalidEvent),
+            ),
+            (
+                IngressError::BodyTimeout(std::time::Duration::from_secs(1)),
+                408,
+                "body_timeout",
+                Some(R::BodyTimeout),
             ),
             (
                 IngressError::BodyTooLarge { limit: 1 },
@@ -372,6 +383,6 @@ mod tests {
             );
             assert_eq!(response.headers().contains_key(header::ALLOW), code == 405, "{detail}");
         }
-        assert_eq!(seen.len(), 24, "every variant of IngressError is in the table");
+        assert_eq!(seen.len(), 25, "every variant of IngressError is in the table");
     }
 }

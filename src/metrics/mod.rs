@@ -39,6 +39,8 @@ pub enum RejectReason {
     Draining,
     /// The body was larger than the limit.
     BodyTooLarge,
+    /// The body did not come within `ingress.body_read_timeout`.
+    BodyTimeout,
     /// The request was not a valid CloudEvent.
     InvalidEvent,
     /// Authentication or authorization failed.
@@ -51,12 +53,13 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::BufferFull,
         RejectReason::StartFailed,
         RejectReason::StartTimeout,
         RejectReason::Draining,
         RejectReason::BodyTooLarge,
+        RejectReason::BodyTimeout,
         RejectReason::InvalidEvent,
         RejectReason::Unauthorized,
         RejectReason::Conflict,
@@ -71,6 +74,7 @@ impl RejectReason {
             RejectReason::StartTimeout => "start_timeout",
             RejectReason::Draining => "draining",
             RejectReason::BodyTooLarge => "body_too_large",
+            RejectReason::BodyTimeout => "body_timeout",
             RejectReason::InvalidEvent => "invalid_event",
             RejectReason::BackendUnavailable => "backend_unavailable",
             RejectReason::Unauthorized => "unauthorized",
