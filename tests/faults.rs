@@ -1,16 +1,16 @@
-//! Faults on the paths the activator depends on, injected by a TCP proxy
-//! (`support::fault_proxy`) through the real binary: a half-open path to the real API
-//! server of ../shared/k8s (no error, no bytes), and guests that stall, trickle or answer
-//! without end.
+//! Faults on the paths the activator depends on, through the real binary: a half-open
+//! path to the real API server of ../shared/k8s (no error, no bytes) and a broken path to
+//! a guest, both made by a fault-injecting TCP proxy (`fake_kube::fault_proxy`); guests
+//! that stall, trickle or answer without end; and a flood beyond every bound.
 
 mod support;
 
 use std::time::Duration;
 
+use fake_kube::fault_proxy::{Direction, Fault, FaultProxy};
 use fake_kube::guest::{GuestFault, GuestStyle};
 use fake_kube::{FakeKube, Options};
 use support::binary::Activator;
-use support::fault_proxy::{Fault, FaultProxy};
 use support::kube::{annotations, Kube};
 use support::real_kube::{RealKube, Timings};
 use tokio::time::Instant;
@@ -402,5 +402,92 @@ async fn a_flood_beyond_the_bounds_is_refused_at_once_and_memory_stays_bounded()
     assert_eq!(delivered, held);
     for v in 0..VMS {
         assert_eq!(kube.guest_events("apps", &format!("cold-{v}")).len(), MAX_BUFFERED);
+    }
+}
+
+/// The path to a warm guest breaks in each way a network can, behind a fault proxy at the
+/// guest's address: each event ends within the VM's `request_timeout` (2 s) with the
+/// sender told why, and the VM is served again once the path heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_path_to_a_guest_ends_each_event_within_its_budget() {
+    let kube = FakeKube::start(Options {
+        guest_behind_proxy: true,
+        ..Options::default()
+    })
+    .await;
+    let mut vm = annotations("10m");
+    vm["vm-activator.io/request-timeout"] = "2s".into();
+    kube.create_opted_in_vm("apps", "svc", vm);
+    let (_dir, activator) = support::kube::spawn_with_kubeconfig(&kube).await;
+    activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    assert_eq!(activator.send_status("/apps/svc", "first").await, 202);
+    let proxy = kube.guest_proxy("apps", "svc").expect("a proxy in front of the guest");
+
+    let table = [
+        // The guest gets the event, its answer never comes back.
+        (Fault::BlackHole(Some(Direction::Down)), Some((504, "guest_timeout"))),
+        // The guest reads nothing.
+        (Fault::BlackHole(Some(Direction::Up)), Some((504, "guest_timeout"))),
+        // Both ways, on new connections too.
+        (Fault::BlackHole(None), Some((504, "guest_timeout"))),
+        // The answer comes one byte every 200 ms: its head alone would take 20 s.
+        (Fault::Trickle(Duration::from_millis(200)), Some((504, "guest_timeout"))),
+        // Slow, but within the budget.
+        (Fault::Delay(Duration::from_millis(50)), None),
+        (Fault::None, None),
+    ];
+    for (i, (fault, expected)) in table.into_iter().enumerate() {
+        proxy.set(fault);
+        let sent = Instant::now();
+        let (seen, took) = match expected {
+            Some(_) => {
+                let (seen, took) = send_one(&client, &activator, &format!("fault-{i}")).await;
+                (Some(seen), took)
+            }
+            None => {
+                assert_eq!(
+                    activator.send_status("/apps/svc", &format!("fault-{i}")).await,
+                    202,
+                    "{fault:?}"
+                );
+                (None, sent.elapsed())
+            }
+        };
+        eprintln!("{fault:?}: {seen:?} in {took:?}");
+        assert_eq!(
+            seen,
+            expected.map(|(s, c)| Seen::Refused(s, c.to_string())),
+            "{fault:?}"
+        );
+        assert!(took < Duration::from_secs(6), "{fault:?} took {took:?}");
+    }
+
+    // Cut mid-exchange: the request was sent, the connection dies before any answer.
+    proxy.set(Fault::BlackHole(Some(Direction::Down)));
+    let cutting = tokio::spawn({
+        let proxy = proxy.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            proxy.cut();
+        }
+    });
+    let (seen, took) = send_one(&client, &activator, "cut").await;
+    cutting.await.unwrap();
+    eprintln!("cut: {seen:?} in {took:?}");
+    assert_eq!(seen, Seen::Refused(502, "guest_unreachable".into()));
+
+    // Healed: served again (the endpoint is re-probed first).
+    proxy.set(Fault::None);
+    let healed = Instant::now();
+    loop {
+        let status = activator.send_status("/apps/svc", "healed").await;
+        if status == 202 {
+            break;
+        }
+        assert!(healed.elapsed() < Duration::from_secs(10), "not served again: {status}");
     }
 }

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 pub mod binary;
-pub mod fault_proxy;
 #[cfg(feature = "kubevirt")]
 pub mod kube;
 pub mod oidc;

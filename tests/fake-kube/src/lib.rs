@@ -22,6 +22,7 @@
 
 mod api;
 mod events;
+pub mod fault_proxy;
 pub mod guest;
 mod list_watch;
 mod reviews;
@@ -62,6 +63,9 @@ pub struct Options {
     pub bookmark_interval: Duration,
     /// How the guests' HTTP servers behave.
     pub guest: guest::GuestStyle,
+    /// Put a [`fault_proxy::FaultProxy`] at each guest's address, in front of the guest
+    /// (listening elsewhere), for tests to break the path ([`FakeKube::guest_proxy`]).
+    pub guest_behind_proxy: bool,
 }
 
 impl Default for Options {
@@ -73,6 +77,7 @@ impl Default for Options {
             stop_delay: Duration::from_millis(20),
             bookmark_interval: Duration::from_millis(500),
             guest: guest::GuestStyle::default(),
+            guest_behind_proxy: false,
         }
     }
 }
@@ -357,6 +362,8 @@ pub fn object_path(res: Res, namespace: &str, name: &str) -> String {
 
 pub(crate) struct Guest {
     task: JoinHandle<()>,
+    /// In front of it, with `Options::guest_behind_proxy`.
+    proxy: Option<Arc<fault_proxy::FaultProxy>>,
 }
 
 struct Inner {
@@ -496,6 +503,12 @@ impl FakeKube {
     /// Changes the simulated cluster's timings from now on.
     pub fn set_options(&self, f: impl FnOnce(&mut Options)) {
         f(&mut self.inner.options.lock().unwrap());
+    }
+
+    /// The fault proxy in front of a running guest (with `Options::guest_behind_proxy`).
+    pub fn guest_proxy(&self, namespace: &str, name: &str) -> Option<Arc<fault_proxy::FaultProxy>> {
+        let guests = self.inner.guests.lock().unwrap();
+        guests.get(&(namespace.to_string(), name.to_string()))?.proxy.clone()
     }
 
     /// While `held`, guests that finish booting wait before they listen, however long that

@@ -181,10 +181,40 @@ pub(crate) async fn boot(
     let guest_delay = options.guest_delay;
     let style = options.guest;
     let mut held = strong.guests_held.subscribe();
+    // Behind a proxy: the proxy takes the VMI's address (listening when the guest does),
+    // the guest another one.
+    let (front, socket) = match options.guest_behind_proxy {
+        true => match reserve_socket(port) {
+            Some(back) => (Some(socket), back),
+            None => return,
+        },
+        false => (None, socket),
+    };
+    let (proxy_tx, proxy_rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         tokio::time::sleep(guest_delay).await;
         let _ = held.wait_for(|held| !*held).await;
-        crate::guest::run(socket, log, style).await;
+        let back = socket.local_addr().expect("bound");
+        let guest = crate::guest::run(socket, log, style);
+        if let Some(front) = front {
+            let listener = front.listen(1024).expect("listen in front of the guest");
+            let proxy = crate::fault_proxy::FaultProxy::on(listener, back);
+            let _ = proxy_tx.send(Arc::new(proxy));
+        }
+        guest.await;
     });
-    strong.guests.lock().unwrap().insert((ns, name), Guest { task });
+    strong
+        .guests
+        .lock()
+        .unwrap()
+        .insert((ns.clone(), name.clone()), Guest { task, proxy: None });
+    drop(strong);
+    // The proxy (once the guest listens) goes where tests find it.
+    if let Ok(proxy) = proxy_rx.await {
+        if let Some(strong) = inner.upgrade() {
+            if let Some(guest) = strong.guests.lock().unwrap().get_mut(&(ns, name)) {
+                guest.proxy = Some(proxy);
+            }
+        }
+    }
 }

@@ -214,5 +214,5 @@ async fn boot_pod(
         .guests
         .lock()
         .unwrap()
-        .insert(pod_key(&ns, &pod_name), Guest { task });
+        .insert(pod_key(&ns, &pod_name), Guest { task, proxy: None });
 }

@@ -5,6 +5,9 @@
 //! delays every chunk, trickles one byte at a time, or cuts every open connection.
 //! Healing resumes the held bytes where they stopped, as a path that comes back does.
 //!
+//! Tests put it in front of the real API server; the fake cluster puts one in front of
+//! every guest when `Options::guest_behind_proxy` is set (`FakeKube::guest_proxy`).
+//!
 //! Owns: its listener, one task per direction of each connection. Imports nothing of the
 //! activator: it only moves bytes.
 
@@ -59,6 +62,11 @@ impl FaultProxy {
     /// Listens on a free loopback port and forwards every connection to `target`.
     pub async fn start(target: SocketAddr) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the fault proxy");
+        FaultProxy::on(listener, target)
+    }
+
+    /// Forwards every connection `listener` accepts to `target`.
+    pub fn on(listener: TcpListener, target: SocketAddr) -> FaultProxy {
         let addr = listener.local_addr().unwrap();
         let (fault, _) = watch::channel(Fault::None);
         let (cuts, _) = watch::channel(0u64);
