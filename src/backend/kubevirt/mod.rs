@@ -87,6 +87,10 @@ pub struct KubevirtBackend {
     /// Idle histories handed over and not written yet: each rides on the target's next
     /// idle scale-down (bounded: one per target).
     idle_histories: Mutex<HashMap<VmKey, String>>,
+    /// The activity record this replica last wrote per target (text and time): what the
+    /// server held then, even while the watch has not brought it to the store yet.
+    /// Bounded: one per target; forgotten when a compare-and-stop fails.
+    own_activity: Mutex<HashMap<VmKey, (String, SystemTime)>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -169,6 +173,7 @@ impl KubevirtBackend {
             write_health: health::WriteHealth::default(),
             events,
             idle_histories: Mutex::new(HashMap::new()),
+            own_activity: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
         let opted_in = Some(format!("{OPT_IN_LABEL}=true"));

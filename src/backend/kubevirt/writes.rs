@@ -69,7 +69,7 @@ impl KubevirtBackend {
             self.wait_for(key, "stop", BackendPhase::Stopped).await?;
             return Ok(StopOutcome::Stopped);
         }
-        let Some((recorded, _)) = recorded_activity(target.annotations()) else {
+        let Some((recorded, _)) = self.latest_activity(key, target.annotations()) else {
             // Nothing to compare against yet: record ours; the next idle check compares.
             self.write_activity(key, local_activity).await?;
             return Ok(StopOutcome::PeerActive);
@@ -81,6 +81,11 @@ impl KubevirtBackend {
             Target::Vm(vm) => self.compare_and_stop(key, vm, &recorded, history).await?,
             Target::Workload { kind, object } => self.scale_down(key, *kind, object, Some(&recorded), history).await?,
         };
+        if outcome == StopOutcome::PeerActive {
+            // Whoever wrote since, the store is the one to go by next time (also if ours
+            // was of an object since replaced under the same name).
+            self.own_activity.lock().expect("own activity lock").remove(key);
+        }
         if outcome == StopOutcome::Stopped {
             self.forget_written_history(key, history);
             self.wait_for(key, "stop", BackendPhase::Stopped).await?;
@@ -143,10 +148,14 @@ impl KubevirtBackend {
             .get(key)
             .map(|policy| policy.idle_timeout / 10)
             .unwrap_or_default();
-        if recorded_activity(target.annotations()).is_some_and(|(_, recorded)| recorded + every >= at) {
+        if self
+            .latest_activity(key, target.annotations())
+            .is_some_and(|(_, recorded)| recorded + every >= at)
+        {
             return Ok(());
         }
         let value = humantime::format_rfc3339_millis(at).to_string();
+        let written = value.clone();
         let patch = json!({ "metadata": { "annotations": { LAST_ACTIVITY_ANNOTATION: value } } });
         let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
         match target {
@@ -157,7 +166,26 @@ impl KubevirtBackend {
                 .await
                 .map(|_| ()),
         }
-        .map_err(|e| self.api_error(key, "record activity", e))
+        .map_err(|e| self.api_error(key, "record activity", e))?;
+        let mut own = self.own_activity.lock().expect("own activity lock");
+        own.insert(key.clone(), (written, at));
+        Ok(())
+    }
+
+    /// The newer of the activity record in the store and the one this replica last
+    /// wrote. The store lags behind the server by the watch's delay; a record we wrote
+    /// is what the server held when we wrote it, so under load (or a slow watch) the
+    /// compare-and-stop tests the right value at the first try instead of failing on its
+    /// own write and trying again an idle check later. A peer's later record wins once
+    /// the store has it; one the store has not seen yet makes the compare fail, as it
+    /// must.
+    fn latest_activity(&self, key: &VmKey, annotations: &BTreeMap<String, String>) -> Option<(String, SystemTime)> {
+        let stored = recorded_activity(annotations);
+        let own = self.own_activity.lock().expect("own activity lock").get(key).cloned();
+        match (stored, own) {
+            (Some(stored), Some(own)) => Some(if own.1 > stored.1 { own } else { stored }),
+            (stored, own) => stored.or(own),
+        }
     }
 
     /// One atomic JSON patch that halts the VM only if the activity record still reads

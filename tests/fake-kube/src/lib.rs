@@ -61,6 +61,9 @@ pub struct Options {
     pub stop_delay: Duration,
     /// How often open watches get a BOOKMARK.
     pub bookmark_interval: Duration,
+    /// Open watches pass each change on this long after it was made (a loaded API
+    /// server: a client's store lags behind its own writes).
+    pub watch_delay: Duration,
     /// How the guests' HTTP servers behave.
     pub guest: guest::GuestStyle,
     /// Put a [`fault_proxy::FaultProxy`] at each guest's address, in front of the guest
@@ -76,6 +79,7 @@ impl Default for Options {
             guest_delay: Duration::from_millis(100),
             stop_delay: Duration::from_millis(20),
             bookmark_interval: Duration::from_millis(500),
+            watch_delay: Duration::ZERO,
             guest: guest::GuestStyle::default(),
             guest_behind_proxy: false,
         }

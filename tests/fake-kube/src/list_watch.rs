@@ -182,7 +182,10 @@ pub(crate) fn watch(
             }
         }
     };
-    let bookmark_every = inner.options.lock().unwrap().bookmark_interval;
+    let (bookmark_every, delay) = {
+        let options = inner.options.lock().unwrap();
+        (options.bookmark_interval, options.watch_delay)
+    };
     tokio::spawn(async move {
         for l in initial {
             if tx.send(l).await.is_err() {
@@ -210,6 +213,7 @@ pub(crate) fn watch(
             let sent = match next {
                 Some(c) if c.rv > last_rv => {
                     last_rv = c.rv;
+                    tokio::time::sleep_until(c.at + delay).await;
                     match selected(&c, &selector).filter(|_| in_scope(c.res, &c.object)) {
                         Some(kind) => tx.send(line(kind, &c.object)).await,
                         None => Ok(()),

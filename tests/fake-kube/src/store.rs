@@ -15,6 +15,8 @@ pub(crate) struct Change {
     pub(crate) kind: &'static str,
     pub(crate) object: Value,
     pub(crate) old: Option<Value>,
+    /// When it was made (watches may pass it on `Options::watch_delay` later).
+    pub(crate) at: tokio::time::Instant,
 }
 
 #[derive(Default)]
@@ -87,6 +89,7 @@ impl Inner {
             kind,
             object: object.clone(),
             old,
+            at: tokio::time::Instant::now(),
         };
         store.history.push_back(change.clone());
         if store.history.len() > 10_000 {
