@@ -601,6 +601,9 @@ async fn api_calls_per_cold_start_and_scale_down_for_each_kind(kube: impl Kube) 
     let summary = |records: &[Recorded]| records.iter().map(|r| r.summary()).collect::<Vec<_>>();
     for (kind, cold, down, ..) in &table {
         eprintln!("{kind}: cold start {:?}; scale-down {:?}", summary(cold), summary(down));
+        for r in cold.iter().chain(down) {
+            eprintln!("  {} {} {}", r.summary(), r.status, r.body);
+        }
     }
     for (kind, cold, down, want_cold, want_down) in &table {
         assert_eq!(
@@ -674,6 +677,45 @@ async fn a_scale_up_that_keeps_losing_to_status_writes_reads_again_until_it_appl
     let get_scale = |r: &Recorded| r.method == "GET" && r.path.ends_with("/deployments/web/scale");
     assert_eq!(kube.count(get_scale), 3, "one re-read per conflict");
     assert_eq!(kube.object(Res::Deployment, &ns, "web").unwrap()["spec"]["replicas"], 2);
+}
+
+/// The flake of `api_calls_per_cold_start_and_scale_down_for_each_kind::real` under load,
+/// made deterministic: the Deployment controller writes the status between the
+/// scale-down's JSON patch and its `/scale` patch, which then gets 409. The scale-down
+/// used to be called off ("a peer is active") and tried again an idle check later — one
+/// more JSON patch, the workload up for longer. Now the object is read again: only its
+/// status changed, so `/scale` is patched again and applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_down_that_meets_status_writes_reads_again_and_applies() {
+    let cluster = FakeCluster::start(Timings::default()).await;
+    let kube = &cluster.kube;
+    let ns = cluster.ns().to_string();
+    let mut web = WorkloadSpec::opted_in(Res::Deployment, &ns, "web");
+    web.annotations = settings("1s", json!({}));
+    web.replicas = 0;
+    kube.create_workload(&web);
+    let activator = ready_activator(&cluster).await;
+    activator
+        .wait_vm_state(&ns, "web", "stopped", Duration::from_secs(5))
+        .await;
+    assert_eq!(activator.send_status(&cluster.path("web"), "one").await, 202);
+    let mark = kube.requests().len();
+    kube.race_scale_patches(2);
+    wait_replicas(&cluster, Res::Deployment, "web", 0, Duration::from_secs(15)).await;
+    let after = &kube.requests()[mark..];
+    let compares = after
+        .iter()
+        .filter(|r| r.is_object_patch(Res::Deployment, &ns, "web") && r.content_type.contains("json-patch"))
+        .count();
+    assert_eq!(compares, 1, "one compare-and-scale-down");
+    let scales: Vec<u16> = after
+        .iter()
+        .filter(|r| r.is_scale_patch(Res::Deployment, &ns, "web"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(scales, [409, 409, 200]);
+    let reads = |r: &&Recorded| r.method == "GET" && r.path.ends_with("/deployments/web");
+    assert_eq!(after.iter().filter(reads).count(), 2, "one read per conflict");
 }
 
 /// The fake answers `/scale` as kube-apiserver does: 409 on a stale resourceVersion,

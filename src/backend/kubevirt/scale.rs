@@ -11,9 +11,14 @@
 //!    the activator saw) and records that count in `scaled-down-from` — it fails (422) if a
 //!    peer recorded activity or someone rescaled meanwhile;
 //! 2. one PATCH of `/scale` to 0 with the resourceVersion step 1 returned — it fails (409)
-//!    if anything changed in between.
+//!    if anything changed in between. The workload's controller writing its status is
+//!    such a change (and, on a busy control plane, a frequent one): on a 409 the object
+//!    is read again, and if its activity record and replica count are still what step 1
+//!    wrote against, the `/scale` patch is made again with the new resourceVersion
+//!    (at most `SCALE_ATTEMPTS` times).
 //!
-//! Either failure means "a peer is active": the workload keeps running.
+//! A failed step 1, or a changed record or count, means "a peer is active": the workload
+//! keeps running.
 
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::ResourceExt;
@@ -31,7 +36,7 @@ const SCALED_DOWN_FROM_POINTER: &str = "/metadata/annotations/vm-activator.io~1s
 /// How often a scale-up meets a changed object (409) and re-reads before it gives up: a
 /// workload's controller rewrites its status — and so its resourceVersion — several times
 /// while it scales, and each of those is a 409 for a write that raced it.
-const SCALE_UP_ATTEMPTS: u32 = 5;
+const SCALE_ATTEMPTS: u32 = 5;
 
 impl KubevirtBackend {
     /// The API of the `kind`-th workload kind in `namespace`.
@@ -48,7 +53,7 @@ impl KubevirtBackend {
         let to = remembered_replicas(object).or(configured).unwrap_or(1);
         let api = self.workload_api(kind, &key.namespace);
         let mut seen = object.resource_version();
-        for _ in 0..SCALE_UP_ATTEMPTS {
+        for _ in 0..SCALE_ATTEMPTS {
             match patch_scale(&api, &key.name, to, seen.as_deref()).await {
                 Ok(()) => {
                     tracing::info!(target = %key, replicas = to, "scaled up");
@@ -108,17 +113,30 @@ impl KubevirtBackend {
             }
             Err(e) => return Err(self.api_error(key, "stop", e)),
         };
-        match patch_scale(&api, &key.name, 0, remembered.resource_version().as_deref()).await {
-            Ok(()) => {
-                tracing::info!(target = %key, from = count, "scaled to zero");
-                Ok(StopOutcome::Stopped)
+        let mut seen = remembered.resource_version();
+        for _ in 0..SCALE_ATTEMPTS {
+            match patch_scale(&api, &key.name, 0, seen.as_deref()).await {
+                Ok(()) => {
+                    tracing::info!(target = %key, from = count, "scaled to zero");
+                    return Ok(StopOutcome::Stopped);
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    // Changed since step 1: a status write goes on; anything else — a
+                    // peer's activity record, a new count — calls the scale-down off.
+                    let current = api.get(&key.name).await.map_err(|e| self.api_error(key, "stop", e))?;
+                    let activity = current.annotations().get(crate::vm::LAST_ACTIVITY_ANNOTATION);
+                    if replicas(&current) != count || recorded.is_some_and(|r| activity.map(String::as_str) != Some(r))
+                    {
+                        tracing::info!(target = %key, "the workload changed while scaling down; keeping it");
+                        return Ok(StopOutcome::PeerActive);
+                    }
+                    seen = current.resource_version();
+                }
+                Err(e) => return Err(self.api_error(key, "stop", e)),
             }
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                tracing::info!(target = %key, "the workload changed while scaling down; keeping it");
-                Ok(StopOutcome::PeerActive)
-            }
-            Err(e) => Err(self.api_error(key, "stop", e)),
         }
+        tracing::info!(target = %key, "the workload kept changing while scaling down; keeping it");
+        Ok(StopOutcome::PeerActive)
     }
 }
 
