@@ -134,9 +134,9 @@ pub async fn fake_backend(mode: Mode) {
     row("overhead: answer − guest listening", &overheads);
     row("start signal: request sent → start call", &signals);
     target(
-        "cold-start overhead ≤ 10 ms p99",
+        "cold-start overhead ≤ 5 ms p99",
         format!("p99 {} ms ({n} cold starts)", ms(percentile(&overheads, 0.99))),
-        percentile(&overheads, 0.99) <= Duration::from_millis(10),
+        percentile(&overheads, 0.99) <= Duration::from_millis(5),
     );
     target(
         "start signal ≤ 0.5 ms p99",
