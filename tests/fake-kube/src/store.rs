@@ -96,8 +96,10 @@ impl Inner {
             store.history.pop_front();
             store.compacted = store.history.front().map(|c| c.rv - 1).unwrap_or(rv);
         }
-        drop(store);
+        // Published under the store's lock, so changes reach watches in version order
+        // (a watch skips anything at or below the last version it passed on).
         let _ = self.changes.send(change);
+        drop(store);
         Some(object)
     }
 
