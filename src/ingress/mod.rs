@@ -16,6 +16,7 @@ use forward::forward;
 pub use service::{Ingress, IngressBody};
 use target::Target;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use axum::response::IntoResponse;
@@ -198,11 +199,13 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<service::BoxError>,
 {
-    let reading = read_body(&parts.headers, body, state.config.max_body_bytes);
-    // A body that came with its head is read at once and never registers the timer.
-    let body = tokio::time::timeout(state.config.body_read_timeout, reading)
-        .await
-        .map_err(|_| IngressError::BodyTimeout(state.config.body_read_timeout))??;
+    let body = read_body(
+        &parts.headers,
+        body,
+        state.config.max_body_bytes,
+        state.config.body_read_timeout,
+    )
+    .await?;
     let envelope = cloudevent::validate(&parts.headers, body)?;
     if let Some(kind) = envelope.event_type(&parts.headers) {
         if state.config.prewarm_types.iter().any(|t| t == kind) {
@@ -261,8 +264,16 @@ fn trace_admitted(permit: &Permit, headers: &mut http::HeaderMap) -> Span {
 }
 
 /// Reads the body, refusing (413) as soon as it passes `limit` — from `Content-Length`
-/// before reading anything, or while streaming a chunked body.
-async fn read_body<B>(headers: &http::HeaderMap, body: B, limit: usize) -> Result<Bytes, IngressError>
+/// before reading anything, or while streaming a chunked body — and (408) when it has
+/// not all come within `timeout`. The timer is made, boxed (the request's future, which
+/// a held event keeps, does not grow by it), only when the body has to be waited for:
+/// one that came with its head never registers one.
+async fn read_body<B>(
+    headers: &http::HeaderMap,
+    body: B,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, IngressError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<service::BoxError>,
@@ -278,7 +289,20 @@ where
     // joined into one buffer.
     let mut body = std::pin::pin!(body);
     let (mut first, mut joined, mut total) = (None::<Bytes>, None::<bytes::BytesMut>, 0usize);
-    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let next = |cx: &mut std::task::Context<'_>, body: std::pin::Pin<&mut B>, timer: &mut Option<_>| {
+        use std::task::Poll;
+        if let Poll::Ready(frame) = body.poll_frame(cx) {
+            return Poll::Ready(Ok(frame));
+        }
+        let timer: &mut std::pin::Pin<Box<tokio::time::Sleep>> =
+            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(IngressError::BodyTimeout(timeout))),
+            Poll::Pending => Poll::Pending,
+        }
+    };
+    while let Some(frame) = std::future::poll_fn(|cx| next(cx, body.as_mut(), &mut timer)).await? {
         let frame = frame.map_err(|e| IngressError::BodyRead(e.into().to_string()))?;
         let Ok(data) = frame.into_data() else {
             // Trailers carry nothing the event needs.
@@ -324,6 +348,7 @@ mod held_state {
         // a body of the same size stands in for it.
         let future = deliver(state, Request::new(LikeIncoming::default()));
         let size = std::mem::size_of_val(&future);
+        eprintln!("ingress future: {size} bytes");
         assert!(size <= 2048, "the ingress future is {size} bytes");
     }
 
