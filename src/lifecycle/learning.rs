@@ -165,7 +165,7 @@ impl VmHandle {
         }))
     }
 
-    pub(super) fn lock_learning(&self) -> MutexGuard<'_, Option<Learning>> {
+    pub(super) fn lock_learning(&self) -> MutexGuard<'_, Option<Box<Learning>>> {
         // Never held across an await; a panic cannot leave the counts half-written.
         self.0.learning.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -187,7 +187,7 @@ impl VmHandle {
                     learning.adopt(stored);
                 }
             }
-            None => *learning = Some(Learning::new(rules.adaptive, stored)),
+            None => *learning = Some(Box::new(Learning::new(rules.adaptive, stored))),
         }
         self.0.gate.set_learning(Some(rules.adaptive.bin));
     }

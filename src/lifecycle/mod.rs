@@ -144,7 +144,7 @@ struct HandleInner {
     owner: Mutex<OwnerSlot>,
     /// What this replica learned of the VM's idle times, while it runs under the adaptive
     /// idle policy. Never held across an await.
-    learning: Mutex<Option<Learning>>,
+    learning: Mutex<Option<Box<Learning>>>,
 }
 
 /// One VM as the rest of the process sees it: its gate (read side) and the way to its
