@@ -2,6 +2,9 @@
 //! resolved once per VM (not per request). Names and labels are the contract in the
 //! README and docs/architecture.md; tests scrape them.
 //!
+//! Long because: a third of it is the exposition's tests (names and labels are a
+//! contract).
+//!
 //! This file has the registry and the families; `vm.rs` one VM's series, `state.rs` the
 //! `vm_state` gauge computed at scrape time.
 //!

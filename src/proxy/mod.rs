@@ -4,6 +4,9 @@
 //! never reached the guest (a connect failure: it may be sent again) from one that
 //! failed after it was sent (it may not: the guest may have acted on it).
 //!
+//! Long because: half of it is the tests of that line between "not sent" and "sent",
+//! which need the private pieces.
+//!
 //! Owns: the connections to guests (`pool.rs`) and header hygiene. Must not import the
 //! lifecycle, activator, backend or ingress.
 

@@ -3,6 +3,10 @@
 //! label `vm-activator.io/enabled=true`, kept in watch-driven reflector stores with
 //! their VirtualMachineInstances and pods — readiness is event-driven, never polled.
 //!
+//! Long because: the backend's struct, its construction and the `Backend` trait impl
+//! (each method a few lines handing over to `watches.rs`, `writes.rs`, `scale.rs`,
+//! `status.rs`) are one piece; the concerns themselves live in those files.
+//!
 //! VMs start and stop by JSON merge patch of `spec.runStrategy` (`Always` / `Halted`; a
 //! VM still on the deprecated `spec.running` gets `running: null` in the same patch —
 //! CRDs do not accept strategic-merge patches); pause/unpause through

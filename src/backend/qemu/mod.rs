@@ -7,6 +7,9 @@
 //! (`hibernate.rs`). A VM that exits on its own is reported `Stopped` with its exit
 //! status and the tail of QEMU's stderr.
 //!
+//! Long because: the `Backend` impl and the per-VM process table are one piece; the
+//! processes, hibernation and the sidecar live in files of their own.
+//!
 //! Acceleration `auto` uses KVM only when `/proc/cpuinfo` shows `vmx` or `svm` *and*
 //! `/dev/kvm` opens: some nested hosts have a `/dev/kvm` without those flags, and a
 //! guest started with KVM there hangs.
