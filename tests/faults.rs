@@ -177,15 +177,8 @@ async fn stalling_trickling_and_endless_guests_end_within_their_budget() {
         let mut vm = annotations("10m");
         vm["vm-activator.io/request-timeout"] = "2s".into();
         kube.create_opted_in_vm("apps", "svc", vm);
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = kube.write_kubeconfig(dir.path());
-        let config = dir.path().join("config.yaml");
-        let text = format!(
-            "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\nproxy:\n  max_response_body_bytes: 1048576\n",
-            kubeconfig.display()
-        );
-        std::fs::write(&config, text).unwrap();
-        let activator = Activator::spawn(&["--config", config.to_str().unwrap(), "--auth", "none"]).await;
+        let (_dir, activator) =
+            support::kube::spawn_with_config(&kube, "", "proxy:\n  max_response_body_bytes: 1048576\n").await;
         activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
 
         // Held through the cold start, then warm, then several at once.
@@ -286,15 +279,7 @@ async fn a_flood_beyond_the_bounds_is_refused_at_once_and_memory_stays_bounded()
         vm["vm-activator.io/start-timeout"] = "60s".into();
         kube.create_opted_in_vm("apps", &format!("cold-{v}"), vm);
     }
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kube.write_kubeconfig(dir.path());
-    let config = dir.path().join("config.yaml");
-    let text = format!(
-        "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\ningress:\n  body_read_timeout: 5s\n",
-        kubeconfig.display()
-    );
-    std::fs::write(&config, text).unwrap();
-    let activator = Activator::spawn(&["--config", config.to_str().unwrap(), "--auth", "none"]).await;
+    let (_dir, activator) = support::kube::spawn_with_config(&kube, "", "ingress:\n  body_read_timeout: 5s\n").await;
     activator.wait_status("/readyz", 200, Duration::from_secs(10)).await;
     let client = reqwest::Client::new();
     warm_latencies(&client, &activator, 50, "warm-up").await;

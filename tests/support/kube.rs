@@ -375,11 +375,18 @@ pub async fn spawn_with_kubeconfig(kube: &FakeKube) -> (tempfile::TempDir, Activ
 /// The binary with a config file selecting the kubevirt backend (pointed at `kube`) plus
 /// one more `kubevirt:` key; the directory must outlive the process.
 pub async fn spawn_with_kubevirt_config(kube: &FakeKube, kubevirt_key: &str) -> (tempfile::TempDir, Activator) {
+    spawn_with_config(kube, &format!("  {kubevirt_key}\n"), "").await
+}
+
+/// The binary with a config file selecting the kubevirt backend (pointed at `kube`), with
+/// `kubevirt_keys` (more keys of that section, indented by two) and `yaml` (more
+/// top-level sections); the directory must outlive the process.
+pub async fn spawn_with_config(kube: &FakeKube, kubevirt_keys: &str, yaml: &str) -> (tempfile::TempDir, Activator) {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = kube.write_kubeconfig(dir.path());
     let config = dir.path().join("config.yaml");
     let text = format!(
-        "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n  {kubevirt_key}\n",
+        "backend: kubevirt\nkubevirt:\n  kubeconfig: {}\n{kubevirt_keys}{yaml}",
         kubeconfig.display()
     );
     std::fs::write(&config, text).unwrap();
