@@ -177,7 +177,9 @@ pub async fn kubevirt(mode: Mode) {
     };
     let backend = KubevirtBackend::connect(config).await.expect("backend");
     let server = server::start(Config::for_tests(), backend).await.expect("server");
-    while server.activator.vms().len() < n {
+    // Every VM listed and every watch synced (what `/readyz` reports): before the VMI
+    // watch has synced, an event for a stopped VM is refused with 503 `backend_unavailable`.
+    while server.activator.vms().len() < n || !server.activator.backend().is_connected() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let client = client();
