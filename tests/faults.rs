@@ -353,7 +353,7 @@ async fn a_flood_beyond_the_bounds_is_refused_at_once_and_memory_stays_bounded()
     let peak_rss = peak.load(std::sync::atomic::Ordering::Relaxed).max(rss_kib(&activator));
     assert_eq!(senders.len(), VMS * MAX_BUFFERED, "exactly max_buffered held per VM");
     let grown = peak_rss.saturating_sub(idle_rss);
-    // The bound the config implies (README, "Bounds"): per held event its body and at most
+    // The bound the config implies (docs/configuration.md, "Memory under a flood"): per held event its body and at most
     // 16 KiB (its request, connection and place in the queue), per other open connection
     // 8 KiB, plus 8 MiB for the runtime and allocator.
     let held = VMS * MAX_BUFFERED;

@@ -3,7 +3,7 @@
 //! activators — one through a cold start close to its start timeout, one whose starts
 //! fail and that then drains — evaluating every dashboard query and every rule through
 //! Prometheus's HTTP API: each must succeed and return series. The answers are written to
-//! `target/monitoring-report.md` (the README's monitoring section shows them).
+//! `target/monitoring-report.md` (docs/operations.md shows them).
 //!
 //! Needs Debian's `prometheus` package (prometheus and promtool); without it these tests
 //! say so and pass, unless `VM_ACTIVATOR_REQUIRE_PROMETHEUS=1` (CI) makes that a failure.

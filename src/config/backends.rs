@@ -57,7 +57,7 @@ impl Default for KubevirtConfig {
 pub struct ScaleKind {
     /// API group, e.g. `pool.kubevirt.io`.
     pub group: String,
-    /// API version, e.g. `v1alpha1`.
+    /// API version, e.g. `v1beta1`.
     pub version: String,
     /// Kind, e.g. `VirtualMachinePool`.
     pub kind: String,

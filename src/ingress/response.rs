@@ -1,5 +1,5 @@
 //! The one place where errors become HTTP responses (the status table in
-//! docs/architecture.md and the README): every refusal gets a status, a JSON body
+//! docs/http.md, "Error codes"): every refusal gets a status, a JSON body
 //! `{"error", "detail"[, "attribute"]}`, and a `Retry-After` on 503 so Knative (and any
 //! sender) retries.
 //!
@@ -8,6 +8,9 @@
 //!
 //! Owns: status codes, error bodies, rejection reasons for metrics.
 //! Must not import the backend or lifecycle internals beyond their error types.
+//!
+//! Long because: half of it is the table test that walks every variant (and checks
+//! `CODES`, the list the handbook is held to).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -66,6 +69,34 @@ pub enum IngressError {
     #[error(transparent)]
     Auth(#[from] AuthError),
 }
+
+/// Every code an ingress refusal's JSON body can carry in `error` (the table test below
+/// checks this list against `describe`; the handbook names each, tests/docs.rs).
+pub const CODES: &[&str] = &[
+    "no_route",
+    "method_not_allowed",
+    "unknown_vm",
+    "backend_unavailable",
+    "conflict",
+    "bad_path",
+    "body_too_large",
+    "body_timeout",
+    "body_unreadable",
+    "invalid_event",
+    "buffer_full",
+    "start_failed",
+    "start_timeout",
+    "vm_stopped",
+    "draining",
+    "guest_timeout",
+    "guest_unreachable",
+    "guest_response_too_large",
+    "guest_not_connected",
+    "unauthenticated",
+    "invalid_token",
+    "forbidden",
+    "auth_unavailable",
+];
 
 impl IngressError {
     /// The HTTP status, the machine-readable code of the JSON body, and the
@@ -363,8 +394,10 @@ mod tests {
             ),
         ];
         let mut seen = std::collections::BTreeSet::new();
+        let mut codes = std::collections::BTreeSet::new();
         for (error, code, name, reason) in cases {
             assert!(seen.insert(variant(&error)), "{} listed twice", variant(&error));
+            codes.insert(name);
             let detail = error.to_string();
             assert_eq!(error.reject_reason(), reason, "{detail}");
             assert_eq!(error.code(), name, "{detail}");
@@ -384,5 +417,10 @@ mod tests {
             assert_eq!(response.headers().contains_key(header::ALLOW), code == 405, "{detail}");
         }
         assert_eq!(seen.len(), 25, "every variant of IngressError is in the table");
+        assert_eq!(
+            codes,
+            CODES.iter().copied().collect(),
+            "CODES lists exactly the codes `describe` gives"
+        );
     }
 }

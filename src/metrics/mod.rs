@@ -1,6 +1,6 @@
 //! Prometheus metrics: one registry, typed handles created once, per-VM label values
 //! resolved once per VM (not per request). Names and labels are the contract in the
-//! README and docs/architecture.md; tests scrape them.
+//! handbook (docs/operations.md, checked by tests/docs.rs); tests scrape them.
 //!
 //! Long because: a third of it is the exposition's tests (names and labels are a
 //! contract).
@@ -143,6 +143,8 @@ struct Families {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// The name of every family registered, in order (for the handbook's check).
+    names: Arc<[String]>,
     families: Arc<Families>,
     phases: Arc<VmStateCollector>,
 }
@@ -166,15 +168,22 @@ impl Metrics {
     /// A fresh registry with every family registered.
     pub fn new() -> Metrics {
         let registry = Registry::new();
+        let names = std::cell::RefCell::new(Vec::new());
+        let register = |collector: Box<dyn prometheus::core::Collector>| {
+            names
+                .borrow_mut()
+                .extend(collector.desc().iter().map(|desc| desc.fq_name.clone()));
+            registry.register(collector).expect("unique metric");
+        };
         let vm = &["namespace", "vm"];
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help).namespace(PREFIX), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            register(Box::new(c.clone()));
             c
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help).namespace(PREFIX), labels).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            register(Box::new(g.clone()));
             g
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
@@ -185,7 +194,7 @@ impl Metrics {
                 labels,
             )
             .expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            register(Box::new(h.clone()));
             h
         };
         let start_timeout = GaugeVec::new(
@@ -197,9 +206,7 @@ impl Metrics {
             vm,
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(start_timeout.clone()))
-            .expect("unique metric");
+        register(Box::new(start_timeout.clone()));
         let ready = IntGauge::with_opts(
             Opts::new(
                 "ready",
@@ -208,7 +215,7 @@ impl Metrics {
             .namespace(PREFIX),
         )
         .expect("valid metric");
-        registry.register(Box::new(ready.clone())).expect("unique metric");
+        register(Box::new(ready.clone()));
         let families = Families {
             start_timeout,
             ready,
@@ -264,9 +271,11 @@ impl Metrics {
             ),
         };
         let phases = Arc::new(VmStateCollector::new());
-        registry.register(phases.collector()).expect("unique metric");
+        register(phases.collector());
+        let names = names.into_inner().into();
         Metrics {
             registry,
+            names,
             families: Arc::new(families),
             phases,
         }
@@ -326,6 +335,12 @@ impl Metrics {
         for outcome in PREWARM_OUTCOMES {
             let _ = f.prewarms.remove_label_values(&[ns, name, outcome]);
         }
+    }
+
+    /// The name of every metric family this process can export (`vm_activator_…`),
+    /// whether or not it has a series yet.
+    pub fn family_names(&self) -> &[String] {
+        &self.names
     }
 
     /// The Prometheus text exposition of every metric.

@@ -91,6 +91,29 @@ pub const VIRTUAL_MACHINE: &str = "VirtualMachine";
 
 /// Annotation prefix of every per-VM setting.
 pub const ANNOTATION_PREFIX: &str = "vm-activator.io/";
+/// Every name under `vm-activator.io/` the activator reads or writes (the opt-in label
+/// among them); any other is reported as an unknown setting. The handbook must name each
+/// (tests/docs.rs), and a unit test below checks each is known to the parser.
+pub const ANNOTATIONS: &[&str] = &[
+    "enabled",
+    "port",
+    "path",
+    "readiness",
+    "idle-timeout",
+    "start-timeout",
+    "request-timeout",
+    "scale-down",
+    "keep-warm",
+    "max-buffered",
+    "concurrency",
+    "allowed-subjects",
+    "replicas",
+    "network",
+    "idle-policy",
+    "idle-history",
+    "last-activity",
+    "scaled-down-from",
+];
 /// The label that opts a VirtualMachine in.
 pub const OPT_IN_LABEL: &str = "vm-activator.io/enabled";
 /// The annotation the activator writes with the last activity it saw.
@@ -241,6 +264,16 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_annotation_is_known_and_no_other() {
+        for name in ANNOTATIONS.iter().chain(["service", "no-such-setting"].iter()) {
+            let key = format!("{ANNOTATION_PREFIX}{name}");
+            let policy = Policy::from_annotations([(key.as_str(), "?")]);
+            let unknown = policy.warnings.iter().any(|w| w.contains("unknown setting"));
+            assert_eq!(unknown, !ANNOTATIONS.contains(name), "{key}: {:?}", policy.warnings);
+        }
+    }
 
     #[test]
     fn annotations_table() {

@@ -44,9 +44,27 @@ impl Activator {
         Activator::start(args, env, true).await
     }
 
+    /// As [`Activator::spawn`], run as `launcher[0] launcher[1..] args…` instead of the
+    /// test build's binary: e.g. the image's entrypoint inside its root filesystem.
+    pub async fn spawn_via(launcher: &[String], args: &[&str]) -> Activator {
+        let (program, pre) = launcher.split_first().expect("a launcher program");
+        Activator::start_program(program, pre, args, &[], false).await
+    }
+
     async fn start(args: &[&str], env: &[(&str, &str)], keep_logs: bool) -> Activator {
+        Activator::start_program(env!("CARGO_BIN_EXE_vm-activator"), &[], args, env, keep_logs).await
+    }
+
+    async fn start_program(
+        program: &str,
+        pre: &[String],
+        args: &[&str],
+        env: &[(&str, &str)],
+        keep_logs: bool,
+    ) -> Activator {
         let (ingress, admin) = (free_port(), free_port());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vm-activator"))
+        let mut child = Command::new(program)
+            .args(pre)
             .args(args)
             .arg("--listen")
             .arg(format!("127.0.0.1:{ingress}"))

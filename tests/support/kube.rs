@@ -28,6 +28,12 @@ pub trait Kube {
     /// As [`Kube::spawn_activator`], with `config` (top-level YAML keys other than
     /// `backend` and `kubevirt`) in its config file.
     async fn spawn_activator_with(&self, config: &str, extra: &[&str]) -> Activator;
+    /// As [`Kube::spawn_activator`], with `kubevirt` (more keys of the `kubevirt` section,
+    /// e.g. `scale_kinds: […]`, unindented, one line) in its config file.
+    async fn spawn_activator_with_kubevirt(&self, kubevirt: &str) -> Activator;
+    /// Grants the activator what the kustomize component `component` adds to its RBAC
+    /// (the fake checks requests against every shipped rule instead).
+    async fn grant_component_rbac(&self, component: &str);
     /// The Kubernetes Events (events.k8s.io/v1) in [`Kube::ns`], oldest first.
     async fn k8s_events(&self) -> Vec<Value>;
     /// Creates a VirtualMachine (halted unless `spec` says otherwise).
@@ -128,6 +134,11 @@ impl Kube for FakeCluster {
     fn ns(&self) -> &str {
         NS
     }
+    async fn spawn_activator_with_kubevirt(&self, kubevirt: &str) -> Activator {
+        // Keys right after `kubeconfig:` belong to the `kubevirt` section.
+        self.spawn_activator_with(&format!("  {kubevirt}\n"), &[]).await
+    }
+    async fn grant_component_rbac(&self, _component: &str) {}
     async fn spawn_activator_with(&self, config: &str, extra: &[&str]) -> Activator {
         if config.is_empty() {
             return Activator::spawn_kubevirt(&self.kubeconfig, extra).await;
@@ -197,6 +208,12 @@ impl Kube for FakeCluster {
 impl Kube for RealKube {
     fn ns(&self) -> &str {
         self.namespace()
+    }
+    async fn spawn_activator_with_kubevirt(&self, kubevirt: &str) -> Activator {
+        RealKube::spawn_activator_via(self, None, &format!("  {kubevirt}\n"), "", &[]).await
+    }
+    async fn grant_component_rbac(&self, component: &str) {
+        RealKube::grant_component_rbac(self, component).await
     }
     async fn spawn_activator_with(&self, config: &str, extra: &[&str]) -> Activator {
         RealKube::spawn_activator_with(self, config, extra).await

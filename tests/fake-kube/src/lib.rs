@@ -101,7 +101,7 @@ pub enum Res {
     StatefulSet,
     /// `v1` `pods`
     Pod,
-    /// `pool.kubevirt.io/v1alpha1` `virtualmachinepools`
+    /// `pool.kubevirt.io/v1beta1` `virtualmachinepools`
     VmPool,
 }
 
@@ -129,7 +129,7 @@ impl Res {
     pub fn version(self) -> &'static str {
         match self {
             Res::Vm | Res::Vmi | Res::Deployment | Res::StatefulSet | Res::Pod => "v1",
-            Res::VmPool => "v1alpha1",
+            Res::VmPool => "v1beta1",
         }
     }
 

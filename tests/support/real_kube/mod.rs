@@ -29,6 +29,7 @@ use super::binary::Activator;
 mod audit;
 mod kubelet;
 pub mod own;
+mod pool_controller;
 mod virt_controller;
 
 use audit::AuditReader;
@@ -137,6 +138,7 @@ pub struct RealKube {
     /// Guest logs of pods, by pod name.
     pod_logs: Arc<Mutex<HashMap<String, GuestLog>>>,
     kubelet: JoinHandle<()>,
+    pool_controller: JoinHandle<()>,
     audit: Mutex<AuditReader>,
 }
 
@@ -212,6 +214,7 @@ impl RealKube {
             pod_logs.clone(),
             timings,
         ));
+        let pool_controller = tokio::spawn(pool_controller::pool_controller(client.clone(), namespace.clone()));
         Some(RealKube {
             env,
             client,
@@ -224,6 +227,7 @@ impl RealKube {
             controller,
             pod_logs,
             kubelet,
+            pool_controller,
             audit: Mutex::new(audit),
         })
     }
@@ -279,6 +283,52 @@ impl RealKube {
         let mut args = vec!["--config", config.to_str().unwrap(), "--auth", "none"];
         args.extend_from_slice(extra);
         Activator::spawn(&args).await
+    }
+
+    /// Grants the activator's ServiceAccount in this namespace what a kustomize component
+    /// adds (`deploy/components/{component}/rbac.yaml`): its ClusterRole as shipped, bound
+    /// by a RoleBinding here.
+    pub async fn grant_component_rbac(&self, component: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("deploy/components/{component}/rbac.yaml"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let role = text
+            .split("\n---")
+            .map(|doc| serde_norway::from_str::<Value>(doc).unwrap())
+            .find(|doc| doc["kind"] == "ClusterRole")
+            .expect("the component ships a ClusterRole");
+        let name = role["metadata"]["name"].as_str().expect("a name").to_string();
+        let rules = json!({"rules": role["rules"].clone()});
+        post(&self.client, "/apis/rbac.authorization.k8s.io/v1/clusterroles", role).await;
+        let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(self.client.clone());
+        roles
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&rules))
+            .await
+            .expect("update the ClusterRole");
+        post(
+            &self.client,
+            &format!(
+                "/apis/rbac.authorization.k8s.io/v1/namespaces/{}/rolebindings",
+                self.namespace
+            ),
+            json!({
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": "vm-activator", "namespace": self.namespace}],
+            }),
+        )
+        .await;
+    }
+
+    /// Writes `config.yaml` and `kubeconfig` into `dir` for an activator that will see
+    /// `dir` as `inside` (e.g. a folder mounted into an image's root filesystem): the
+    /// kubevirt backend, scoped to this namespace, under the activator's ServiceAccount.
+    pub fn write_activator_files(&self, dir: &Path, inside: &str) {
+        std::fs::copy(&self.activator_kubeconfig, dir.join("kubeconfig")).expect("kubeconfig copied");
+        let text = format!(
+            "backend: kubevirt\nkubevirt:\n  kubeconfig: {inside}/kubeconfig\n  namespaces: [{}]\n",
+            self.namespace
+        );
+        std::fs::write(dir.join("config.yaml"), text).expect("config written");
     }
 
     fn vms(&self) -> Api<DynamicObject> {
@@ -434,6 +484,7 @@ impl Drop for RealKube {
     fn drop(&mut self) {
         self.controller.abort();
         self.kubelet.abort();
+        self.pool_controller.abort();
         // Deleting a namespace takes the API server a few seconds; nobody waits for it.
         let _ = Command::new("curl")
             .args(["-sk", "-o", "/dev/null", "-X", "DELETE", "-H"])
