@@ -10,11 +10,11 @@
 
 mod support;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use fake_kube::ports::free_port;
 use serde_json::Value;
 use support::{policy, Harness};
 use tokio::time::Instant;
@@ -123,10 +123,6 @@ fn expressions() -> Vec<(String, String)> {
         }
     }
     all
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Kills Prometheus when the test ends, however it ends.

@@ -2,7 +2,7 @@
 //! nginx — plus what it reads about them: RSS from `/proc`, metrics and `/v1/vms` from
 //! the admin port.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -14,13 +14,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-/// A free port on 127.0.0.1 (the listener is closed before the port is used).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+/// A free port on 127.0.0.1 for a child process to bind, below the ephemeral range
+/// (see `fake_kube::ports`).
+pub use fake_kube::ports::free_port;
 
 /// `GET url` → (status, body); status 0 when the request failed.
 pub async fn get(url: &str) -> (u16, String) {

@@ -4,6 +4,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fake_kube::ports::free_port;
 use tokio::time::Instant;
 
 /// A running activator process. Killed on drop (its QEMU children die with it).
@@ -21,14 +22,6 @@ impl Drop for Activator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Activator {

@@ -25,6 +25,7 @@ mod events;
 pub mod fault_proxy;
 pub mod guest;
 mod list_watch;
+pub mod ports;
 mod reviews;
 mod selector;
 mod store;
