@@ -93,30 +93,22 @@ fn anchors(text: &str) -> BTreeSet<String> {
                 *n += 1;
             }
         }
-        let mut rest = line;
-        while let Some(at) = rest.find("<a id=\"") {
-            rest = &rest[at + 7..];
-            if let Some(end) = rest.find('"') {
-                out.insert(rest[..end].to_string());
-            }
-        }
+        out.extend(between(line, "<a id=\"", '"'));
     }
     out
 }
 
+/// Every text in `line` that follows `open` and ends before the next `close`.
+fn between<'a>(line: &'a str, open: &'a str, close: char) -> impl Iterator<Item = String> + 'a {
+    line.match_indices(open).filter_map(move |(at, _)| {
+        let rest = &line[at + open.len()..];
+        rest.find(close).map(|end| rest[..end].to_string())
+    })
+}
+
 /// The targets of the markdown links `[text](target)` outside code.
 fn links(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for line in prose(text) {
-        let mut rest = line;
-        while let Some(at) = rest.find("](") {
-            rest = &rest[at + 2..];
-            if let Some(end) = rest.find(')') {
-                out.push(rest[..end].to_string());
-            }
-        }
-    }
-    out
+    prose(text).flat_map(|line| between(line, "](", ')')).collect()
 }
 
 /// `base/relative`, with `..` and `.` resolved (no file system access).
