@@ -248,15 +248,7 @@ async fn the_image_starts_read_only_as_non_root_and_delivers_an_event_on_the_rea
     assert_eq!(kube.guest_events("imaged"), vec!["from-the-image".to_string()]);
     assert_eq!(kube.vm("imaged").await.unwrap()["spec"]["runStrategy"], "Always");
     // Bad input from inside the image, too: a clear error, nothing started.
-    let response = reqwest::Client::new()
-        .post(format!("{}/{}/no-such-vm", activator.ingress, kube.namespace()))
-        .header("ce-specversion", "1.0")
-        .header("ce-id", "x")
-        .header("ce-source", "/t")
-        .header("ce-type", "t")
-        .send()
-        .await
-        .unwrap();
+    let response = activator.send(&format!("/{}/no-such-vm", kube.namespace()), "x").await;
     assert_eq!(response.status(), 404);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "unknown_vm");
