@@ -13,6 +13,7 @@ pub mod activator;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod http1;
 pub mod idle_policy;
 pub mod ingress;
 pub mod lifecycle;

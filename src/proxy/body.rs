@@ -1,20 +1,21 @@
-//! Response bodies: a guest's, read in the task that streams it back — which drives
-//! the guest connection as it reads and gives the connection back to the pool once the
-//! body is done — bounded in size and in time; and one that holds a guard (the request's
-//! permit) until it is done.
+//! Response bodies: a guest's, read in the task that streams it back — from its
+//! connection's buffer, decoding the framing its head announced — bounded in size and in
+//! time, giving the connection back to the pool once the body is done; and one that
+//! holds a guard (the request's permit) until it is done.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::pool::{GuestConn, Pool};
+use super::wire::Framing;
+use crate::http1::chunked::{ChunkError, Decoder, Step};
 use crate::vm::Endpoint;
 
 /// Why a guest's response body was cut short. Its head has gone to the sender by then,
@@ -23,7 +24,13 @@ use crate::vm::Endpoint;
 pub enum BodyError {
     /// The connection failed while the body was read.
     #[error("the guest's response body failed: {0}")]
-    Guest(#[from] hyper::Error),
+    Guest(#[from] std::io::Error),
+    /// The guest closed the connection before the body's end.
+    #[error("the guest closed the connection before its response body ended")]
+    Incomplete,
+    /// The chunked body is malformed.
+    #[error("the guest's response body: {0}")]
+    Chunked(#[from] ChunkError),
     /// The body grew past `proxy.max_response_body_bytes`.
     #[error("the guest's response body is larger than proxy.max_response_body_bytes ({limit} bytes)")]
     TooLarge {
@@ -35,14 +42,40 @@ pub enum BodyError {
     Timeout(Duration),
 }
 
-/// A guest's response body. Polling it drives its connection (in the polling task: the
+/// Where a body's reading is.
+pub(super) enum Reading {
+    /// This many bytes are still to come.
+    Length(u64),
+    /// A chunked body, decoded as it comes.
+    Chunked(Decoder),
+    /// Everything until the guest closes.
+    UntilClose,
+    /// The body is complete (or was cut off).
+    Done,
+}
+
+impl Reading {
+    /// How a body framed so starts.
+    pub(super) fn new(framing: Framing) -> Reading {
+        match framing {
+            Framing::Empty => Reading::Done,
+            Framing::Length(len) => Reading::Length(len),
+            Framing::Chunked => Reading::Chunked(Decoder::default()),
+            Framing::UntilClose => Reading::UntilClose,
+        }
+    }
+}
+
+/// A guest's response body. Polling it reads its connection (in the polling task: the
 /// one serving the sender's request); once the body has been read to the end the
-/// connection goes back to the pool. A body dropped half-read closes its connection.
-/// The body must end by the exchange's deadline and within the size bound: a guest that
-/// trickles or answers without end is cut off there.
+/// connection goes back to the pool (if the guest keeps it). A body dropped half-read
+/// closes its connection. The body must end by the exchange's deadline and within the
+/// size bound: a guest that trickles or answers without end is cut off there.
 pub struct PooledBody {
-    pub(super) body: Incoming,
     pub(super) conn: Option<Box<GuestConn>>,
+    pub(super) reading: Reading,
+    /// The guest keeps the connection after this response.
+    pub(super) keep_alive: bool,
     pub(super) pool: Arc<Pool>,
     pub(super) endpoint: Endpoint,
     pub(super) bounds: Bounds,
@@ -64,12 +97,11 @@ pub(super) struct Bounds {
 }
 
 impl Bounds {
-    /// Counts a frame's bytes against the size bound.
-    fn take(&mut self, frame: &Frame<Bytes>) -> Result<(), BodyError> {
-        let len = frame.data_ref().map_or(0, |data| data.len() as u64);
+    /// Counts `len` body bytes against the size bound.
+    fn take(&mut self, len: usize) -> Result<(), BodyError> {
         self.left = self
             .left
-            .checked_sub(len)
+            .checked_sub(len as u64)
             .ok_or(BodyError::TooLarge { limit: self.limit })?;
         Ok(())
     }
@@ -84,15 +116,54 @@ impl Bounds {
     }
 }
 
+/// What one look at the connection's buffer gave.
+enum Next {
+    Data(Bytes),
+    End,
+    NeedMore,
+}
+
 impl PooledBody {
-    /// The body is done: the connection, driven past the end of this exchange, is kept
-    /// for the next request.
-    fn check_in(&mut self, cx: &mut Context<'_>) {
-        if let Some(mut conn) = self.conn.take() {
-            if conn.drive(cx) {
+    /// The body is complete: its connection is kept for the next request when the guest
+    /// keeps it and sent nothing more.
+    fn finish(&mut self) {
+        self.reading = Reading::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.read.is_empty() {
                 self.pool.checkin(self.endpoint, conn);
             }
         }
+    }
+
+    /// Ends the body with `error`; its connection, mid-response, is closed.
+    fn cut(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        tracing::warn!(endpoint = %self.endpoint, %error, "guest response cut off");
+        self.conn = None;
+        self.reading = Reading::Done;
+        Poll::Ready(Some(Err(error)))
+    }
+
+    /// The next piece of the body from what the connection has buffered.
+    fn next(&mut self) -> Result<Next, BodyError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Next::End);
+        };
+        let buf = &mut conn.read;
+        Ok(match &mut self.reading {
+            Reading::Done => Next::End,
+            Reading::Length(_) | Reading::UntilClose if buf.is_empty() => Next::NeedMore,
+            Reading::Length(left) => {
+                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                *left -= take as u64;
+                Next::Data(buf.split_to(take).freeze())
+            }
+            Reading::UntilClose => Next::Data(buf.split().freeze()),
+            Reading::Chunked(decoder) => match decoder.step(buf)? {
+                Step::Data(data) => Next::Data(data),
+                Step::End => Next::End,
+                Step::NeedMore => Next::NeedMore,
+            },
+        })
     }
 }
 
@@ -102,61 +173,64 @@ impl Body for PooledBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
-        if polled.is_pending() {
-            // Nothing buffered: read from the guest here, then look again.
-            if let Some(conn) = &mut this.conn {
-                conn.drive(cx);
-            }
-            polled = Pin::new(&mut this.body).poll_frame(cx);
-        }
-        match polled {
-            Poll::Pending => {
-                if !this.bounds.expired(cx) {
-                    return Poll::Pending;
+        loop {
+            match this.next() {
+                Err(error) => return this.cut(error),
+                Ok(Next::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
                 }
-                this.cut(BodyError::Timeout(this.bounds.timeout))
-            }
-            Poll::Ready(None) => {
-                this.check_in(cx);
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Err(error) = this.bounds.take(&frame) {
-                    return this.cut(error);
+                Ok(Next::Data(data)) => {
+                    if let Err(error) = this.bounds.take(data.len()) {
+                        return this.cut(error);
+                    }
+                    if matches!(this.reading, Reading::Length(0)) {
+                        // Given back now, before the sender is answered: the next
+                        // request may want it at once.
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                if this.body.is_end_stream() {
-                    this.check_in(cx);
+                Ok(Next::NeedMore) => {
+                    let conn = this.conn.as_mut().expect("a body reading more has its connection");
+                    match conn.poll_fill(cx) {
+                        Poll::Ready(Ok(0)) if matches!(this.reading, Reading::UntilClose) => {
+                            // The end of a body read until close; the connection is done.
+                            this.conn = None;
+                            this.reading = Reading::Done;
+                            return Poll::Ready(None);
+                        }
+                        Poll::Ready(Ok(0)) => return this.cut(BodyError::Incomplete),
+                        Poll::Ready(Ok(_)) => continue,
+                        Poll::Ready(Err(error)) => return this.cut(error.into()),
+                        Poll::Pending if this.bounds.expired(cx) => {
+                            return this.cut(BodyError::Timeout(this.bounds.timeout));
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
                 }
-                Poll::Ready(Some(Ok(frame)))
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        matches!(self.reading, Reading::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl PooledBody {
-    /// Ends the body with `error`; its connection, mid-response, is closed.
-    fn cut(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        tracing::warn!(endpoint = %self.endpoint, %error, "guest response cut off");
-        self.conn = None;
-        Poll::Ready(Some(Err(error)))
+        match self.reading {
+            Reading::Done => SizeHint::with_exact(0),
+            Reading::Length(left) => SizeHint::with_exact(left),
+            Reading::Chunked(_) | Reading::UntilClose => SizeHint::default(),
+        }
     }
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
         // An empty body may never be polled.
-        if self.body.is_end_stream() {
-            self.check_in(&mut Context::from_waker(Waker::noop()));
+        if matches!(self.reading, Reading::Done) {
+            self.finish();
         }
     }
 }

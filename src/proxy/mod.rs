@@ -7,26 +7,33 @@
 //! Long because: half of it is the tests of that line between "not sent" and "sent",
 //! which need the private pieces.
 //!
-//! Owns: the connections to guests (`pool.rs`) and header hygiene. Must not import the
+//! The HTTP/1.1 spoken to guests is ours (`wire.rs`, on `httparse`, as the ingress's
+//! is), and so are the connections (`conn.rs`): the request's own task writes the request
+//! and reads the answer, with no task, channel or dispatch in between.
+//!
+//! Owns: the connections to guests (`pool.rs`, `conn.rs`), the wire format to them
+//! (`wire.rs`) and header hygiene. Must not import the
 //! lifecycle, activator, backend or ingress.
 
 mod body;
+mod conn;
+#[cfg(test)]
+mod differential;
 mod pool;
+pub mod wire;
 
-use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response};
-use http_body_util::Full;
 use tokio::time::Instant;
 
 use crate::config::ProxyConfig;
 use crate::vm::Endpoint;
 pub use body::{BodyError, GuardedBody, PooledBody};
+use conn::Exchange;
 pub use pool::ConnectError;
 use pool::Pool;
 
@@ -64,7 +71,7 @@ pub enum ProxyError {
 /// Kept whole until a guest has it, so an attempt that never reached one can be
 /// repeated without copying anything.
 #[derive(Debug)]
-pub struct GuestRequest(Request<Full<Bytes>>);
+pub struct GuestRequest(Request<Bytes>);
 
 /// What a failed attempt leaves.
 #[derive(Debug)]
@@ -93,24 +100,14 @@ impl Proxy {
         }
     }
 
-    /// Turns the sender's request into one for a guest at `target` (origin form).
+    /// Turns the sender's request into one for a guest at `target` (origin form). Its
+    /// `Host` and `Content-Length` are written when it is sent: the guest's address and
+    /// the body's length.
     pub fn prepare(target: http::Uri, mut parts: http::request::Parts, body: Bytes) -> GuestRequest {
         parts.uri = target;
         strip_hop_by_hop(&mut parts.headers);
-        // The sender's length, when it is the body's (binary mode: the same bytes), goes
-        // on as it came; any other is replaced by the client with the body's.
-        let mut lengths = parts.headers.get_all(header::CONTENT_LENGTH).iter();
-        let same_length = lengths
-            .next()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|len| len == body.len())
-            && lengths.next().is_none();
-        if !same_length {
-            parts.headers.remove(header::CONTENT_LENGTH);
-        }
         parts.version = http::Version::HTTP_11;
-        GuestRequest(Request::from_parts(parts, Full::new(body)))
+        GuestRequest(Request::from_parts(parts, body))
     }
 
     /// Sends `request` to `endpoint` — on an idle connection, else a new one made by
@@ -123,41 +120,31 @@ impl Proxy {
         connect_by: Instant,
         timeout: Duration,
     ) -> Result<Response<PooledBody>, Failure> {
-        let mut request = request.0;
         let deadline = Instant::now() + timeout;
-        // The guest's own address, as a client would set it (formatted once per endpoint).
-        request.headers_mut().insert(header::HOST, endpoint_host(endpoint));
         loop {
             let (mut conn, reused) = match self.pool.checkout(endpoint) {
                 Some(conn) => (conn, true),
                 None => match self.pool.connect(endpoint, connect_by).await {
                     Ok(conn) => (conn, false),
-                    Err(error) => return Err(Failure::NotSent(Box::new(GuestRequest(request)), error)),
+                    Err(error) => return Err(Failure::NotSent(Box::new(request), error)),
                 },
             };
-            // The request and its connection, driven together in this task: the
-            // connection writes the request and reads the response head when polled here.
-            let mut sending = pin!(conn.sender.try_send_request(request));
-            let exchange = std::future::poll_fn(|cx| {
-                if let std::task::Poll::Ready(answer) = sending.as_mut().poll(cx) {
-                    return std::task::Poll::Ready(answer);
-                }
-                conn.drive(cx);
-                sending.as_mut().poll(cx)
-            });
-            match tokio::time::timeout_at(deadline, exchange).await {
+            match tokio::time::timeout_at(deadline, conn.exchange(&request.0)).await {
                 Err(_) => return Err(Failure::Failed(ProxyError::Timeout(timeout))),
-                Ok(Ok(response)) => {
-                    let (mut parts, body) = response.into_parts();
+                Ok(Ok(head)) => {
                     let limit = self.max_response_body;
-                    if let Some(declared) = http_body::Body::size_hint(&body).exact().filter(|&len| len > limit) {
-                        // Refused before anything is passed on; the connection closes.
-                        return Err(Failure::Failed(ProxyError::ResponseTooLarge { declared, limit }));
+                    if let wire::Framing::Length(declared) = head.framing {
+                        if declared > limit {
+                            // Refused before anything is passed on; the connection closes.
+                            return Err(Failure::Failed(ProxyError::ResponseTooLarge { declared, limit }));
+                        }
                     }
-                    strip_hop_by_hop(&mut parts.headers);
+                    let mut headers = head.headers;
+                    strip_hop_by_hop(&mut headers);
                     let body = PooledBody {
-                        body,
                         conn: Some(conn),
+                        reading: body::Reading::new(head.framing),
+                        keep_alive: head.keep_alive,
                         pool: self.pool.clone(),
                         endpoint,
                         bounds: body::Bounds {
@@ -168,50 +155,26 @@ impl Proxy {
                             timer: None,
                         },
                     };
-                    return Ok(Response::from_parts(parts, body));
+                    let mut response = Response::new(body);
+                    *response.status_mut() = head.status;
+                    *response.version_mut() = head.version;
+                    *response.headers_mut() = headers;
+                    return Ok(response);
                 }
-                Ok(Err(mut error)) => match error.take_message() {
-                    // The connection closed before the request was written: an idle
-                    // connection the guest had closed meanwhile — try the next one.
-                    Some(back) if reused => request = back,
-                    Some(back) => {
-                        let error =
-                            ConnectError::Refused(format!("closed before the request was written: {}", error.error()));
-                        return Err(Failure::NotSent(Box::new(GuestRequest(back)), error));
-                    }
-                    None => return Err(Failure::Failed(ProxyError::Unreachable(error_chain(error.error())))),
-                },
+                // A connection the guest had closed meanwhile took none of the request:
+                // try the next one.
+                Ok(Err(Exchange::NotSent(_))) if reused => {}
+                Ok(Err(Exchange::NotSent(error))) => {
+                    let error = ConnectError::Refused(format!(
+                        "closed before the request was written: {}",
+                        conn::describe(&error)
+                    ));
+                    return Err(Failure::NotSent(Box::new(request), error));
+                }
+                Ok(Err(Exchange::Failed(error))) => return Err(Failure::Failed(ProxyError::Unreachable(error))),
             }
         }
     }
-}
-
-/// `endpoint` as a `Host` value, formatted once per endpoint and thread: a warm VM's
-/// endpoint does not change between requests.
-fn endpoint_host(endpoint: Endpoint) -> http::HeaderValue {
-    thread_local! {
-        static LAST: std::cell::RefCell<Option<(Endpoint, http::HeaderValue)>> =
-            const { std::cell::RefCell::new(None) };
-    }
-    LAST.with_borrow_mut(|last| match last {
-        Some((cached, host)) if *cached == endpoint => host.clone(),
-        _ => {
-            let host = http::HeaderValue::try_from(endpoint.to_string()).expect("a socket address is a header value");
-            *last = Some((endpoint, host.clone()));
-            host
-        }
-    })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 /// Removes the headers that describe one connection rather than the message: the
@@ -267,6 +230,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 mod tests {
     use super::*;
     use http::HeaderValue;
+    use http_body_util::Full;
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

@@ -1,14 +1,10 @@
-//! Connections to guests, kept per endpoint: HTTP/1.1 connections made with hyper's
-//! `client::conn`, both halves kept together — the request side and the connection
-//! future that does the I/O — and driven by whoever holds them: the task serving the
-//! request that uses the connection, never a task of the connection's own, never a
-//! channel between tasks. Driving the connections ourselves (instead of hyper-util's
-//! pooled client) is also what tells "no byte of the request reached the guest" apart
-//! from a failure after it was sent: a connect error, or a pooled connection that closed
-//! before the request was written (hyper hands the request back), can be retried safely.
+//! Connections to guests, kept per endpoint: our own HTTP/1.1 connections (`conn.rs`),
+//! used by whoever holds them — the task serving the request that uses the connection,
+//! never a task of the connection's own, never a channel between tasks. A connect error
+//! means nothing reached the guest: the request can be retried safely.
 //!
-//! Idle connections are not driven by anyone: one is checked before it is handed out (a
-//! poll that wakes nobody notices a guest that closed it), and the pool drops those past
+//! Idle connections are not read by anyone: one is checked before it is handed out (the
+//! socket's readiness tells a guest that closed it), and the pool drops those past
 //! the idle timeout — at each check-in, and from a small reaper task that sweeps every
 //! endpoint while any connection is idle.
 //!
@@ -16,18 +12,14 @@
 //! nothing of VMs or requests' meaning.
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::client::conn::http1::{self, Connection, SendRequest};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::conn::describe;
+pub(super) use super::conn::GuestConn;
 use crate::config::ProxyConfig;
 use crate::vm::Endpoint;
 
@@ -41,38 +33,6 @@ pub enum ConnectError {
     /// full and the kernel drops the SYNs).
     #[error("no connection within {0:?}")]
     Timeout(Duration),
-}
-
-/// One HTTP/1.1 connection to a guest, both halves: whoever holds it drives it.
-pub(super) struct GuestConn {
-    /// The request side.
-    pub(super) sender: SendRequest<Full<Bytes>>,
-    /// The connection future: reads and writes happen when it is polled.
-    io: Connection<TokioIo<TcpStream>, Full<Bytes>>,
-    /// It ended (closed or failed): never polled or used again.
-    ended: bool,
-}
-
-impl GuestConn {
-    /// Does the connection's pending I/O in the caller's task. Returns whether it is
-    /// still open.
-    pub(super) fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.ended {
-            if let Poll::Ready(result) = self.io.poll_without_shutdown(cx) {
-                self.ended = true;
-                if let Err(error) = result {
-                    tracing::debug!(%error, "guest connection ended");
-                }
-            }
-        }
-        !self.ended
-    }
-
-    /// Whether it can take a request now: driven once (waking nobody: it is idle, and
-    /// whoever takes it drives it from then on), open, and ready.
-    fn usable(&mut self) -> bool {
-        self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
-    }
 }
 
 struct Idle {
@@ -119,12 +79,9 @@ impl Pool {
         None
     }
 
-    /// Keeps `conn` for the next request to `endpoint`, if it is still open and there is
-    /// room. The caller drove it to the end of its last exchange.
+    /// Keeps `conn` for the next request to `endpoint`, if there is room. The caller read
+    /// its last exchange to the end, and the guest keeps the connection.
     pub(super) fn checkin(self: &Arc<Self>, endpoint: Endpoint, conn: Box<GuestConn>) {
-        if conn.ended {
-            return;
-        }
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() > SWEEP_ABOVE && !idle.contains_key(&endpoint) {
             idle.retain(|_, list| {
@@ -196,28 +153,12 @@ impl Pool {
             Ok(Ok(stream)) => stream,
         };
         let _ = stream.set_nodelay(true);
-        // The handshake of HTTP/1 does no I/O: it cannot fail for the network's reasons.
-        let (sender, io) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ConnectError::Refused(e.to_string()))?;
-        Ok(Box::new(GuestConn {
-            sender,
-            io,
-            ended: false,
-        }))
+        Ok(Box::new(GuestConn::new(stream, endpoint)))
     }
 
     /// Idle connections to `endpoint` (tests).
     #[cfg(test)]
     pub(super) fn idle_count(&self, endpoint: Endpoint) -> usize {
         self.idle.lock().expect("pool lock").get(&endpoint).map_or(0, Vec::len)
-    }
-}
-
-fn describe(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused => "refused".into(),
-        io::ErrorKind::ConnectionReset => "reset".into(),
-        _ => e.to_string(),
     }
 }

@@ -17,8 +17,8 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
 
-use super::chunked::{ChunkError, Decoder, Step};
 use super::head::Framing;
+use crate::http1::chunked::{ChunkError, Decoder, Step};
 
 /// The most a body read asks the socket for at once.
 const READ_CHUNK: usize = 64 * 1024;

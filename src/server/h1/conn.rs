@@ -130,7 +130,7 @@ fn asks_close(headers: &http::HeaderMap) -> bool {
     headers
         .get_all(http::header::CONNECTION)
         .iter()
-        .any(|v| head::has_token(v, "close"))
+        .any(|v| crate::http1::fields::has_token(v, "close"))
 }
 
 /// Reads the next request head: `Ok(None)` when the connection ended (or `stop` turned

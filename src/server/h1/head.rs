@@ -19,11 +19,11 @@ use std::mem::MaybeUninit;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 
-use super::names;
+use crate::http1::fields::{digits, has_token, last_coding_is_chunked};
+use crate::http1::names;
 use http::{Method, Uri, Version};
 
-/// The most headers a request may have (hyper's default).
-pub const MAX_HEADERS: usize = 100;
+pub use crate::http1::MAX_HEADERS;
 /// The longest request target (hyper's).
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 
@@ -220,33 +220,6 @@ impl HeaderError {
     fn value() -> HeadError {
         HeadError::Malformed("header value")
     }
-}
-
-/// A non-empty run of ASCII digits as a number (no sign, no spaces), if it fits.
-pub fn digits(bytes: &[u8]) -> Option<u64> {
-    if bytes.is_empty() {
-        return None;
-    }
-    bytes.iter().try_fold(0u64, |n, b| match b {
-        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(b - b'0')),
-        _ => None,
-    })
-}
-
-/// Whether a comma-separated header value lists `token` (case-insensitive).
-pub fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-}
-
-/// Whether a `Transfer-Encoding` value's last coding is `chunked`.
-fn last_coding_is_chunked(value: &HeaderValue) -> bool {
-    value
-        .to_str()
-        .ok()
-        .and_then(|v| v.rsplit(',').next())
-        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
 }
 
 #[cfg(test)]

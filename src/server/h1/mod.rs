@@ -5,10 +5,9 @@
 //! drives the guest connection (the proxy's) and writes the response: no channel, no
 //! second task. HTTP/2 (prior knowledge) stays on hyper.
 //!
-//! `head.rs` parses a request head and decides its framing, `chunked.rs` decodes a
-//! chunked body, `write.rs` frames a response, `body.rs` is the request body read from
-//! the connection, `conn.rs` the connection's loop, `names.rs` keeps the CloudEvents
-//! header names without a copy. What hyper's server refuses is
+//! `head.rs` parses a request head and decides its framing (`crate::http1` decodes a
+//! chunked body), `write.rs` frames a response, `body.rs` is the request body read from
+//! the connection, `conn.rs` the connection's loop. What hyper's server refuses is
 //! refused here the same way: `tests/h1.rs` sends every row of a request-smuggling
 //! table to both and compares; `tests/fuzz/fuzz_targets/h1.rs` fuzzes the parsers.
 //!
@@ -16,14 +15,12 @@
 //! backends.
 
 mod body;
-mod chunked;
 mod conn;
 pub mod head;
-mod names;
 mod write;
 
+pub use crate::http1::chunked::{ChunkError, Decoder as ChunkedDecoder, Step as ChunkedStep};
 pub use body::{BodyError, RequestBody};
-pub use chunked::{ChunkError, Decoder as ChunkedDecoder, Step as ChunkedStep};
 pub use conn::Limits;
 
 use std::convert::Infallible;

@@ -45,7 +45,7 @@ pub fn framing(
     }
     let declared = headers
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| super::head::digits(v.as_bytes()));
+        .and_then(|v| crate::http1::fields::digits(v.as_bytes()));
     match (declared.or(exact_size), version) {
         (Some(len), _) => BodyFraming::Length(len),
         (None, Version::HTTP_11) => BodyFraming::Chunked,

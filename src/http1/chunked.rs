@@ -10,7 +10,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::head::MAX_HEADERS;
+use super::MAX_HEADERS;
 
 /// Extension bytes allowed over a whole body (hyper's limit).
 const EXTENSIONS_LIMIT: u64 = 16 * 1024;

@@ -1,0 +1,52 @@
+//! Header field values HTTP/1.1 framing decisions read: a `Content-Length`'s digits, a
+//! token in a comma-separated list (`Connection`), a `Transfer-Encoding`'s last coding.
+//!
+//! Pure: no I/O.
+
+use http::header::HeaderValue;
+
+/// A non-empty run of ASCII digits as a number (no sign, no spaces), if it fits.
+pub fn digits(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() {
+        return None;
+    }
+    bytes.iter().try_fold(0u64, |n, b| match b {
+        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(b - b'0')),
+        _ => None,
+    })
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitive).
+pub fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// Whether a `Transfer-Encoding` value's last coding is `chunked`.
+pub fn last_coding_is_chunked(value: &HeaderValue) -> bool {
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digits_tokens_and_codings() {
+        assert_eq!(digits(b"0"), Some(0));
+        assert_eq!(digits(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [&b""[..], b"18446744073709551616", b"+1", b" 1", b"1 ", b"0x1"] {
+            assert_eq!(digits(bad), None, "{bad:?}");
+        }
+        let value = |s: &'static str| HeaderValue::from_static(s);
+        assert!(has_token(&value("keep-alive, Close"), "close"));
+        assert!(!has_token(&value("closed"), "close"));
+        assert!(last_coding_is_chunked(&value("gzip, Chunked ")));
+        assert!(!last_coding_is_chunked(&value("chunked, gzip")));
+    }
+}

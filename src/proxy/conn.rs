@@ -1,0 +1,166 @@
+//! One HTTP/1.1 connection to a guest: its socket, the bytes read but not used yet, and
+//! the buffer its request heads are written into — no task of its own, no channel.
+//! Whoever holds it does its I/O, in that task: the request's task writes the request
+//! and reads the response head (`exchange`), the response body reads the rest, and the
+//! pool keeps it in between. What does not change per request stays with it: the `host`
+//! line and the write buffer's capacity.
+//!
+//! It also draws the line the retries depend on: a request none of whose bytes was
+//! written comes back as [`Exchange::NotSent`]; once one byte was written, a failure is
+//! [`Exchange::Failed`] — the guest may have acted on it.
+//!
+//! Owns: the socket's reads and writes. Knows nothing of pools or timeouts.
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::wire::{self, ResponseHead};
+use crate::vm::Endpoint;
+
+/// The most one read asks the socket for (a body's read buffer grows to this at most
+/// between the frames it hands out).
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How an exchange failed.
+#[derive(Debug)]
+pub(super) enum Exchange {
+    /// No byte of the request was written: it may be sent again, elsewhere.
+    NotSent(io::Error),
+    /// The request was (perhaps partly) sent and no usable answer came.
+    Failed(String),
+}
+
+/// One HTTP/1.1 connection to a guest.
+pub(super) struct GuestConn {
+    stream: TcpStream,
+    /// Read from the socket, not used yet.
+    pub(super) read: BytesMut,
+    /// The request head being written; its capacity is kept for the next one.
+    write: Vec<u8>,
+    /// `host: <endpoint>\r\n`.
+    host_line: Box<[u8]>,
+}
+
+impl GuestConn {
+    /// A connection over `stream` to `endpoint`.
+    pub(super) fn new(stream: TcpStream, endpoint: Endpoint) -> GuestConn {
+        GuestConn {
+            stream,
+            read: BytesMut::new(),
+            write: Vec::new(),
+            host_line: wire::host_line(endpoint),
+        }
+    }
+
+    /// Whether an idle connection can take a request: nothing unread and not closed by
+    /// the guest, as far as the socket's last readiness tells (no system call when it
+    /// says nothing happened).
+    pub(super) fn usable(&mut self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends `request` and reads the final response head.
+    pub(super) async fn exchange(&mut self, request: &http::Request<Bytes>) -> Result<ResponseHead, Exchange> {
+        let body = request.body();
+        wire::encode_request(
+            &mut self.write,
+            request.method(),
+            request.uri(),
+            &self.host_line,
+            request.headers(),
+            body.len(),
+        );
+        self.write_request(body).await?;
+        let head_request = request.method() == http::Method::HEAD;
+        loop {
+            match wire::parse_response(&mut self.read, head_request) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(error) => return Err(Exchange::Failed(error.to_string())),
+            }
+            match poll_fn(|cx| self.poll_fill(cx)).await {
+                Ok(0) if self.read.is_empty() => {
+                    return Err(Exchange::Failed(
+                        "the guest closed the connection without answering".into(),
+                    ))
+                }
+                Ok(0) => return Err(Exchange::Failed("the guest closed the connection mid-answer".into())),
+                Ok(_) => {}
+                Err(error) => return Err(Exchange::Failed(describe(&error))),
+            }
+        }
+    }
+
+    /// Writes the head in `self.write` and then `body`, in as few system calls as the
+    /// socket takes (one, for an event).
+    async fn write_request(&mut self, body: &Bytes) -> Result<(), Exchange> {
+        let total = self.write.len() + body.len();
+        let mut written = 0;
+        while written < total {
+            let (head, body) = (&self.write[..], &body[..]);
+            let result = poll_fn(|cx| {
+                let slices = if written < head.len() {
+                    [IoSlice::new(&head[written..]), IoSlice::new(body)]
+                } else {
+                    [IoSlice::new(&body[written - head.len()..]), IoSlice::new(&[])]
+                };
+                Pin::new(&mut self.stream).poll_write_vectored(cx, &slices)
+            })
+            .await;
+            match result {
+                Ok(0) if written == 0 => return Err(Exchange::NotSent(io::ErrorKind::WriteZero.into())),
+                Ok(0) => {
+                    return Err(Exchange::Failed(
+                        "the guest connection took no more of the request".into(),
+                    ))
+                }
+                Ok(n) => written += n,
+                Err(error) if written == 0 => return Err(Exchange::NotSent(error)),
+                Err(error) => return Err(Exchange::Failed(describe(&error))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads more into `self.read`. Ready with the number of bytes read: 0 at the end of
+    /// the stream.
+    pub(super) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() == self.read.len() {
+            // Reclaims the buffer's own allocation when every frame cut from it is gone.
+            self.read.reserve(READ_CHUNK);
+        }
+        let spare = self.read.spare_capacity_mut();
+        let limit = spare.len().min(READ_CHUNK);
+        let mut buf = ReadBuf::uninit(&mut spare[..limit]);
+        match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                // SAFETY: `poll_read` initialized the first `n` bytes of the spare capacity.
+                unsafe { self.read.set_len(self.read.len() + n) };
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A socket error as the operator reads it.
+pub(super) fn describe(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "refused".into(),
+        io::ErrorKind::ConnectionReset => "reset".into(),
+        io::ErrorKind::BrokenPipe => "closed by the guest (broken pipe)".into(),
+        _ => e.to_string(),
+    }
+}
