@@ -304,15 +304,21 @@ fn write_adaptive_config(dir: &Path) -> PathBuf {
     path
 }
 
-/// Sends one event at `at`; returns whether it found the VM ready (a boot under TCG takes
-/// seconds; a warm event, milliseconds).
+/// The metric of pre-warms an event found (the VM started ahead of it).
+const PREWARMS_USED: &str = "vm_activator_prewarm_total{namespace=\"default\",outcome=\"used\",vm=\"demo\"}";
+
+/// Sends one event at `at`; returns whether the adaptive policy had started the VM
+/// ahead of it (the event found that pre-warm). Told by the activator's own count, not
+/// by the event's latency: under TCG on a loaded machine a boot started well ahead may
+/// still be booting when the event comes (seen in the soak: 8 s boots), and the policy's
+/// decision is what is tested.
 async fn event_at(activator: &Activator, id: &str, at: Instant) -> bool {
     tokio::time::sleep_until(at).await;
+    let before = activator.metric(PREWARMS_USED).await;
     let sent = Instant::now();
     assert_eq!(activator.send_status("/default/demo", id).await, 202, "{id}");
-    let took = sent.elapsed();
-    eprintln!("{id}: {took:?}");
-    took < Duration::from_millis(1500)
+    eprintln!("{id}: {:?}", sent.elapsed());
+    activator.metric(PREWARMS_USED).await > before
 }
 
 /// The adaptive idle policy on a real guest: fed one event every 10 s, the VM learns the
@@ -332,14 +338,14 @@ async fn real_vm_adaptive_policy_learns_the_period_and_a_restart_keeps_it() {
     let stops = "vm_activator_scale_downs_total{action=\"stop\",namespace=\"default\",vm=\"demo\"}";
 
     let mut at = Instant::now();
-    let (mut warm, mut downs) = (Vec::new(), Vec::new());
+    let (mut ahead, mut downs) = (Vec::new(), Vec::new());
     for i in 0..7 {
-        warm.push(event_at(&first, &format!("e-{i}"), at).await);
+        ahead.push(event_at(&first, &format!("e-{i}"), at).await);
         downs.push(first.metric(stops).await);
         at += PERIOD;
     }
-    eprintln!("warm: {warm:?}; scale-downs before each event: {downs:?}");
-    assert!(warm[4..].iter().all(|w| *w), "learned within 5 periods: {warm:?}");
+    eprintln!("pre-warmed: {ahead:?}; scale-downs before each event: {downs:?}");
+    assert!(ahead[4..].iter().all(|w| *w), "learned within 5 periods: {ahead:?}");
     // Powered off between learned events. Not necessarily between every pair: the plan
     // weighs the stop against the target's measured cold start, and on a loaded machine a
     // boot that took most of the period makes running on to the next event the better
@@ -364,8 +370,7 @@ async fn real_vm_adaptive_policy_learns_the_period_and_a_restart_keeps_it() {
         event_at(&second, "after-restart", at).await,
         "a restarted activator pre-warmed from the history file"
     );
-    let prewarms = "vm_activator_prewarm_total{namespace=\"default\",outcome=\"used\",vm=\"demo\"}";
-    assert_eq!(second.metric(prewarms).await, 1.0);
+    assert_eq!(second.metric(PREWARMS_USED).await, 1.0);
     assert_eq!(guest_events(&second).await, ["after-restart"]);
 }
 
