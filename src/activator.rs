@@ -133,6 +133,23 @@ impl Activator {
         vms.get(namespace)?.get(name).cloned()
     }
 
+    /// The VM's handle, as [`Activator::vm`] — and a VM the backend lists but the
+    /// catalog sync (its own task, a step behind the backend) has not registered yet is
+    /// registered now: a replica whose `/readyz` says the backend is synced never refuses
+    /// an event for a VM the backend knows. (A soak run caught that window: a Deployment
+    /// created just before the activator started, `/readyz` 200, the first event 503.)
+    pub fn vm_or_sync(&self, namespace: &str, name: &str) -> Option<VmHandle> {
+        if let Some(vm) = self.vm(namespace, name) {
+            return Some(vm);
+        }
+        let catalog = self.backend().catalog().borrow().clone();
+        if !catalog.contains_key(&crate::vm::VmKey::new(namespace, name)) {
+            return None;
+        }
+        self.sync_catalog(&catalog);
+        self.vm(namespace, name)
+    }
+
     /// Every VM, sorted by key.
     pub fn vms(&self) -> Vec<VmHandle> {
         let vms = self.vms.read().unwrap_or_else(|e| e.into_inner());
@@ -199,6 +216,18 @@ mod tests {
             Metrics::new(),
             IdleRules::fixed(Duration::from_millis(50)),
         )
+    }
+
+    #[tokio::test]
+    async fn a_vm_the_backend_lists_is_found_before_the_sync_task_registers_it() {
+        let backend = FakeBackend::new([], FakeOptions::default());
+        let activator = activator(backend.clone());
+        // No sync task runs: the registry is behind the catalog.
+        backend.add_vm(VmKey::new("ns", "new"), Policy::default());
+        assert!(activator.vm("ns", "new").is_none());
+        assert!(activator.vm_or_sync("ns", "new").is_some());
+        assert!(activator.vm("ns", "new").is_some(), "registered for good");
+        assert!(activator.vm_or_sync("ns", "unknown").is_none());
     }
 
     #[tokio::test]

@@ -123,11 +123,11 @@ where
     if telemetry::enabled() {
         telemetry::event::target(&Span::current(), &target.namespace, &target.name);
     }
-    let Some(vm) = state.activator.vm(&target.namespace, &target.name) else {
+    let Some(vm) = state.activator.vm_or_sync(&target.namespace, &target.name) else {
         let key = crate::vm::VmKey::new(&*target.namespace, &*target.name);
         let backend = state.activator.backend();
-        // Listed by the backend but not in the registry yet (a replica just started):
-        // retryable, never a 404 for a VM that exists.
+        // Listed by the backend only once the lookup above looked (a replica just
+        // started): retryable, never a 404 for a VM that exists.
         let known = backend.catalog().borrow().contains_key(&key);
         let error = if backend.is_connected() && !known {
             IngressError::UnknownVm(key.to_string())

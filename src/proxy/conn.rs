@@ -23,9 +23,9 @@ use tokio::net::TcpStream;
 use super::wire::{self, ResponseHead};
 use crate::vm::Endpoint;
 
-/// The most one read asks the socket for (a body's read buffer grows to this at most
-/// between the frames it hands out).
-const READ_CHUNK: usize = 16 * 1024;
+/// The most one read asks the socket for, and what the read buffer is given when it is
+/// full — hyper's initial buffer size: an idle pooled connection keeps at most this.
+const READ_CHUNK: usize = 8 * 1024;
 
 /// How an exchange failed.
 #[derive(Debug)]

@@ -191,7 +191,7 @@ async fn start(
     headers: HeaderMap,
 ) -> Response {
     let activator = &admin.activator;
-    let Some(vm) = activator.vm(&namespace, &name) else {
+    let Some(vm) = activator.vm_or_sync(&namespace, &name) else {
         return unknown_vm(&namespace, &name);
     };
     if let Err(refused) = admin.verbs.check(&headers, activator, vm.key(), AdminVerb::Start).await {
@@ -244,7 +244,7 @@ async fn hibernate(
 /// in a phase the action applies to; 404 for an unknown VM.
 async fn scale_down(admin: &Admin, headers: &HeaderMap, namespace: &str, name: &str, action: Action) -> Response {
     let activator = &admin.activator;
-    let Some(vm) = activator.vm(namespace, name) else {
+    let Some(vm) = activator.vm_or_sync(namespace, name) else {
         return unknown_vm(namespace, name);
     };
     let verb = match action {
