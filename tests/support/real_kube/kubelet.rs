@@ -13,7 +13,7 @@ use fake_kube::guest::{self, GuestLog};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -47,7 +47,12 @@ pub(super) async fn kubelet(
 ) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
-    let mut events = watcher(pods.clone(), watcher::Config::default()).boxed();
+    // With a backoff: a watch that fails at once (the namespace deleted as the test
+    // ends) would otherwise be retried in a loop that never yields, and the test's
+    // runtime could never shut down (a soak run hung there, 10 min at full CPU).
+    let mut events = watcher(pods.clone(), watcher::Config::default())
+        .default_backoff()
+        .boxed();
     while let Some(event) = events.next().await {
         let (pod, deleted) = match event {
             Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => (pod, false),

@@ -11,7 +11,7 @@ use fake_kube::multus_interface;
 use futures_util::StreamExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
@@ -51,7 +51,10 @@ pub(super) async fn virt_controller(
     let vms: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, &vm_resource());
     let vmis: Api<DynamicObject> = Api::namespaced_with(client, &namespace, &vmi_resource());
     let mut boots: HashMap<String, JoinHandle<()>> = HashMap::new();
-    let mut events = watcher(vms, watcher::Config::default()).boxed();
+    // With a backoff: a watch that fails at once (the namespace deleted as the test
+    // ends) would otherwise be retried in a loop that never yields, and the test's
+    // runtime could never shut down (a soak run hung there, 10 min at full CPU).
+    let mut events = watcher(vms, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = events.next().await {
         let (vm, deleted) = match event {
             Ok(watcher::Event::Apply(vm) | watcher::Event::InitApply(vm)) => (vm, false),
