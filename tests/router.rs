@@ -235,6 +235,15 @@ async fn every_bad_input_gets_its_status_and_a_json_error_naming_the_cause() {
     assert_eq!(backend.starts(&key), 0, "no bad input may start a VM");
 }
 
+/// A minimal structured-mode CloudEvent with `id`, posted to `path`.
+fn structured_event(path: &str, id: &str) -> Request<Body> {
+    let event = format!(r#"{{"specversion":"1.0","id":"{id}","source":"/s","type":"t"}}"#);
+    Request::post(path)
+        .header(STRUCTURED.0, STRUCTURED.1)
+        .body(Body::from(event))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_valid_event_through_oneshot_is_delivered() {
     let key = VmKey::new("default", "demo");
@@ -247,13 +256,7 @@ async fn a_valid_event_through_oneshot_is_delivered() {
         .await
         .unwrap()
         .ingress;
-    let request = Request::post("/default/demo")
-        .header(STRUCTURED.0, STRUCTURED.1)
-        .body(Body::from(
-            r#"{"specversion":"1.0","id":"s-1","source":"/s","type":"t"}"#,
-        ))
-        .unwrap();
-    let response = app.oneshot(request).await.unwrap();
+    let response = app.oneshot(structured_event("/default/demo", "s-1")).await.unwrap();
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     assert_eq!(backend.event_ids(&key), vec!["s-1"]);
 }
@@ -271,13 +274,7 @@ async fn an_event_for_a_vm_listed_but_not_yet_registered_is_delivered() {
         .ingress;
     let key = VmKey::new("default", "new");
     backend.add_vm(key.clone(), Policy::default());
-    let request = Request::post("/default/new")
-        .header(STRUCTURED.0, STRUCTURED.1)
-        .body(Body::from(
-            r#"{"specversion":"1.0","id":"n-1","source":"/s","type":"t"}"#,
-        ))
-        .unwrap();
-    let response = app.oneshot(request).await.unwrap();
+    let response = app.oneshot(structured_event("/default/new", "n-1")).await.unwrap();
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     assert_eq!(backend.event_ids(&key), vec!["n-1"]);
 }

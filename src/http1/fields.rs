@@ -1,5 +1,6 @@
 //! Header field values HTTP/1.1 framing decisions read: a `Content-Length`'s digits, a
-//! token in a comma-separated list (`Connection`), a `Transfer-Encoding`'s last coding.
+//! token in a comma-separated list, a `Transfer-Encoding`'s last coding, and whether the
+//! connection persists after a message (`Persistence`, for requests and responses alike).
 //!
 //! Pure: no I/O.
 
@@ -32,6 +33,46 @@ pub fn last_coding_is_chunked(value: &HeaderValue) -> bool {
         .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
 }
 
+/// Whether a connection stays open after a message (RFC 9112 §9.3), as both hyper's
+/// server and client decide it: HTTP/1.1 keeps it unless a `Connection` line says
+/// `close` — a later `keep-alive` cannot undo that —, HTTP/1.0 closes it unless one says
+/// `keep-alive`; a framing that cannot be trusted closes it too.
+#[derive(Clone, Copy, Debug)]
+pub struct Persistence {
+    keep: bool,
+    closed: bool,
+}
+
+impl Persistence {
+    /// The default of the message's version.
+    pub fn new(http11: bool) -> Persistence {
+        Persistence {
+            keep: http11,
+            closed: false,
+        }
+    }
+
+    /// Reads one `Connection` line.
+    pub fn connection(&mut self, value: &HeaderValue) {
+        if self.closed || has_token(value, "close") {
+            self.close();
+        } else if !self.keep {
+            self.keep = has_token(value, "keep-alive");
+        }
+    }
+
+    /// The connection closes after this message, whatever else it says.
+    pub fn close(&mut self) {
+        self.closed = true;
+        self.keep = false;
+    }
+
+    /// Whether the connection stays open.
+    pub fn keeps(self) -> bool {
+        self.keep
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +89,23 @@ mod tests {
         assert!(!has_token(&value("closed"), "close"));
         assert!(last_coding_is_chunked(&value("gzip, Chunked ")));
         assert!(!last_coding_is_chunked(&value("chunked, gzip")));
+    }
+
+    #[test]
+    fn a_close_is_final_and_http10_needs_keep_alive() {
+        let lines = |http11: bool, lines: &[&'static str]| {
+            let mut p = Persistence::new(http11);
+            lines.iter().for_each(|l| p.connection(&HeaderValue::from_static(l)));
+            p.keeps()
+        };
+        assert!(lines(true, &[]));
+        assert!(!lines(true, &["close", "keep-alive"]));
+        assert!(!lines(false, &[]));
+        assert!(lines(false, &["Keep-Alive"]));
+        assert!(!lines(false, &["keep-alive", "close"]));
+        let mut p = Persistence::new(true);
+        p.close();
+        p.connection(&HeaderValue::from_static("keep-alive"));
+        assert!(!p.keeps());
     }
 }

@@ -26,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Version};
 
-use crate::http1::fields::{has_token, last_coding_is_chunked};
+use crate::http1::fields::{last_coding_is_chunked, Persistence};
 use crate::http1::{names, MAX_HEADERS};
 
 /// The largest response head taken from a guest (status line and headers).
@@ -175,8 +175,7 @@ fn frame(
     spans: &[Span],
 ) -> Result<ResponseHead, WireError> {
     let mut headers = HeaderMap::with_capacity(spans.len());
-    let mut keep_alive = http11;
-    let mut saw_close = false;
+    let mut persistence = Persistence::new(http11);
     let (mut te, mut chunked) = (false, false);
     let mut length: Option<u64> = None;
     let mut bad_length = false;
@@ -201,12 +200,7 @@ fn frame(
                 }
             }
             header::CONNECTION => {
-                if saw_close || has_token(&value, "close") {
-                    saw_close = true;
-                    keep_alive = false;
-                } else if !keep_alive {
-                    keep_alive = has_token(&value, "keep-alive");
-                }
+                persistence.connection(&value);
             }
             _ => {}
         }
@@ -221,7 +215,7 @@ fn frame(
         }
         if headers.remove(header::CONTENT_LENGTH).is_some() {
             // Both framings: the body is read as chunked, and nothing after it is trusted.
-            keep_alive = false;
+            persistence.close();
         }
         if chunked {
             Framing::Chunked
@@ -238,14 +232,14 @@ fn frame(
         }
     };
     if framing == Framing::UntilClose {
-        keep_alive = false;
+        persistence.close();
     }
     Ok(ResponseHead {
         status,
         version: if http11 { Version::HTTP_11 } else { Version::HTTP_10 },
         headers,
         framing,
-        keep_alive,
+        keep_alive: persistence.keeps(),
     })
 }
 

@@ -19,7 +19,7 @@ use std::mem::MaybeUninit;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 
-use crate::http1::fields::{digits, has_token, last_coding_is_chunked};
+use crate::http1::fields::{digits, last_coding_is_chunked, Persistence};
 use crate::http1::names;
 use http::{Method, Uri, Version};
 
@@ -142,8 +142,7 @@ fn frame(
     slice: impl Fn((usize, usize)) -> Bytes,
 ) -> Result<Head, HeadError> {
     let mut headers = HeaderMap::with_capacity(spans.len());
-    let mut keep_alive = http11;
-    let mut saw_close = false;
+    let mut persistence = Persistence::new(http11);
     let (mut te, mut chunked, mut length, mut saw_length) = (false, false, None::<u64>, false);
     let mut expect_continue = false;
     for &(name_at, name_len, value_at, value_len) in spans {
@@ -174,12 +173,7 @@ fn frame(
                 }
             }
             header::CONNECTION => {
-                if saw_close || has_token(&value, "close") {
-                    saw_close = true;
-                    keep_alive = false;
-                } else if !keep_alive {
-                    keep_alive = has_token(&value, "keep-alive");
-                }
+                persistence.connection(&value);
             }
             header::EXPECT => expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue"),
             _ => {}
@@ -191,7 +185,7 @@ fn frame(
     }
     if te && saw_length {
         // Both framings: chunked it is, and this connection serves nothing after it.
-        keep_alive = false;
+        persistence.close();
     }
     let framing = match (chunked, length) {
         (true, _) => Framing::Chunked,
@@ -204,7 +198,7 @@ fn frame(
         version: if http11 { Version::HTTP_11 } else { Version::HTTP_10 },
         headers,
         framing,
-        keep_alive,
+        keep_alive: persistence.keeps(),
         expect_continue,
     })
 }
