@@ -29,6 +29,10 @@ pub struct IngressConfig {
     pub max_header_bytes: usize,
     /// Most connections open at once (further ones wait to be accepted). Default 20000.
     pub max_connections: usize,
+    /// Connections the kernel queues for `accept` on each listener (`listen(2)`'s backlog;
+    /// Linux caps it at `net.core.somaxconn`). A burst of new connections beyond it has its
+    /// SYNs dropped and retried by the senders after 1, 3, 7… s. Default 4096.
+    pub listen_backlog: u32,
     /// Who may deliver events.
     pub auth: AuthConfig,
     /// CloudEvent types that pre-warm the VM instead of being delivered: answered 202
@@ -122,6 +126,7 @@ impl Default for IngressConfig {
             retry_after_seconds: 1,
             max_header_bytes: 64 * 1024,
             max_connections: 20_000,
+            listen_backlog: 4096,
             auth: AuthConfig::default(),
             prewarm_types: vec![PREWARM_TYPE.to_string()],
         }

@@ -18,6 +18,9 @@ impl Config {
         if self.ingress.max_header_bytes < 1024 {
             return Err(invalid("ingress.max_header_bytes", "must be at least 1024"));
         }
+        if self.ingress.listen_backlog == 0 {
+            return Err(invalid("ingress.listen_backlog", "must be at least 1"));
+        }
         if self.ingress.max_connections == 0 {
             return Err(invalid("ingress.max_connections", "must be at least 1"));
         }

@@ -132,6 +132,22 @@ pub async fn app(config: &Config, backend: Arc<dyn Backend>) -> Result<App, Serv
     })
 }
 
+/// A listening socket on `addr` with `backlog` connections queued for `accept`. tokio's
+/// `TcpListener::bind` fixes the backlog at 1024, which a burst of senders overflows: their
+/// SYNs are dropped and retried seconds later, so a flood would reach us late instead of
+/// being answered (held, or 503 at once) when it comes.
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std and tokio do: a restarted activator binds while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Binds both listeners and starts serving with `backend`.
 pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, ServerError> {
     let App {
@@ -140,13 +156,15 @@ pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, 
         admin: admin_router,
     } = app(&config, backend).await?;
 
-    let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })
-    };
-    let ingress_listener = bind(config.listen).await?;
-    let admin_listener = bind(config.admin_listen).await?;
+    let backlog = config.ingress.listen_backlog;
+    let ingress_listener = bind(config.listen, backlog).map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let admin_listener = bind(config.admin_listen, backlog).map_err(|source| ServerError::Bind {
+        addr: config.admin_listen,
+        source,
+    })?;
     let ingress_addr = ingress_listener.local_addr().expect("bound socket has an address");
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
