@@ -156,15 +156,9 @@ pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, 
         admin: admin_router,
     } = app(&config, backend).await?;
 
-    let backlog = config.ingress.listen_backlog;
-    let ingress_listener = bind(config.listen, backlog).map_err(|source| ServerError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    let admin_listener = bind(config.admin_listen, backlog).map_err(|source| ServerError::Bind {
-        addr: config.admin_listen,
-        source,
-    })?;
+    let listen = |addr| bind(addr, config.ingress.listen_backlog).map_err(|source| ServerError::Bind { addr, source });
+    let ingress_listener = listen(config.listen)?;
+    let admin_listener = listen(config.admin_listen)?;
     let ingress_addr = ingress_listener.local_addr().expect("bound socket has an address");
     let admin_addr = admin_listener.local_addr().expect("bound socket has an address");
 
