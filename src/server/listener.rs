@@ -90,14 +90,14 @@ pub(super) async fn serve_ingress<S, B>(
     mut stop: watch::Receiver<bool>,
 ) where
     S: super::h1::Handler<Body = B>
-        + tower::Service<
+        + hyper::service::Service<
             http::Request<hyper::body::Incoming>,
             Response = http::Response<B>,
             Error = std::convert::Infallible,
         > + Clone
         + Send
         + 'static,
-    <S as tower::Service<http::Request<hyper::body::Incoming>>>::Future: Send + 'static,
+    <S as hyper::service::Service<http::Request<hyper::body::Incoming>>>::Future: Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + std::fmt::Display + Send + Sync,
 {

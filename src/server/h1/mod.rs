@@ -30,7 +30,6 @@ use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -54,18 +53,17 @@ const H2_START: &[u8; 4] = b"PRI ";
 pub async fn serve_connection<S, B>(stream: TcpStream, service: S, limits: Limits, mut stop: watch::Receiver<bool>)
 where
     S: Handler<Body = B>
-        + tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
-    <S as tower::Service<Request<Incoming>>>::Future: Send + 'static,
+    <S as hyper::service::Service<Request<Incoming>>>::Future: Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + std::fmt::Display + Send + Sync,
 {
     let sniffed = tokio::time::timeout(limits.header_read_timeout, is_h2(&stream)).await;
     match sniffed {
         Ok(Some(true)) => {
-            let service = TowerToHyperService::new(service);
             let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
