@@ -8,13 +8,14 @@
 
 pub mod cloudevent;
 mod forward;
+mod packed;
 pub mod response;
 mod service;
 mod target;
 
 use forward::forward;
 pub use service::{Ingress, IngressBody};
-use target::Target;
+use target::{Rest, Target};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -107,15 +108,16 @@ where
         return refuse_method(state, method, uri);
     }
     let arrived = Instant::now();
-    let target = match Target::parse(uri.path()) {
-        Ok(target) => target,
-        Err(error) => {
-            state.activator.metrics().unknown_vm_request(error.status().as_u16());
-            return state.refuse(error);
-        }
-    };
-    // A block: the caller's identity is not kept while the event is.
-    let (vm, policy, refusal) = {
+    // A block: of the path only its rest, and nothing of the caller, is kept while the
+    // event is.
+    let (vm, policy, refusal, rest) = {
+        let target = match Target::parse(uri.path()) {
+            Ok(target) => target,
+            Err(error) => {
+                state.activator.metrics().unknown_vm_request(error.status().as_u16());
+                return state.refuse(error);
+            }
+        };
         // Authenticate before looking the VM up: an unauthenticated caller learns nothing
         // about which VMs exist, and starts nothing.
         let caller = match state.auth.authenticate(headers).await {
@@ -143,7 +145,7 @@ where
             // Refused names start nothing and hold nothing.
             Ok(()) => policy.refused.clone().map(|reason| Box::new(IngressError::Refused(reason))),
         };
-        (vm, policy, refusal)
+        (vm, policy, refusal, target.rest())
     };
     let result = match refusal {
         Some(error) => Err(*error),
@@ -152,7 +154,7 @@ where
                 state,
                 vm: &vm,
                 policy: &policy,
-                target: &target,
+                rest,
                 query: uri.query(),
                 headers,
                 body,
@@ -218,7 +220,7 @@ struct Exchange<'a, B> {
     state: &'a IngressState,
     vm: &'a VmHandle,
     policy: &'a Policy,
-    target: &'a Target<'a>,
+    rest: Rest<'a>,
     query: Option<&'a str>,
     headers: &'a mut http::HeaderMap,
     body: &'a mut B,
@@ -249,17 +251,24 @@ where
         if telemetry::enabled() {
             trace_cloudevent(&envelope, x.headers);
         }
-        let permit = x
-            .vm
-            .admit_event(envelope.body.len(), || {
-                let mut trigger = envelope.trigger(x.headers);
-                if telemetry::enabled() {
-                    trigger.trace_id = Some(telemetry::event::trace_id(&Span::current()));
-                }
-                trigger
-            })
-            .await?;
-        let guest_uri = x.target.guest_uri(&x.policy.path, x.query)?;
+        let permit = match x.vm.try_admit()? {
+            Some(permit) => permit,
+            None => {
+                // Held: its headers packed meanwhile (see `packed`).
+                let packed = packed::PackedHeaders::pack(x.headers);
+                let trigger = || {
+                    let mut trigger = envelope.trigger_from(|name| packed.get(name));
+                    if telemetry::enabled() {
+                        trigger.trace_id = Some(telemetry::event::trace_id(&Span::current()));
+                    }
+                    trigger
+                };
+                let permit = x.vm.hold(envelope.body.len(), trigger).await;
+                *x.headers = packed.unpack();
+                permit?
+            }
+        };
+        let guest_uri = x.rest.guest_uri(&x.policy.path, x.query)?;
         forwarding(&mut x, permit, guest_uri, envelope.body).await
     }
 }

@@ -51,6 +51,28 @@ impl<'a> Target<'a> {
         })
     }
 
+    /// The part of the path the guest's request target is made of.
+    pub(super) fn rest(&self) -> Rest<'a> {
+        Rest(self.rest)
+    }
+
+    #[cfg(test)]
+    fn guest_uri(&self, prefix: &str, query: Option<&str>) -> Result<http::Uri, IngressError> {
+        self.rest().guest_uri(prefix, query)
+    }
+
+    #[cfg(test)]
+    fn guest_path(&self, prefix: &str, query: Option<&str>) -> String {
+        self.rest().guest_path(prefix, query)
+    }
+}
+
+/// The rest of an ingress path after `/{namespace}/{vm}`, still percent-encoded, no
+/// leading '/': all a request keeps of its path once its VM is known.
+#[derive(Clone, Copy)]
+pub(super) struct Rest<'a>(&'a str);
+
+impl Rest<'_> {
     /// The guest request target: the VM's prefix joined to `rest` with exactly one '/',
     /// plus the query. The common case — the prefix alone — is parsed once per prefix
     /// and thread and then shared (no allocation); otherwise the joined path's buffer
@@ -60,7 +82,7 @@ impl<'a> Target<'a> {
             static PREFIX: std::cell::RefCell<Option<(String, http::Uri)>> = const { std::cell::RefCell::new(None) };
         }
         let invalid = |e: http::uri::InvalidUri| IngressError::BadPath(format!("guest path: {e}"));
-        if self.rest.is_empty() && query.is_none() {
+        if self.0.is_empty() && query.is_none() {
             return PREFIX.with_borrow_mut(|cached| match cached {
                 Some((text, uri)) if text == prefix => Ok(uri.clone()),
                 _ => {
@@ -76,13 +98,13 @@ impl<'a> Target<'a> {
 
     /// The guest path: the VM's prefix joined to `rest` with exactly one '/', plus the query.
     fn guest_path(&self, prefix: &str, query: Option<&str>) -> String {
-        let mut path = String::with_capacity(prefix.len() + self.rest.len() + 2);
+        let mut path = String::with_capacity(prefix.len() + self.0.len() + 2);
         path.push_str(prefix);
-        if !self.rest.is_empty() {
+        if !self.0.is_empty() {
             if !path.ends_with('/') {
                 path.push('/');
             }
-            path.push_str(self.rest);
+            path.push_str(self.0);
         }
         if let Some(query) = query {
             path.push('?');

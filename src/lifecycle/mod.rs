@@ -126,7 +126,9 @@ struct Waiter {
     reply: oneshot::Sender<Result<Release, AdmitError>>,
     arrived: Instant,
     /// The event, when it may be the one that starts the VM (it found it at rest).
-    trigger: Option<Trigger>,
+    /// Boxed: most held events come once the start is under way and carry none, and the
+    /// queue is as long as `max_buffered` (a waiter is 32 bytes, not 96).
+    trigger: Option<Box<Trigger>>,
 }
 
 /// Where a VM's owner is: running (its command channel) or not (its gate's write side,
@@ -200,6 +202,15 @@ impl VmHandle {
         body_bytes: usize,
         trigger: impl FnOnce() -> Trigger,
     ) -> Result<Permit, AdmitError> {
+        match self.try_admit()? {
+            Some(permit) => Ok(permit),
+            None => self.hold(body_bytes, trigger).await,
+        }
+    }
+
+    /// The warm path of [`VmHandle::admit_event`]: a permit when the request may go in
+    /// at once, `None` when it has to be held ([`VmHandle::hold`]).
+    pub fn try_admit(&self) -> Result<Option<Permit>, AdmitError> {
         if self.0.context.is_draining() {
             return Err(AdmitError::Draining);
         }
@@ -209,8 +220,16 @@ impl VmHandle {
         }
         if let Some(permit) = gate.try_enter() {
             self.share_activity(None);
-            return Ok(permit);
+            return Ok(Some(permit));
         }
+        Ok(None)
+    }
+
+    /// Holds a request [`VmHandle::try_admit`] did not let in — starting the VM if it
+    /// is not running — until it is Ready and a concurrency slot is free, it fails, or
+    /// `start_timeout` passes.
+    pub async fn hold(&self, body_bytes: usize, trigger: impl FnOnce() -> Trigger) -> Result<Permit, AdmitError> {
+        let gate = &self.0.gate;
         // Held requests wait for a start, a probe or a slot; with the backend unreachable
         // a VM that is not Ready will not get there: say so now, not at the start timeout.
         if !self.0.context.backend.is_connected() && gate.state().phase != VmPhase::Ready {
@@ -224,7 +243,7 @@ impl VmHandle {
             gate.state().phase,
             VmPhase::Stopped | VmPhase::Paused | VmPhase::Hibernated | VmPhase::Failed
         );
-        let trigger = at_rest.then(trigger);
+        let trigger = at_rest.then(|| Box::new(trigger()));
         if self
             .send(Command::Activate(Waiter {
                 reply,

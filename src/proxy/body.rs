@@ -16,7 +16,6 @@ use tokio::time::{Instant, Sleep};
 use super::pool::{GuestConn, Pool};
 use super::wire::Framing;
 use crate::http1::chunked::{ChunkError, Decoder, Step};
-use crate::vm::Endpoint;
 
 /// Why a guest's response body was cut short. Its head has gone to the sender by then,
 /// so the sender learns it from a response that ends early (the connection closes).
@@ -77,7 +76,6 @@ pub struct PooledBody {
     /// The guest keeps the connection after this response.
     pub(super) keep_alive: bool,
     pub(super) pool: Arc<Pool>,
-    pub(super) endpoint: Endpoint,
     pub(super) bounds: Bounds,
 }
 
@@ -130,15 +128,16 @@ impl PooledBody {
         self.reading = Reading::Done;
         if let Some(conn) = self.conn.take() {
             if self.keep_alive && conn.read.is_empty() {
-                self.pool.checkin(self.endpoint, conn);
+                self.pool.checkin(conn.endpoint, conn);
             }
         }
     }
 
     /// Ends the body with `error`; its connection, mid-response, is closed.
     fn cut(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        tracing::warn!(endpoint = %self.endpoint, %error, "guest response cut off");
-        self.conn = None;
+        if let Some(conn) = self.conn.take() {
+            tracing::warn!(endpoint = %conn.endpoint, %error, "guest response cut off");
+        }
         self.reading = Reading::Done;
         Poll::Ready(Some(Err(error)))
     }

@@ -45,6 +45,9 @@ pub(super) struct GuestConn {
     write: Vec<u8>,
     /// `host: <endpoint>\r\n`.
     host_line: Box<[u8]>,
+    /// Where it goes (kept here, not in each response body: the body is part of every
+    /// HTTP/2 stream's task, sized for its largest state).
+    pub(super) endpoint: Endpoint,
 }
 
 impl GuestConn {
@@ -55,6 +58,7 @@ impl GuestConn {
             read: BytesMut::new(),
             write: Vec::new(),
             host_line: wire::host_line(endpoint),
+            endpoint,
         }
     }
 

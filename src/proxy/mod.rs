@@ -146,7 +146,6 @@ impl Proxy {
                         reading: body::Reading::new(head.framing),
                         keep_alive: head.keep_alive,
                         pool: self.pool.clone(),
-                        endpoint,
                         bounds: body::Bounds {
                             left: limit,
                             limit,

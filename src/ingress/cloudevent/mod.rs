@@ -57,13 +57,12 @@ pub struct Envelope {
 impl Envelope {
     /// The event's `id` and `source` (for a batch, the first event's id).
     pub fn trigger(&self, headers: &HeaderMap) -> crate::backend::Trigger {
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string()
-        };
+        self.trigger_from(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+    }
+
+    /// As [`Envelope::trigger`], reading the request's headers through `header`.
+    pub fn trigger_from<'h>(&self, header: impl Fn(&str) -> Option<&'h str>) -> crate::backend::Trigger {
+        let header = |name: &str| header(name).unwrap_or_default().to_string();
         match self.mode {
             Mode::Binary => crate::backend::Trigger {
                 id: header("ce-id"),

@@ -86,7 +86,7 @@ impl Gate {
         Permit {
             gate: self.clone(),
             taken: Some(taken),
-            held,
+            held: held.map(Box::new),
         }
     }
 
@@ -144,7 +144,9 @@ pub struct Permit {
     /// Always `Some` until dropped (taken out first there, so the slot is free before
     /// the owner is told).
     taken: Option<Taken>,
-    held: Option<Held>,
+    /// Boxed: a permit is part of every response body (and so of every HTTP/2 stream's
+    /// task), and most requests were never held.
+    held: Option<Box<Held>>,
 }
 
 impl Permit {
@@ -165,7 +167,7 @@ impl Permit {
     /// How the request got in when it was held: since when, and the cold start it
     /// waited for (for its trace).
     pub fn held(&self) -> Option<&Held> {
-        self.held.as_ref()
+        self.held.as_deref()
     }
 
     /// The guest answered: its endpoint may take more requests at once (and held ones

@@ -83,7 +83,7 @@ impl Owner {
         tracing::debug!(vm = %key, ?kind, "starting");
         self.record(VmEvent::ScaledUp {
             kind: kind.phase().as_str(),
-            trigger: self.queue.front().and_then(|w| w.trigger.clone()),
+            trigger: self.queue.front().and_then(|w| w.trigger.as_deref().cloned()),
             held: self.queue.len(),
             predicted,
         });
