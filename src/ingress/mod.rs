@@ -251,22 +251,24 @@ where
         if telemetry::enabled() {
             trace_cloudevent(&envelope, x.headers);
         }
-        let permit = match x.vm.try_admit()? {
-            Some(permit) => permit,
-            None => {
-                // Held: its headers packed meanwhile (see `packed`).
-                let packed = packed::PackedHeaders::pack(x.headers);
-                let trigger = || {
-                    let mut trigger = envelope.trigger_from(|name| packed.get(name));
-                    if telemetry::enabled() {
-                        trigger.trace_id = Some(telemetry::event::trace_id(&Span::current()));
-                    }
-                    trigger
-                };
-                let permit = x.vm.hold(envelope.body.len(), trigger).await;
-                *x.headers = packed.unpack();
-                permit?
+        // A labelled block, not a `match` on `try_admit`: a match keeps its scrutinee
+        // (the permit it did not give) for as long as the event is held.
+        let permit = 'admitted: {
+            if let Some(permit) = x.vm.try_admit()? {
+                break 'admitted permit;
             }
+            // Held: its headers packed meanwhile (see `packed`).
+            let packed = packed::PackedHeaders::pack(x.headers);
+            let trigger = || {
+                let mut trigger = envelope.trigger_from(|name| packed.get(name));
+                if telemetry::enabled() {
+                    trigger.trace_id = Some(telemetry::event::trace_id(&Span::current()));
+                }
+                trigger
+            };
+            let permit = x.vm.hold(envelope.body.len(), trigger).await;
+            *x.headers = packed.unpack();
+            permit?
         };
         let guest_uri = x.rest.guest_uri(&x.policy.path, x.query)?;
         forwarding(&mut x, permit, guest_uri, envelope.body).await

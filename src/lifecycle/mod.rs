@@ -236,7 +236,6 @@ impl VmHandle {
             return Err(AdmitError::BackendUnavailable);
         }
         let ticket = gate.reserve(body_bytes)?;
-        let timeout = gate.policy().start_timeout;
         let arrived = Instant::now();
         let (reply, answer) = oneshot::channel();
         let at_rest = matches!(
@@ -255,12 +254,13 @@ impl VmHandle {
             return Err(AdmitError::Stopped("the VM was removed".into()));
         }
         tracing::debug!(vm = %self.key(), "request held");
-        let release = match tokio::time::timeout_at(arrived + timeout, answer).await {
-            Ok(Ok(result)) => result?,
+        // The owner answers in time: a release, a failure, or `StartTimeout` once this
+        // request has waited `start_timeout` (see `Owner::expire_held`).
+        let release = match answer.await {
+            Ok(result) => result?,
             // The owner ended without answering: the VM left the catalog, or shutdown.
-            Ok(Err(_)) if self.0.context.is_draining() => return Err(AdmitError::Draining),
-            Ok(Err(_)) => return Err(AdmitError::Stopped("the VM was removed".into())),
-            Err(_) => return Err(AdmitError::StartTimeout(timeout)),
+            Err(_) if self.0.context.is_draining() => return Err(AdmitError::Draining),
+            Err(_) => return Err(AdmitError::Stopped("the VM was removed".into())),
         };
         let permit = gate.admit_released(ticket, release, arrived);
         self.share_activity(Some(arrived));

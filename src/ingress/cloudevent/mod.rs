@@ -41,20 +41,35 @@ pub enum Mode {
 pub struct Envelope {
     /// The mode.
     pub mode: Mode,
-    /// The event's `id` when it was read from the body (structured mode; the first
-    /// event's for a non-empty batch). Binary mode leaves it in the `ce-id` header
-    /// (validated, not copied).
-    pub id: Option<String>,
-    /// The event's `type` when it was read from the body (structured mode); binary mode
-    /// leaves it in the `ce-type` header.
-    pub kind: Option<String>,
-    /// The event's `source` when it was read from the body (structured mode).
-    pub source: Option<String>,
+    /// The attributes read from the body (structured mode, or a non-empty batch). Binary
+    /// mode leaves them in the `ce-*` headers (validated, not copied). Boxed: an envelope
+    /// is part of every held event's state, and binary mode, the usual one, has none.
+    pub from_body: Option<Box<BodyAttributes>>,
     /// The body as received.
     pub body: Bytes,
 }
 
+/// The attributes an envelope read from its body.
+#[derive(Clone, Debug, Default)]
+pub struct BodyAttributes {
+    /// The event's `id` (a batch's first event's).
+    pub id: Option<String>,
+    /// The event's `type` (structured mode).
+    pub kind: Option<String>,
+    /// The event's `source` (structured mode).
+    pub source: Option<String>,
+}
+
 impl Envelope {
+    /// The `id` read from the body (structured mode; a non-empty batch's first event's).
+    pub fn id(&self) -> Option<&str> {
+        self.attribute(|a| a.id.as_deref())
+    }
+
+    fn attribute<'a>(&'a self, get: impl Fn(&'a BodyAttributes) -> Option<&'a str>) -> Option<&'a str> {
+        self.from_body.as_deref().and_then(get)
+    }
+
     /// The event's `id` and `source` (for a batch, the first event's id).
     pub fn trigger(&self, headers: &HeaderMap) -> crate::backend::Trigger {
         self.trigger_from(|name| headers.get(name).and_then(|v| v.to_str().ok()))
@@ -70,8 +85,8 @@ impl Envelope {
                 trace_id: None,
             },
             _ => crate::backend::Trigger {
-                id: self.id.clone().unwrap_or_default(),
-                source: self.source.clone().unwrap_or_default(),
+                id: self.id().unwrap_or_default().to_string(),
+                source: self.attribute(|a| a.source.as_deref()).unwrap_or_default().to_string(),
                 trace_id: None,
             },
         }
@@ -81,7 +96,7 @@ impl Envelope {
     pub fn event_type<'a>(&'a self, headers: &'a HeaderMap) -> Option<&'a str> {
         match self.mode {
             Mode::Binary => headers.get("ce-type").and_then(|v| v.to_str().ok()),
-            Mode::Structured => self.kind.as_deref(),
+            Mode::Structured => self.attribute(|a| a.kind.as_deref()),
             Mode::Batch(_) => None,
         }
     }
@@ -174,9 +189,11 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
             let attributes = validate_structured(&body)?;
             Ok(Envelope {
                 mode: Mode::Structured,
-                id: Some(attributes.id),
-                kind: Some(attributes.kind),
-                source: Some(attributes.source),
+                from_body: Some(Box::new(BodyAttributes {
+                    id: Some(attributes.id),
+                    kind: Some(attributes.kind),
+                    source: Some(attributes.source),
+                })),
                 body,
             })
         }
@@ -184,9 +201,12 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
             let (count, id) = validate_batch(&body)?;
             Ok(Envelope {
                 mode: Mode::Batch(count),
-                id: (count > 0).then_some(id),
-                kind: None,
-                source: None,
+                from_body: (count > 0).then(|| {
+                    Box::new(BodyAttributes {
+                        id: Some(id),
+                        ..BodyAttributes::default()
+                    })
+                }),
                 body,
             })
         }
@@ -194,9 +214,7 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
             validate_binary(headers)?;
             Ok(Envelope {
                 mode: Mode::Binary,
-                id: None,
-                kind: None,
-                source: None,
+                from_body: None,
                 body,
             })
         }

@@ -158,7 +158,7 @@ mod tests {
         for (name, json, attribute) in cases {
             let result = structured(json);
             if name == "valid" {
-                assert_eq!(result.unwrap().id.as_deref(), Some("1"));
+                assert_eq!(result.unwrap().id(), Some("1"));
                 continue;
             }
             let err = result.expect_err(name);
@@ -172,7 +172,7 @@ mod tests {
         let ok = r#"[{"specversion":"1.0","id":"a","source":"/s","type":"t"},{"specversion":"1.0","id":"b","source":"/s","type":"t"}]"#;
         let env = validate(&h, Bytes::from_static(ok.as_bytes())).unwrap();
         assert_eq!(env.mode, Mode::Batch(2));
-        assert_eq!(env.id.as_deref(), Some("a"));
+        assert_eq!(env.id(), Some("a"));
         let bad = r#"[{"specversion":"1.0","id":"a","source":"/s","type":"t"},{"specversion":"1.0","source":"/s","type":"t"}]"#;
         let err = validate(&h, Bytes::from_static(bad.as_bytes())).unwrap_err();
         assert!(matches!(err, EventError::Batch { index: 1, .. }), "{err}");

@@ -94,6 +94,8 @@ pub(super) enum Event {
     StatusGone,
     /// The start (or re-probe) took longer than `start_timeout`.
     StartDeadline,
+    /// The first held request has waited `start_timeout`.
+    HeldExpired,
     /// The idle timer fired.
     IdleExpired,
     /// The keep-warm timer fired: a window begins soon.

@@ -84,6 +84,10 @@ pub(super) struct Owner {
     /// The adaptive plan, for one version of the learning and one lead.
     plan_cache: Option<((u64, Duration), Plan)>,
     start_timer: Timer,
+    /// Each held request is answered `StartTimeout` by the owner once it has waited
+    /// `start_timeout`, not by a timer of its own: one timer for the queue's first, instead
+    /// of 120 bytes and a timer registration per held request.
+    held_timer: Timer,
     idle_timer: Timer,
     warm_timer: Timer,
     prewarm_timer: Timer,
@@ -121,6 +125,7 @@ impl Owner {
             operator_stop: None,
             plan_cache: None,
             start_timer: Timer::new(),
+            held_timer: Timer::new(),
             idle_timer: Timer::new(),
             warm_timer: Timer::new(),
             prewarm_timer: Timer::new(),
@@ -154,6 +159,7 @@ impl Owner {
 
     async fn next_event(&mut self) -> Event {
         self.start_timer.set(self.start_deadline());
+        self.held_timer.set(self.held_deadline());
         self.idle_timer.set(self.idle_at);
         self.warm_timer.set(self.warm_at);
         self.prewarm_timer.set(self.prewarm_at);
@@ -166,6 +172,7 @@ impl Owner {
             done = maybe(self.op.as_mut()) => Event::Done(done),
             endpoint = self.endpoints.next_passed() => Event::Probed(endpoint),
             _ = self.start_timer.fired() => Event::StartDeadline,
+            _ = self.held_timer.fired() => Event::HeldExpired,
             Some(command) = self.inbox.recv() => Event::Command(command),
             () = maybe(self.slot_wait.as_mut()) => Event::Slot,
             _ = self.idle_timer.fired() => Event::IdleExpired,
@@ -197,6 +204,7 @@ impl Owner {
                     self.fail(AdmitError::StartTimeout(timeout), true);
                 }
             }
+            Event::HeldExpired => self.expire_held(),
             Event::IdleExpired => self.on_idle_expired(),
             Event::WarmDue => self.keep_warm(),
             Event::PrewarmDue => self.on_prewarm_due(),
@@ -359,6 +367,24 @@ impl Owner {
     }
 
     /// When a start (or a VM left without an endpoint taking traffic) gives up.
+    /// When the first held request will have waited `start_timeout`.
+    fn held_deadline(&self) -> Option<Instant> {
+        let first = self.queue.front()?;
+        Some(first.arrived + self.policy().start_timeout)
+    }
+
+    /// Answers `StartTimeout` to the held requests that have waited `start_timeout` (the
+    /// queue is in arrival order).
+    fn expire_held(&mut self) {
+        let timeout = self.policy().start_timeout;
+        let now = Instant::now();
+        while self.queue.front().is_some_and(|w| w.arrived + timeout <= now) {
+            if let Some(waiter) = self.queue.pop_front() {
+                let _ = waiter.reply.send(Err(AdmitError::StartTimeout(timeout)));
+            }
+        }
+    }
+
     fn start_deadline(&self) -> Option<Instant> {
         match self.life {
             Life::Starting { deadline, .. } => Some(deadline),

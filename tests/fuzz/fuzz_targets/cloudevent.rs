@@ -46,9 +46,9 @@ fuzz_target!(|data: &[u8]| {
                 "accepted without an id"
             ),
             Mode::Structured | Mode::Batch(1..) => {
-                assert!(envelope.id.is_some_and(|id| !id.is_empty()), "accepted without an id")
+                assert!(envelope.id().is_some_and(|id| !id.is_empty()), "accepted without an id")
             }
-            Mode::Batch(0) => assert!(envelope.id.is_none()),
+            Mode::Batch(0) => assert!(envelope.id().is_none()),
         }
     }
 });
