@@ -41,7 +41,8 @@ impl PackedHeaders {
 
     /// The first value of `name` (lowercase), if it is text.
     pub(super) fn get(&self, name: &str) -> Option<&str> {
-        self.lines().find_map(|(n, value)| (n == name.as_bytes()).then(|| std::str::from_utf8(value).ok())?)
+        self.lines()
+            .find_map(|(n, value)| (n == name.as_bytes()).then(|| std::str::from_utf8(value).ok())?)
     }
 
     /// The headers as a map again, in their order. The values share the packed buffer.

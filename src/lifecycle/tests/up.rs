@@ -177,3 +177,30 @@ async fn a_held_request_gives_up_at_its_deadline_and_frees_its_place() {
     assert_eq!(held.await.unwrap().unwrap_err(), AdmitError::StartTimeout(START));
     assert_eq!(w.vm.gate().held(), (0, 0));
 }
+
+/// The owner answers each held request `StartTimeout` once it has waited `start_timeout`
+/// — here while waiting for a slot on a Ready VM, the case no start deadline covers —
+/// counting from its own arrival, and gives its place back.
+#[tokio::test(start_paused = true)]
+async fn a_request_held_for_a_slot_times_out_after_its_own_start_timeout() {
+    let w = world(Policy {
+        concurrency: 1,
+        ..policy()
+    });
+    let busy = w.bring_up().await;
+    let early = w.admit();
+    pass(START / 2).await;
+    let late = w.admit();
+    settle().await;
+    assert_eq!(w.vm.gate().held(), (2, 0));
+    pass(START / 2).await;
+    assert_eq!(early.await.unwrap().unwrap_err(), AdmitError::StartTimeout(START));
+    assert!(!late.is_finished(), "counted from its own arrival");
+    assert_eq!(w.vm.gate().held(), (1, 0), "the place is given back");
+    pass(START / 2).await;
+    assert_eq!(late.await.unwrap().unwrap_err(), AdmitError::StartTimeout(START));
+    assert_eq!(w.vm.gate().held(), (0, 0));
+    assert_eq!(w.phase(), VmPhase::Ready, "a slot wait fails no start");
+    drop(busy);
+    drop(w.admit().await.unwrap().unwrap());
+}
