@@ -289,6 +289,72 @@ mod tests {
         assert_eq!(config.verbs_auth(), VerbAuthMode::Kubernetes, "the kubevirt default");
     }
 
+    /// Every value `validate` refuses, one row each: the error names the field, and the
+    /// valid file it was changed from passes.
+    #[test]
+    fn every_refused_value_names_its_field() {
+        type Change = fn(&mut Config);
+        let rows: &[(&str, Change)] = &[
+            ("ingress.max_body_bytes", |c| c.ingress.max_body_bytes = 0),
+            ("ingress.max_concurrent_requests", |c| {
+                c.ingress.max_concurrent_requests = 0
+            }),
+            ("ingress.max_header_bytes", |c| c.ingress.max_header_bytes = 1023),
+            ("ingress.listen_backlog", |c| c.ingress.listen_backlog = 0),
+            ("ingress.max_connections", |c| c.ingress.max_connections = 0),
+            ("readiness.interval", |c| c.readiness.interval = Duration::ZERO),
+            ("readiness.attempt_timeout", |c| {
+                c.readiness.attempt_timeout = Duration::ZERO
+            }),
+            ("idle.check_interval", |c| c.idle.check_interval = Duration::ZERO),
+            ("kubevirt.namespaces[1]", |c| {
+                c.kubevirt.namespaces = vec!["default".into(), "Not_A_Label".into()]
+            }),
+            ("kubevirt.watch_timeout", |c| {
+                c.kubevirt.watch_timeout = Duration::from_secs(4)
+            }),
+            ("kubevirt.watch_timeout", |c| {
+                c.kubevirt.watch_timeout = Duration::from_secs(291)
+            }),
+            ("vms[0].namespace", |c| c.vms[0].namespace = "-edge".into()),
+            ("vms[0].name", |c| c.vms[0].name = "x".repeat(64)),
+            ("vms[1].name", |c| c.vms.push(c.vms[0].clone())),
+            ("vms[0].keep_warm", |c| {
+                c.vms[0].keep_warm = Some("Someday 25:00-26:00".into())
+            }),
+            ("vms[0].port", |c| c.vms[0].port = Some(0)),
+            ("vms[0].path", |c| c.vms[0].path = Some("events".into())),
+            ("vms[0].idle_timeout", |c| c.vms[0].idle_timeout = Some(Duration::ZERO)),
+            ("vms[0].start_timeout", |c| {
+                c.vms[0].start_timeout = Some(Duration::ZERO)
+            }),
+            ("vms[0].request_timeout", |c| {
+                c.vms[0].request_timeout = Some(Duration::ZERO)
+            }),
+            ("vms[0].max_buffered", |c| c.vms[0].max_buffered = Some(0)),
+            ("vms[0].max_buffered_bytes", |c| {
+                c.vms[0].max_buffered_bytes = Some(c.ingress.max_body_bytes - 1)
+            }),
+            ("vms[0].machine.memory_mib", |c| c.vms[0].machine.memory_mib = 31),
+            ("vms[0].machine.cpus", |c| c.vms[0].machine.cpus = 0),
+            ("vms", |c| {
+                c.backend = BackendKind::Kubevirt;
+                c.ingress.auth.mode = Some(AuthMode::None);
+            }),
+        ];
+        let valid = Config::from_yaml(VM).unwrap();
+        valid.validate().expect("the file every row changes is valid");
+        for (field, change) in rows {
+            let mut config = Config::from_yaml(VM).unwrap();
+            change(&mut config);
+            let err = config.validate().expect_err(field).to_string();
+            assert!(
+                err.contains(&format!("{field}:")) || err.contains(&format!("{field} ")),
+                "{field}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn tcp_readiness_is_refused_for_qemu_vms() {
         let config =

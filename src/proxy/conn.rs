@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::wire::{self, ResponseHead};
@@ -139,23 +139,7 @@ impl GuestConn {
     /// Reads more into `self.read`. Ready with the number of bytes read: 0 at the end of
     /// the stream.
     pub(super) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read.capacity() == self.read.len() {
-            // Reclaims the buffer's own allocation when every frame cut from it is gone.
-            self.read.reserve(READ_CHUNK);
-        }
-        let spare = self.read.spare_capacity_mut();
-        let limit = spare.len().min(READ_CHUNK);
-        let mut buf = ReadBuf::uninit(&mut spare[..limit]);
-        match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) => {
-                let n = buf.filled().len();
-                // SAFETY: `poll_read` initialized the first `n` bytes of the spare capacity.
-                unsafe { self.read.set_len(self.read.len() + n) };
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        crate::http1::fill::poll_fill(&mut self.stream, &mut self.read, READ_CHUNK, READ_CHUNK, cx)
     }
 }
 

@@ -14,7 +14,6 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
 
 use super::head::Framing;
@@ -33,22 +32,7 @@ impl Reader {
     /// Reads more into the buffer, at most `want` bytes (and at least some room). Ready
     /// with the number read: 0 at the end of the stream.
     pub(super) fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() == 0 {
-            self.buf.reserve(want.clamp(1, READ_CHUNK));
-        }
-        let spare = self.buf.spare_capacity_mut();
-        let limit = spare.len().min(want.max(1));
-        let mut read = ReadBuf::uninit(&mut spare[..limit]);
-        match Pin::new(&mut self.io).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) => {
-                let n = read.filled().len();
-                // SAFETY: `poll_read` initialized the first `n` bytes of the spare capacity.
-                unsafe { self.buf.set_len(self.buf.len() + n) };
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        crate::http1::fill::poll_fill(&mut self.io, &mut self.buf, want.clamp(1, READ_CHUNK), want.max(1), cx)
     }
 }
 
