@@ -1,5 +1,9 @@
 //! The life of one VM, from catalog entry to removal, owned by one task.
 //!
+//! Long because: `VmHandle` is one type whose methods are the whole of what the rest
+//! of the process may ask of a VM (admit or hold, scale down, warm, sync the catalog,
+//! share activity), beside the commands and errors they speak to the owner.
+//!
 //! Everything that may change a VM's phase is a command to its owner (`owner.rs`):
 //! requests asking to be let in (`Activate`), a guest found unreachable, an explicit
 //! stop or pause, a changed or removed catalog entry, the drain deadline — and, from

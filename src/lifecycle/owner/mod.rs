@@ -1,14 +1,18 @@
 //! The owner of one VM's life: a task that takes events one at a time and is the only
 //! code that moves the VM from phase to phase (docs/architecture.md has the diagram).
 //!
+//! Long because: the `Owner` struct — one documented field for everything the owner
+//! tracks, each file's state included — and the loop that selects over all of them are
+//! one piece; the handling itself is in the files named below.
+//!
 //! Events are the commands sent through the `VmHandle`, the backend's status stream,
-//! the start deadline, the idle timer, concurrency slots freeing up, endpoints passing
-//! their probe, and the result of the one backend call the owner runs at a time
-//! (`Done`). A start is: start call → the backend reports the VM running with its
-//! endpoints → each is probed → Ready as soon as one answers, and the held requests are
-//! released in arrival order, each to the least loaded endpoint with a free slot.
-//! Whatever goes wrong on the way answers the held requests and stops the half-started
-//! VM; requests that arrive meanwhile start it again afterwards.
+//! the start deadline, the held requests' deadline, the idle timer, concurrency slots
+//! freeing up, endpoints passing their probe, and the result of the one backend call
+//! the owner runs at a time (`Done`). A start is: start call → the backend reports the
+//! VM running with its endpoints → each is probed → Ready as soon as one answers, and
+//! the held requests are released in arrival order, each to the least loaded endpoint
+//! with a free slot. Whatever goes wrong on the way answers the held requests and stops
+//! the half-started VM; requests that arrive meanwhile start it again afterwards.
 //!
 //! This file has the loop and the dispatch; `life.rs` the owner's states and events,
 //! `up.rs` the way up (start, status, probes, release, failure, loss), `down.rs` the way
@@ -367,24 +371,6 @@ impl Owner {
     }
 
     /// When a start (or a VM left without an endpoint taking traffic) gives up.
-    /// When the first held request will have waited `start_timeout`.
-    fn held_deadline(&self) -> Option<Instant> {
-        let first = self.queue.front()?;
-        Some(first.arrived + self.policy().start_timeout)
-    }
-
-    /// Answers `StartTimeout` to the held requests that have waited `start_timeout` (the
-    /// queue is in arrival order).
-    fn expire_held(&mut self) {
-        let timeout = self.policy().start_timeout;
-        let now = Instant::now();
-        while self.queue.front().is_some_and(|w| w.arrived + timeout <= now) {
-            if let Some(waiter) = self.queue.pop_front() {
-                let _ = waiter.reply.send(Err(AdmitError::StartTimeout(timeout)));
-            }
-        }
-    }
-
     fn start_deadline(&self) -> Option<Instant> {
         match self.life {
             Life::Starting { deadline, .. } => Some(deadline),

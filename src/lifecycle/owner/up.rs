@@ -43,6 +43,24 @@ impl Owner {
         }
     }
 
+    /// When the first held request will have waited `start_timeout`.
+    pub(super) fn held_deadline(&self) -> Option<Instant> {
+        let first = self.queue.front()?;
+        Some(first.arrived + self.policy().start_timeout)
+    }
+
+    /// Answers `StartTimeout` to the held requests that have waited `start_timeout` (the
+    /// queue is in arrival order).
+    pub(super) fn expire_held(&mut self) {
+        let timeout = self.policy().start_timeout;
+        let now = Instant::now();
+        while self.queue.front().is_some_and(|w| w.arrived + timeout <= now) {
+            if let Some(waiter) = self.queue.pop_front() {
+                let _ = waiter.reply.send(Err(AdmitError::StartTimeout(timeout)));
+            }
+        }
+    }
+
     /// Publishes `Starting` and issues the start (or resume) call.
     pub(super) fn start(&mut self, kind: StartKind) {
         self.start_for(kind, false);
