@@ -189,15 +189,18 @@ async fn a_request_held_for_a_slot_times_out_after_its_own_start_timeout() {
     });
     let busy = w.bring_up().await;
     let early = w.admit();
+    settle().await;
     pass(START / 2).await;
     let late = w.admit();
     settle().await;
     assert_eq!(w.vm.gate().held(), (2, 0));
     pass(START / 2).await;
+    assert!(early.is_finished(), "answered at its own deadline");
     assert_eq!(early.await.unwrap().unwrap_err(), AdmitError::StartTimeout(START));
     assert!(!late.is_finished(), "counted from its own arrival");
     assert_eq!(w.vm.gate().held(), (1, 0), "the place is given back");
     pass(START / 2).await;
+    assert!(late.is_finished(), "answered at its own deadline");
     assert_eq!(late.await.unwrap().unwrap_err(), AdmitError::StartTimeout(START));
     assert_eq!(w.vm.gate().held(), (0, 0));
     assert_eq!(w.phase(), VmPhase::Ready, "a slot wait fails no start");
