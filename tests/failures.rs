@@ -153,7 +153,7 @@ async fn a_ready_vm_that_exits_on_its_own_is_noticed_and_booted_by_the_next_even
 async fn a_guest_that_refuses_connections_gets_the_event_once_it_answers_again_within_the_budget() {
     let h = Harness::start(policy(), FakeOptions::default()).await;
     assert_eq!(h.send("/default/demo", "a").await.status(), 202);
-    h.backend.kill_guest_app(&demo());
+    h.backend.kill_guest_app(&demo()).await;
     // Refused: nothing reached the guest, so the event is tried again (within the
     // request timeout, 5 s here) while the endpoint is re-probed.
     let retried = tokio::spawn({
@@ -191,7 +191,7 @@ async fn a_guest_refusing_past_the_budget_answers_502_and_is_reprobed_before_mor
     };
     let h = Harness::start(policy, FakeOptions::default()).await;
     assert_eq!(h.send("/default/demo", "a").await.status(), 202);
-    h.backend.kill_guest_app(&demo());
+    h.backend.kill_guest_app(&demo()).await;
     let failed = h.send("/default/demo", "b").await;
     assert_eq!(failed.status(), 502);
     let body: serde_json::Value = failed.json().await.unwrap();

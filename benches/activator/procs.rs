@@ -318,6 +318,16 @@ http {{
         Nginx { child, _dir: dir, addr }
     }
 
+    /// The processes doing nginx's work: the master and its workers.
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(master) = self.child.id() else {
+            return Vec::new();
+        };
+        let mut pids = vec![master];
+        pids.extend(children_of(master));
+        pids
+    }
+
     /// nginx's version line.
     pub fn version(binary: &Path) -> String {
         std::process::Command::new(binary)
@@ -333,4 +343,42 @@ impl Drop for Nginx {
         // The master stops its workers on SIGQUIT/SIGTERM; SIGKILL would orphan them.
         stop_gracefully(&mut self.child, Duration::from_secs(2));
     }
+}
+
+/// The CPU time (user and system, all threads) `pids` have used so far, from
+/// `/proc/<pid>/stat`; processes that are gone count nothing.
+pub fn cpu_time(pids: &[u32]) -> Duration {
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces): state is the 1st,
+            // utime the 12th, stime the 13th.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / per_second)
+}
+
+/// The processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }

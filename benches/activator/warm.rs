@@ -10,7 +10,7 @@ use fake_kube::FakeKube;
 use serde_json::json;
 
 use crate::load::{Generator, LoadResult};
-use crate::procs::{ActivatorProcess, Nginx};
+use crate::procs::{cpu_time, ActivatorProcess, Nginx};
 use crate::report::{target, us};
 use crate::Mode;
 
@@ -80,8 +80,12 @@ pub async fn run(mode: Mode, generator: &Generator) {
         ),
         None => println!("nginx is not installed: no nginx column."),
     }
-    println!("\n| concurrency | target | req/s | p50 µs | p99 µs | errors |");
-    println!("|---:|---|---:|---:|---:|---:|");
+    // CPU time per request of the proxy's processes (the guest's is in this process):
+    // unlike throughput, it does not depend on how the two cores were shared out.
+    let activator_pids = vec![activator.pid()];
+    let nginx_pids = nginx.as_ref().map(Nginx::pids).unwrap_or_default();
+    println!("\n| concurrency | target | req/s | p50 µs | p99 µs | errors | CPU µs per request |");
+    println!("|---:|---|---:|---:|---:|---:|---:|");
     let mut ratios = Vec::new();
     for (round, concurrency) in [1usize, 16, 64].into_iter().enumerate() {
         let mut targets: Vec<(&str, &str)> = vec![("direct", &direct_url), ("activator", &activator_url)];
@@ -91,38 +95,51 @@ pub async fn run(mode: Mode, generator: &Generator) {
         // Rotate the order so drift on the machine does not always favour one target.
         let shift = round % targets.len();
         targets.rotate_left(shift);
-        let mut results: Vec<(&str, LoadResult)> = Vec::new();
+        let mut results: Vec<(&str, LoadResult, Option<f64>)> = Vec::new();
         for (name, url) in targets {
+            let pids: &[u32] = match name {
+                "activator" => &activator_pids,
+                "nginx" => &nginx_pids,
+                _ => &[],
+            };
+            let before = cpu_time(pids);
             let result = generator.run(url, concurrency, duration).await;
-            results.push((name, result));
+            let used = cpu_time(pids).saturating_sub(before);
+            let per_request =
+                (!pids.is_empty() && result.requests > 0).then(|| used.as_secs_f64() * 1e6 / result.requests as f64);
+            results.push((name, result, per_request));
         }
-        results.sort_by_key(|(name, _)| match *name {
+        results.sort_by_key(|(name, _, _)| match *name {
             "direct" => 0,
             "nginx" => 1,
             _ => 2,
         });
-        for (name, r) in &results {
+        for (name, r, cpu) in &results {
             println!(
-                "| {concurrency} | {name} | {:.0} | {} | {} | {} |",
+                "| {concurrency} | {name} | {:.0} | {} | {} | {} | {} |",
                 r.rps,
                 us(r.p50),
                 us(r.p99),
-                r.errors
+                r.errors,
+                cpu.map_or_else(|| "–".into(), |c| format!("{c:.1}"))
             );
         }
-        let get = |name: &str| results.iter().find(|(n, _)| *n == name).map(|(_, r)| *r);
+        let get = |name: &str| results.iter().find(|(n, _, _)| *n == name).map(|(_, r, _)| *r);
+        let cpu = |name: &str| results.iter().find(|(n, _, _)| *n == name).and_then(|(_, _, c)| *c);
+        let cpu_ratio = cpu("activator").zip(cpu("nginx")).map(|(a, n)| a / n);
         ratios.push((
             concurrency,
             get("direct").unwrap_or_default(),
             get("activator").unwrap_or_default(),
             get("nginx"),
+            cpu_ratio,
         ));
     }
-    println!("\n| concurrency | throughput activator/direct | throughput activator/nginx | added p50 µs (activator − direct) | added p50 µs (nginx − direct) |");
-    println!("|---:|---:|---:|---:|---:|");
-    for (concurrency, direct, through, nginx) in &ratios {
+    println!("\n| concurrency | throughput activator/direct | throughput activator/nginx | added p50 µs (activator − direct) | added p50 µs (nginx − direct) | CPU per request activator/nginx |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for (concurrency, direct, through, nginx, cpu_ratio) in &ratios {
         println!(
-            "| {concurrency} | {:.2} | {} | {} | {} |",
+            "| {concurrency} | {:.2} | {} | {} | {} | {} |",
             through.rps / direct.rps,
             nginx
                 .map(|n| format!("{:.2}", through.rps / n.rps))
@@ -131,12 +148,13 @@ pub async fn run(mode: Mode, generator: &Generator) {
             nginx
                 .map(|n| us(n.p50.saturating_sub(direct.p50)))
                 .unwrap_or_else(|| "–".into()),
+            cpu_ratio.map_or_else(|| "–".into(), |r| format!("{r:.2}")),
         );
     }
     if nginx.is_some() {
         let worst = ratios
             .iter()
-            .filter_map(|(c, _, a, n)| Some((*c, a.rps / n.as_ref()?.rps)))
+            .filter_map(|(c, _, a, n, _)| Some((*c, a.rps / n.as_ref()?.rps)))
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .expect("ratios");
         target(
@@ -145,7 +163,7 @@ pub async fn run(mode: Mode, generator: &Generator) {
             worst.1 >= 1.0,
         );
     }
-    let (_, direct, through, _) = ratios[0];
+    let (_, direct, through, _, _) = ratios[0];
     let added = through.p50.saturating_sub(direct.p50);
     target(
         "added p50 latency ≤ 50 µs",

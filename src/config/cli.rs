@@ -33,6 +33,10 @@ pub struct Cli {
     /// Largest accepted request body in bytes (larger → 413).
     #[arg(long, env = "VM_ACTIVATOR_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Threads serving ingress connections (0: one per CPU core); match it to the CPU
+    /// limit of the activator's container.
+    #[arg(long, env = "VM_ACTIVATOR_INGRESS_WORKER_THREADS")]
+    pub ingress_worker_threads: Option<usize>,
     /// Ingress authentication: `none`, `bearer` or `oidc` (Knative sink auth).
     #[arg(long, env = "VM_ACTIVATOR_AUTH")]
     pub auth: Option<AuthMode>,
@@ -95,6 +99,9 @@ impl Config {
         }
         if let Some(max) = cli.max_body_bytes {
             config.ingress.max_body_bytes = max;
+        }
+        if let Some(threads) = cli.ingress_worker_threads {
+            config.ingress.worker_threads = threads;
         }
         if let Some(backend) = cli.backend {
             config.backend = backend;

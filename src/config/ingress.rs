@@ -33,6 +33,10 @@ pub struct IngressConfig {
     /// Linux caps it at `net.core.somaxconn`). A burst of new connections beyond it has its
     /// SYNs dropped and retried by the senders after 1, 3, 7… s. Default 4096.
     pub listen_backlog: u32,
+    /// Threads serving the ingress's connections, each a single-threaded runtime that
+    /// serves the connections it is handed from start to end; 0 (the default) means one
+    /// per CPU core. At most 256.
+    pub worker_threads: usize,
     /// Who may deliver events.
     pub auth: AuthConfig,
     /// CloudEvent types that pre-warm the VM instead of being delivered: answered 202
@@ -127,6 +131,7 @@ impl Default for IngressConfig {
             max_header_bytes: 64 * 1024,
             max_connections: 20_000,
             listen_backlog: 4096,
+            worker_threads: 0,
             auth: AuthConfig::default(),
             prewarm_types: vec![PREWARM_TYPE.to_string()],
         }

@@ -6,6 +6,10 @@ use std::time::Duration;
 use super::{invalid, AuthMode, BackendKind, Config, ConfigError, VerbAuthMode};
 use crate::vm::Readiness;
 
+/// Most ingress worker threads: more than any machine's cores we expect, few enough that
+/// a typo does not start thousands of threads.
+const MAX_WORKER_THREADS: usize = 256;
+
 impl Config {
     /// Checks ranges and uniqueness; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -23,6 +27,12 @@ impl Config {
         }
         if self.ingress.max_connections == 0 {
             return Err(invalid("ingress.max_connections", "must be at least 1"));
+        }
+        if self.ingress.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid(
+                "ingress.worker_threads",
+                format!("must be at most {MAX_WORKER_THREADS} (0 means one per CPU core)"),
+            ));
         }
         let auth = &self.ingress.auth;
         match auth.mode {
@@ -302,6 +312,7 @@ mod tests {
             ("ingress.max_header_bytes", |c| c.ingress.max_header_bytes = 1023),
             ("ingress.listen_backlog", |c| c.ingress.listen_backlog = 0),
             ("ingress.max_connections", |c| c.ingress.max_connections = 0),
+            ("ingress.worker_threads", |c| c.ingress.worker_threads = 257),
             ("readiness.interval", |c| c.readiness.interval = Duration::ZERO),
             ("readiness.attempt_timeout", |c| {
                 c.readiness.attempt_timeout = Duration::ZERO

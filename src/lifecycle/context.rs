@@ -1,7 +1,8 @@
 //! What every VM's owner works with: the backend, the guest probe, the idle rules (the
 //! re-check interval, the default idle policy and the adaptive policy's settings), the
 //! drain flag and the wall clock (keep-warm schedules, idle histories; tests swap it for
-//! one that follows tokio's paused clock). Process-wide, shared by all owners.
+//! one that follows tokio's paused clock), and the runtime owners run on. Process-wide,
+//! shared by all owners.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -50,6 +51,10 @@ pub struct Context {
     /// The wall clock keep-warm schedules are read on (tests run one off tokio's paused
     /// clock).
     pub(super) wall_clock: WallClock,
+    /// The runtime the context was made on, where owners and other tasks that outlive a
+    /// request run: a request may be served on another (an ingress worker thread's),
+    /// which ends before the owners do when the activator stops.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// Where the wall-clock time comes from.
@@ -74,7 +79,21 @@ impl Context {
             idle,
             draining: AtomicBool::new(false),
             wall_clock,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
+    }
+
+    /// Runs `task` on the runtime the context was made on (the caller's, if it was made
+    /// outside one).
+    pub(super) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.runtime {
+            Some(runtime) => runtime.spawn(task),
+            None => tokio::spawn(task),
+        }
     }
 
     /// The backend.

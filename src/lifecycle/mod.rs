@@ -374,8 +374,11 @@ impl VmHandle {
         };
         let (commands, inbox) = mpsc::unbounded_channel();
         let _ = commands.send(command);
-        let owner = owner::Owner::new(self.clone(), tx, inbox);
-        slot.task = Some(tokio::spawn(owner.run()).abort_handle());
+        // Made inside its task: the owner's timers belong to the runtime it runs on, not to
+        // the caller's (a request on an ingress worker thread).
+        let handle = self.clone();
+        let owner = async move { owner::Owner::new(handle, tx, inbox).run().await };
+        slot.task = Some(self.0.context.spawn(owner).abort_handle());
         slot.commands = Some(commands);
         Ok(())
     }
@@ -404,12 +407,12 @@ impl VmHandle {
     /// after the cold start: peers running the adaptive policy count from arrivals.
     fn share_activity(&self, arrived: Option<Instant>) {
         let gate = &self.0.gate;
-        let now = SystemTime::now() - arrived.map_or(Duration::ZERO, |at| at.elapsed());
-        if !gate.claim_activity_share(now) {
+        let wall = || SystemTime::now() - arrived.map_or(Duration::ZERO, |at| at.elapsed());
+        let Some(now) = gate.claim_activity_share(wall) else {
             return;
-        }
+        };
         let (backend, key) = (self.0.context.backend.clone(), self.key().clone());
-        tokio::spawn(async move {
+        self.0.context.spawn(async move {
             if let Err(error) = backend.record_activity(&key, now).await {
                 tracing::debug!(vm = %key, %error, "could not record activity");
             }

@@ -9,7 +9,11 @@
 //! written comes back as [`Exchange::NotSent`]; once one byte was written, a failure is
 //! [`Exchange::Failed`] — the guest may have acted on it.
 //!
-//! Owns: the socket's reads and writes. Knows nothing of pools or timeouts.
+//! The timer bounding the wait for a response head is the connection's too: made once,
+//! moved to each exchange's deadline (a later deadline is one atomic store in tokio's
+//! timer; a timer made and dropped per request was two updates of the timer wheel).
+//!
+//! Owns: the socket's reads and writes and that timer. Knows nothing of pools.
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -19,6 +23,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::wire::{self, ResponseHead};
 use crate::vm::Endpoint;
@@ -48,6 +53,8 @@ pub(super) struct GuestConn {
     /// Where it goes (kept here, not in each response body: the body is part of every
     /// HTTP/2 stream's task, sized for its largest state).
     pub(super) endpoint: Endpoint,
+    /// Bounds the wait for a response head; made at the first exchange.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl GuestConn {
@@ -59,6 +66,7 @@ impl GuestConn {
             write: Vec::new(),
             host_line: wire::host_line(endpoint),
             endpoint,
+            timer: None,
         }
     }
 
@@ -71,6 +79,28 @@ impl GuestConn {
         }
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// [`GuestConn::exchange`], given up at `deadline` (`None`: no head by then).
+    pub(super) async fn exchange_by(
+        &mut self,
+        request: &http::Request<Bytes>,
+        deadline: Instant,
+    ) -> Option<Result<ResponseHead, Exchange>> {
+        let mut timer = match self.timer.take() {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let exchanged = tokio::select! {
+            biased;
+            exchanged = self.exchange(request) => Some(exchanged),
+            () = timer.as_mut() => None,
+        };
+        self.timer = Some(timer);
+        exchanged
     }
 
     /// Sends `request` and reads the final response head.

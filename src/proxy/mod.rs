@@ -34,8 +34,8 @@ use crate::config::ProxyConfig;
 use crate::vm::Endpoint;
 pub use body::{BodyError, GuardedBody, PooledBody};
 use conn::Exchange;
-pub use pool::ConnectError;
 use pool::Pool;
+pub use pool::{use_shard as use_pool_shard, ConnectError};
 
 /// Why a request did not get an answer from the guest.
 #[derive(Debug, thiserror::Error)]
@@ -92,10 +92,18 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A client with these connection settings.
+    /// A client with these connection settings, used from threads that share one pool
+    /// shard (see [`Proxy::with_threads`]).
     pub fn new(config: &ProxyConfig) -> Proxy {
+        Proxy::with_threads(config, 0)
+    }
+
+    /// A client with these connection settings whose idle connections are kept apart for
+    /// `threads` threads that serve requests on runtimes of their own (each calls
+    /// [`use_pool_shard`] with its index, 1 to `threads`), and together for all others.
+    pub fn with_threads(config: &ProxyConfig, threads: usize) -> Proxy {
         Proxy {
-            pool: Arc::new(Pool::new(config)),
+            pool: Arc::new(Pool::new(config, threads)),
             max_response_body: config.max_response_body_bytes,
         }
     }
@@ -129,9 +137,9 @@ impl Proxy {
                     Err(error) => return Err(Failure::NotSent(Box::new(request), error)),
                 },
             };
-            match tokio::time::timeout_at(deadline, conn.exchange(&request.0)).await {
-                Err(_) => return Err(Failure::Failed(ProxyError::Timeout(timeout))),
-                Ok(Ok(head)) => {
+            match conn.exchange_by(&request.0, deadline).await {
+                None => return Err(Failure::Failed(ProxyError::Timeout(timeout))),
+                Some(Ok(head)) => {
                     let limit = self.max_response_body;
                     if let wire::Framing::Length(declared) = head.framing {
                         if declared > limit {
@@ -162,15 +170,15 @@ impl Proxy {
                 }
                 // A connection the guest had closed meanwhile took none of the request:
                 // try the next one.
-                Ok(Err(Exchange::NotSent(_))) if reused => {}
-                Ok(Err(Exchange::NotSent(error))) => {
+                Some(Err(Exchange::NotSent(_))) if reused => {}
+                Some(Err(Exchange::NotSent(error))) => {
                     let error = ConnectError::Refused(format!(
                         "closed before the request was written: {}",
                         conn::describe(&error)
                     ));
                     return Err(Failure::NotSent(Box::new(request), error));
                 }
-                Ok(Err(Exchange::Failed(error))) => return Err(Failure::Failed(ProxyError::Unreachable(error))),
+                Some(Err(Exchange::Failed(error))) => return Err(Failure::Failed(ProxyError::Unreachable(error))),
             }
         }
     }
@@ -289,6 +297,41 @@ mod tests {
         let status = response.status();
         http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
         status
+    }
+
+    /// A connection is registered with the runtime of the thread that made it: a thread
+    /// serving requests on a runtime of its own (an ingress worker) keeps its idle
+    /// connections apart and never takes another thread's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn each_shard_reuses_only_its_own_connections() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let proxy = Proxy::with_threads(&ProxyConfig::default(), 1);
+        let (endpoint, accepted) = counting_guest(false).await;
+        assert_eq!(post(&proxy, endpoint).await, http::StatusCode::ACCEPTED);
+        assert_eq!(proxy.pool.idle_count(endpoint), 1);
+
+        let worker = proxy.clone();
+        let (worker_idle, worker_reused) = std::thread::spawn(move || {
+            use_pool_shard(1);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let idle_before = worker.pool.idle_count(endpoint);
+                assert_eq!(post(&worker, endpoint).await, http::StatusCode::ACCEPTED);
+                assert_eq!(post(&worker, endpoint).await, http::StatusCode::ACCEPTED);
+                (idle_before, worker.pool.idle_count(endpoint))
+            })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(worker_idle, 0, "the other shard's connection is not seen");
+        assert_eq!(worker_reused, 1, "the worker reused its own connection");
+        assert_eq!(accepted.load(SeqCst), 2, "one connection per shard");
+
+        assert_eq!(post(&proxy, endpoint).await, http::StatusCode::ACCEPTED);
+        assert_eq!(accepted.load(SeqCst), 2, "this thread still has its own");
     }
 
     #[tokio::test]

@@ -8,9 +8,17 @@
 //! the idle timeout — at each check-in, and from a small reaper task that sweeps every
 //! endpoint while any connection is idle.
 //!
+//! The idle connections are kept in shards, one per thread that serves requests (the
+//! ingress's worker threads, and one for every other thread): a connection is registered
+//! with the runtime of the thread that made it, and handing it to a request on another
+//! thread would make each of its reads a wake-up across threads (and would break once
+//! that runtime ends). A thread picks its shard once ([`use_shard`]); the bound on idle
+//! connections is per endpoint and shard.
+//!
 //! Owns: connecting (with its timeout), the idle connections and their bounds. Knows
 //! nothing of VMs or requests' meaning.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -40,9 +48,24 @@ struct Idle {
     since: Instant,
 }
 
+/// The idle connections to every endpoint, of one shard.
+type Shard = Mutex<HashMap<Endpoint, Vec<Idle>, foldhash::fast::RandomState>>;
+
+thread_local! {
+    /// The shard this thread checks connections in and out of (0 unless it chose one).
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes this thread keep its idle connections in shard `index`: called once by each
+/// thread that serves requests on a runtime of its own, with an index of its own (a
+/// connection, and the timer it keeps, belong to the runtime that made them).
+pub fn use_shard(index: usize) {
+    SHARD.with(|shard| shard.set(index));
+}
+
 /// The idle connections to every endpoint.
 pub(super) struct Pool {
-    idle: Mutex<HashMap<Endpoint, Vec<Idle>, foldhash::fast::RandomState>>,
+    shards: Box<[Shard]>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_endpoint: usize,
@@ -55,9 +78,12 @@ pub(super) struct Pool {
 const SWEEP_ABOVE: usize = 256;
 
 impl Pool {
-    pub(super) fn new(config: &ProxyConfig) -> Pool {
+    /// A pool for `threads` threads with shards of their own (1 to `threads`) and shard 0
+    /// for every other.
+    pub(super) fn new(config: &ProxyConfig, threads: usize) -> Pool {
+        let shards = threads + 1;
         Pool {
-            idle: Mutex::new(HashMap::default()),
+            shards: (0..shards).map(|_| Shard::default()).collect(),
             connect_timeout: config.connect_timeout,
             idle_timeout: config.pool_idle_timeout,
             max_idle_per_endpoint: config.pool_max_idle_per_host,
@@ -67,7 +93,7 @@ impl Pool {
 
     /// The most recently used idle connection to `endpoint` that can take a request now.
     pub(super) fn checkout(&self, endpoint: Endpoint) -> Option<Box<GuestConn>> {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = self.shard().lock().expect("pool lock");
         let list = idle.get_mut(&endpoint)?;
         let now = Instant::now();
         while let Some(mut idle) = list.pop() {
@@ -82,7 +108,7 @@ impl Pool {
     /// Keeps `conn` for the next request to `endpoint`, if there is room. The caller read
     /// its last exchange to the end, and the guest keeps the connection.
     pub(super) fn checkin(self: &Arc<Self>, endpoint: Endpoint, conn: Box<GuestConn>) {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = self.shard().lock().expect("pool lock");
         if idle.len() > SWEEP_ABOVE && !idle.contains_key(&endpoint) {
             idle.retain(|_, list| {
                 list.retain_mut(|idle| idle.conn.usable());
@@ -103,13 +129,23 @@ impl Pool {
     /// Drops every idle connection past the idle timeout or no longer usable. Returns
     /// whether any is left.
     fn sweep(&self) -> bool {
-        let mut idle = self.idle.lock().expect("pool lock");
         let now = Instant::now();
-        idle.retain(|_, list| {
-            list.retain_mut(|idle| now.duration_since(idle.since) <= self.idle_timeout && idle.conn.usable());
-            !list.is_empty()
-        });
-        !idle.is_empty()
+        let mut any = false;
+        for shard in &self.shards {
+            let mut idle = shard.lock().expect("pool lock");
+            idle.retain(|_, list| {
+                list.retain_mut(|idle| now.duration_since(idle.since) <= self.idle_timeout && idle.conn.usable());
+                !list.is_empty()
+            });
+            any |= !idle.is_empty();
+        }
+        any
+    }
+
+    /// This thread's shard (shard 0 if it chose none this pool has).
+    fn shard(&self) -> &Shard {
+        let index = SHARD.with(Cell::get);
+        self.shards.get(index).unwrap_or(&self.shards[0])
     }
 
     /// Runs the reaper unless it runs already: every half idle timeout (at least a
@@ -159,6 +195,10 @@ impl Pool {
     /// Idle connections to `endpoint` (tests).
     #[cfg(test)]
     pub(super) fn idle_count(&self, endpoint: Endpoint) -> usize {
-        self.idle.lock().expect("pool lock").get(&endpoint).map_or(0, Vec::len)
+        self.shard()
+            .lock()
+            .expect("pool lock")
+            .get(&endpoint)
+            .map_or(0, Vec::len)
     }
 }

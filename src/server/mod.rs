@@ -11,6 +11,7 @@ pub mod admin;
 pub mod h1;
 mod listener;
 mod verbs;
+mod workers;
 
 pub use verbs::VerbGuard;
 
@@ -34,7 +35,8 @@ use crate::lifecycle::IdleRules;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::readiness::Prober;
-use listener::{serve, serve_ingress, ListenerLimits};
+use listener::{ingress_connections, serve, serve_ingress, ListenerLimits};
+use workers::Workers;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,9 @@ pub enum ServerError {
     /// The authenticator could not be set up (e.g. unreadable token file).
     #[error("ingress auth: {0}")]
     Auth(String),
+    /// The ingress's worker threads could not be started.
+    #[error("cannot start the ingress worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// A running activator: its listeners' addresses and the handle to stop it.
@@ -118,7 +123,7 @@ pub async fn app(config: &Config, backend: Arc<dyn Backend>) -> Result<App, Serv
         .map_err(ServerError::Auth)?;
     let state = IngressState::new(
         activator.clone(),
-        Proxy::new(&config.proxy),
+        Proxy::with_threads(&config.proxy, worker_count(config.ingress.worker_threads)),
         config.ingress.clone(),
         auth,
     );
@@ -148,6 +153,14 @@ fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
+/// The ingress worker threads `ingress.worker_threads` asks for: 0 means one per core.
+fn worker_count(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// Binds both listeners and starts serving with `backend`.
 pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, ServerError> {
     let App {
@@ -168,8 +181,18 @@ pub async fn start(config: Config, backend: Arc<dyn Backend>) -> Result<Server, 
         max_header_bytes: config.ingress.max_header_bytes,
         max_connections: config.ingress.max_connections,
     };
+    let workers = Workers::start(
+        worker_count(config.ingress.worker_threads),
+        ingress_connections(ingress_router, limits, stop_rx.clone()),
+    )
+    .map_err(ServerError::Workers)?;
     let listeners = vec![
-        tokio::spawn(serve_ingress(ingress_listener, ingress_router, limits, stop_rx.clone())),
+        tokio::spawn(serve_ingress(
+            ingress_listener,
+            workers,
+            limits.max_connections,
+            stop_rx.clone(),
+        )),
         tokio::spawn(serve(admin_listener, admin_router, limits, stop_rx)),
     ];
     let background = vec![tokio::spawn(activator.clone().run_catalog_sync())];

@@ -46,8 +46,14 @@ pub(super) fn reserve_guest_socket() -> std::io::Result<tokio::net::TcpSocket> {
     Err(last_error.expect("tried at least once"))
 }
 
-/// Serves the fake guest application until the task is aborted.
-pub(super) async fn serve_guest(listener: TcpListener, log: Arc<Mutex<GuestLog>>, options: Arc<Mutex<FakeOptions>>) {
+/// Serves the fake guest application until the task is aborted. Each connection holds a
+/// clone of `alive` until it is closed.
+pub(super) async fn serve_guest(
+    listener: TcpListener,
+    log: Arc<Mutex<GuestLog>>,
+    options: Arc<Mutex<FakeOptions>>,
+    alive: Arc<()>,
+) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -55,8 +61,10 @@ pub(super) async fn serve_guest(listener: TcpListener, log: Arc<Mutex<GuestLog>>
         };
         let log = log.clone();
         let options = options.clone();
+        let alive = alive.clone();
         // Connections live in this task's JoinSet, so aborting the VM closes them too.
         connections.spawn(async move {
+            let _alive = alive;
             let service = hyper::service::service_fn(move |req| guest_handle(req, log.clone(), options.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()

@@ -83,6 +83,9 @@ struct FakeVm {
     task: Option<JoinHandle<()>>,
     /// A restarted guest application (see `revive_guest_app`).
     revived: Option<JoinHandle<()>>,
+    /// Held by the guest's tasks and each of its connections: one count left means all
+    /// of them are gone, their sockets closed.
+    guest_alive: Arc<()>,
     endpoint: Option<SocketAddr>,
     starts: usize,
     stops: usize,
@@ -175,8 +178,10 @@ impl FakeBackend {
     }
 
     /// The guest application dies while the VM keeps running (connections are refused).
-    pub fn kill_guest_app(&self, key: &VmKey) {
-        self.with_vm(key, |vm| {
+    /// Returns once its connections are closed: the activator serves requests on threads
+    /// of its own, and one sent after this returns must find the guest gone.
+    pub async fn kill_guest_app(&self, key: &VmKey) {
+        let alive = self.with_vm(key, |vm| {
             if let Some(task) = vm.task.take() {
                 task.abort();
             }
@@ -185,15 +190,25 @@ impl FakeBackend {
             }
             // Still "running" as far as the backend knows: keep a finished task in place.
             vm.task = Some(tokio::spawn(async {}));
+            vm.guest_alive.clone()
         });
+        // Aborted tasks are dropped when the runtime next runs them.
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while Arc::strong_count(&alive) > 2 {
+            assert!(Instant::now() < deadline, "the killed guest's connections never closed");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 
     /// The guest application comes back on the same endpoint.
     pub async fn revive_guest_app(&self, key: &VmKey) {
-        let (endpoint, log) = self.with_vm(key, |vm| (vm.endpoint.expect("the VM was started"), vm.log.clone()));
+        let (endpoint, log, alive) = self.with_vm(key, |vm| {
+            let endpoint = vm.endpoint.expect("the VM was started");
+            (endpoint, vm.log.clone(), vm.guest_alive.clone())
+        });
         let listener = TcpListener::bind(endpoint).await.expect("endpoint is free again");
         let options = self.options.clone();
-        let task = tokio::spawn(serve_guest(listener, log, options));
+        let task = tokio::spawn(serve_guest(listener, log, options, alive));
         self.with_vm(key, |vm| vm.revived = Some(task));
     }
 
@@ -212,6 +227,7 @@ impl FakeVm {
             log: Arc::default(),
             task: None,
             revived: None,
+            guest_alive: Arc::new(()),
             endpoint: None,
             starts: 0,
             stops: 0,
@@ -263,6 +279,7 @@ impl Backend for FakeBackend {
         let status = vm.status.clone();
         let log = vm.log.clone();
         let live = self.options.clone();
+        let alive = vm.guest_alive.clone();
         vm.task = Some(tokio::spawn(async move {
             let started = Instant::now();
             tokio::time::sleep(options.running_delay).await;
@@ -288,7 +305,7 @@ impl Backend for FakeBackend {
                 }
             };
             log.lock().expect("log lock").listening_since.push(Instant::now());
-            serve_guest(listener, log, live).await;
+            serve_guest(listener, log, live, alive).await;
         }));
         Ok(())
     }

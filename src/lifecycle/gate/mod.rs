@@ -213,26 +213,25 @@ impl Gate {
             .fetch_max(self.since_base_ms() + 1, Ordering::Relaxed);
     }
 
-    /// Whether this replica should share its activity now: true at most once per tenth
-    /// of the idle timeout (a compare-and-swap, so concurrent requests claim it once).
-    /// `wall` is the time it will share, remembered as its own.
-    pub(super) fn claim_activity_share(&self, wall: SystemTime) -> bool {
+    /// Whether this replica should share its activity now: the time to share (read from
+    /// `wall`, and remembered as its own) at most once per tenth of the idle timeout (a
+    /// compare-and-swap, so concurrent requests claim it once); `None` otherwise, without
+    /// reading the wall clock.
+    pub(super) fn claim_activity_share(&self, wall: impl FnOnce() -> SystemTime) -> Option<SystemTime> {
         let now = self.since_base_ms() + 1;
         let last = self.0.last_shared_ms.load(Ordering::Relaxed);
         let every = self.0.share_every_ms.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < every {
-            return false;
+            return None;
         }
-        let claimed = self
-            .0
+        self.0
             .last_shared_ms
             .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok();
-        if claimed {
-            let ms = wall.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-            self.0.last_shared_wall_ms.fetch_max(ms, Ordering::Relaxed);
-        }
-        claimed
+            .ok()?;
+        let wall = wall();
+        let ms = wall.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        self.0.last_shared_wall_ms.fetch_max(ms, Ordering::Relaxed);
+        Some(wall)
     }
 
     fn lock_held(&self) -> MutexGuard<'_, HeldCounts> {
@@ -374,12 +373,12 @@ pub(super) mod tests {
             idle_timeout: Duration::from_secs(30),
             ..Policy::default()
         });
-        assert!(gate.claim_activity_share(SystemTime::now()));
-        assert!(!gate.claim_activity_share(SystemTime::now()));
+        assert!(gate.claim_activity_share(SystemTime::now).is_some());
+        assert!(gate.claim_activity_share(SystemTime::now).is_none());
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(!gate.claim_activity_share(SystemTime::now()));
+        assert!(gate.claim_activity_share(SystemTime::now).is_none());
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(gate.claim_activity_share(SystemTime::now()));
+        assert!(gate.claim_activity_share(SystemTime::now).is_some());
     }
 
     #[tokio::test(start_paused = true)]

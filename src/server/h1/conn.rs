@@ -11,6 +11,7 @@
 //! (≤ 1 KiB; a larger one is freed). A request's own bytes, and at most that 1 KiB on a
 //! connection that has answered before, are what a held event keeps.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -23,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::body::{Reader, ReaderSlot, RequestBody};
 use super::head::{self, Framing, Head, HeadError};
@@ -49,7 +50,7 @@ pub struct Limits {
 
 /// Serves HTTP/1.1 requests on `stream` with `service` until the connection closes,
 /// either side ends it, or `stop` turns true (the exchange in progress finishes first).
-pub async fn serve<S, B>(stream: TcpStream, service: S, limits: Limits, mut stop: watch::Receiver<bool>)
+pub async fn serve<S, B>(stream: TcpStream, service: S, limits: Limits, stop: watch::Receiver<bool>)
 where
     S: super::Handler<Body = B>,
     B: Body<Data = Bytes>,
@@ -65,13 +66,21 @@ where
     ))));
     // The response buffer, kept between requests up to `KEEP_OUT` bytes.
     let mut out = Vec::new();
+    // Made once per connection, not once per request: a timer made and dropped is two
+    // updates of the runtime's timer wheel (moving it later is one atomic store), and a
+    // wait on `stop` made and dropped is two trips through the watch's waiter list.
+    let mut head_timer = None;
+    let mut stopping = stop.clone();
+    let mut stopped = std::pin::pin!(async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    });
     loop {
         let Some((mut reader, true)) = take(&slot) else {
             // The last body was not read to its end: where the next request starts is
             // unknown.
             return;
         };
-        let head = match read_head(&mut reader, limits, &mut stop).await {
+        let head = match read_head(&mut reader, limits, &mut head_timer, stopped.as_mut()).await {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(error) => {
@@ -133,14 +142,23 @@ fn asks_close(headers: &http::HeaderMap) -> bool {
         .any(|v| crate::http1::fields::has_token(v, "close"))
 }
 
-/// Reads the next request head: `Ok(None)` when the connection ended (or `stop` turned
-/// true) before a request began.
+/// Reads the next request head within the header-read timeout (on the connection's
+/// `timer`): `Ok(None)` when the connection ended (or `stopped` resolved) before a
+/// request began.
 async fn read_head(
     reader: &mut Reader,
     limits: Limits,
-    stop: &mut watch::Receiver<bool>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    mut stopped: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Option<Head>, HeadError> {
     let deadline = Instant::now() + limits.header_read_timeout;
+    let timer = match timer {
+        Some(timer) => {
+            timer.as_mut().reset(deadline);
+            timer
+        }
+        None => timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+    };
     loop {
         if !reader.buf.is_empty() {
             if let Some(head) = head::parse(&mut reader.buf, limits.max_head)? {
@@ -162,15 +180,16 @@ async fn read_head(
         let want = reader.buf.capacity() - reader.buf.len();
         let read = std::future::poll_fn(|cx| reader.poll_fill(cx, want));
         let n = tokio::select! {
+            biased;
             read = read => match read {
                 Ok(n) => n,
                 Err(_) => return Ok(None),
             },
-            _ = tokio::time::sleep_until(deadline) => {
+            () = timer.as_mut() => {
                 tracing::debug!(started, "request head not read in time; closing");
                 return Ok(None);
             }
-            _ = stop.wait_for(|s| *s), if !started => return Ok(None),
+            () = stopped.as_mut(), if !started => return Ok(None),
         };
         if n == 0 {
             return Ok(None);
