@@ -218,7 +218,9 @@ impl Gate {
     /// compare-and-swap, so concurrent requests claim it once); `None` otherwise, without
     /// reading the wall clock.
     pub(super) fn claim_activity_share(&self, wall: impl FnOnce() -> SystemTime) -> Option<SystemTime> {
-        let now = self.since_base_ms() + 1;
+        // Called right after a request entered, which stamped its activity: that stamp is
+        // "now" here, without reading the clock again.
+        let now = self.0.last_activity_ms.load(Ordering::Relaxed).max(1);
         let last = self.0.last_shared_ms.load(Ordering::Relaxed);
         let every = self.0.share_every_ms.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < every {
@@ -373,12 +375,17 @@ pub(super) mod tests {
             idle_timeout: Duration::from_secs(30),
             ..Policy::default()
         });
-        assert!(gate.claim_activity_share(SystemTime::now).is_some());
-        assert!(gate.claim_activity_share(SystemTime::now).is_none());
+        // As requests do: activity stamped on entering, then the claim.
+        let claim = || {
+            gate.touch();
+            gate.claim_activity_share(SystemTime::now)
+        };
+        assert!(claim().is_some());
+        assert!(claim().is_none());
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(gate.claim_activity_share(SystemTime::now).is_none());
+        assert!(claim().is_none());
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(gate.claim_activity_share(SystemTime::now).is_some());
+        assert!(claim().is_some());
     }
 
     #[tokio::test(start_paused = true)]
