@@ -40,7 +40,11 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-#[tokio::main]
+/// The control plane's runtime — VM owners, the backend's watches, the admin listener,
+/// the acceptor — on the main thread alone: the ingress's connections are served on
+/// worker threads of their own (`ingress.worker_threads`), so a second control-plane
+/// thread would only cost memory (an idle process's RSS is its budget).
+#[tokio::main(flavor = "current_thread")]
 async fn serve(cli: Cli) -> anyhow::Result<()> {
     let telemetry = vm_activator::telemetry::init(cli.log_format).context("telemetry (OTEL_* variables)")?;
     let config = Config::load(&cli).context("configuration")?;
