@@ -238,13 +238,18 @@ impl Drop for PooledBody {
 /// (or the client went away), so in-flight counting covers the whole exchange.
 pub struct GuardedBody<B, G> {
     body: B,
-    _guard: G,
+    /// Released when the body has ended or failed: before its end is passed on, so a
+    /// sender holding the whole response never finds its request still in flight.
+    guard: Option<G>,
 }
 
 impl<B, G> GuardedBody<B, G> {
-    /// Wraps `body`, holding `guard` until it is dropped.
+    /// Wraps `body`, holding `guard` until the body has ended or failed, or is dropped.
     pub fn new(body: B, guard: G) -> Self {
-        Self { body, _guard: guard }
+        Self {
+            body,
+            guard: Some(guard),
+        }
     }
 }
 
@@ -256,7 +261,11 @@ impl<B: Body + Unpin, G: Unpin> Body for GuardedBody<B, G> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.guard = None;
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

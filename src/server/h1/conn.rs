@@ -238,6 +238,9 @@ where
     out.reserve(256);
     write::head(out, version, parts.status, &parts.headers, framing, close);
     if framing == BodyFraming::None {
+        // Dropped before the answer is written: what it holds (the request's place in
+        // flight) is released before the sender can see the answer.
+        drop(body);
         write.write_all(out).await?;
         return Ok(true);
     }
