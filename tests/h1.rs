@@ -187,3 +187,49 @@ async fn every_row_is_answered_as_hyper_answers_it() {
     }
     assert!(differ.is_empty(), "answered differently:\n{}", differ.join("\n"));
 }
+
+/// A sender still writing a body the ingress refused (413, over `max_body_bytes`) reads
+/// the answer: the connection lingers — reads and discards what still comes — before it
+/// closes, instead of closing with unread bytes, which makes the kernel reset the
+/// connection under the sender's writes (`BrokenPipe` before it reads the 413).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_still_writing_a_refused_body_reads_the_413() {
+    let s = servers().await;
+    let body_len = 2 * 1024 * 1024;
+    for round in 0..3 {
+        let mut stream = TcpStream::connect(s.ours).await.unwrap();
+        let head = event(&format!("Content-Length: {body_len}\r\n"), "");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let (mut read, mut write) = stream.into_split();
+        let reader = tokio::spawn(async move {
+            let mut received = Vec::new();
+            let _ = read.read_to_end(&mut received).await;
+            String::from_utf8_lossy(&received).into_owned()
+        });
+        // The first part, then a pause long enough for the answer to be written and the
+        // connection to be closed, then the rest.
+        let mut sent = 0;
+        while sent < body_len / 4 {
+            write.write_all(&chunk).await.unwrap();
+            sent += chunk.len();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while sent < body_len {
+            write
+                .write_all(&chunk)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: writing the body after the answer: {e}"));
+            sent += chunk.len();
+        }
+        write.shutdown().await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the connection closes")
+            .unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 413"),
+            "round {round}: the sender reads the 413, got {answer:?}"
+        );
+    }
+}

@@ -10,6 +10,13 @@
 //! body bytes; it stays with the connection for the next response while it is small
 //! (≤ 1 KiB; a larger one is freed). A request's own bytes, and at most that 1 KiB on a
 //! connection that has answered before, are what a held event keeps.
+//!
+//! Closing with request bytes unread (a body refused before its end — 413 — or a head
+//! refused), the connection lingers, as nginx's `lingering_close` does: it ends its own
+//! side, then reads and discards what the sender is still writing — at most
+//! `LINGER_BYTES` and `LINGER_TIME`, and not past the drain — before it closes. Closed
+//! at once, the unread bytes would make the kernel reset the connection, and a sender
+//! still writing its body can see the reset before it reads the answer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -37,6 +44,13 @@ const WRITE_BATCH: usize = 16 * 1024;
 /// The most response buffer a connection keeps between requests (a held event on a
 /// kept-alive connection holds it).
 const KEEP_OUT: usize = 1024;
+/// The longest a closing connection reads and discards what its sender still writes.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// The most a closing connection reads and discards (a body four times the default
+/// `ingress.max_body_bytes`).
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+/// The most a lingering read takes from the socket at once.
+const LINGER_READ: usize = 16 * 1024;
 
 /// Limits of one connection.
 #[derive(Clone, Copy, Debug)]
@@ -85,7 +99,9 @@ where
             Ok(None) => return,
             Err(error) => {
                 tracing::debug!(%error, "refused request head");
-                let _ = answer_error(&mut write, error.status()).await;
+                if answer_error(&mut write, error.status()).await.is_ok() {
+                    linger(reader, write, stop).await;
+                }
                 return;
             }
         };
@@ -123,6 +139,14 @@ where
         }
         match written {
             Ok(true) if !close => {}
+            Ok(_) if !body_read => {
+                if write.shutdown().await.is_ok() {
+                    if let Some((reader, _)) = take(&slot) {
+                        linger(reader, write, stop).await;
+                    }
+                }
+                return;
+            }
             _ => {
                 let _ = write.shutdown().await;
                 return;
@@ -195,6 +219,32 @@ async fn read_head(
             return Ok(None);
         }
     }
+}
+
+/// Reads and discards what the sender still writes after this side has ended its own
+/// (see the module header), until the sender ends, or `LINGER_BYTES` or `LINGER_TIME`
+/// is reached, or the server stops.
+async fn linger(mut reader: Reader, write: OwnedWriteHalf, mut stop: watch::Receiver<bool>) {
+    let read_all = async {
+        let mut discarded = 0;
+        while discarded < LINGER_BYTES {
+            reader.buf.clear();
+            let want = LINGER_READ.min(LINGER_BYTES - discarded);
+            match std::future::poll_fn(|cx| reader.poll_fill(cx, want)).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => discarded += n,
+            }
+        }
+        tracing::debug!(discarded, "sender still writing after the lingering bound; closing");
+    };
+    tokio::select! {
+        () = read_all => {}
+        () = tokio::time::sleep(LINGER_TIME) => {
+            tracing::debug!("sender still writing after the lingering time; closing");
+        }
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    drop(write);
 }
 
 /// The automatic answer to a head that cannot be served: its status, no body, close.
