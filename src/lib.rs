@@ -12,6 +12,7 @@
 pub mod activator;
 pub mod auth;
 pub mod backend;
+pub mod clock;
 pub mod config;
 pub mod http1;
 pub mod idle_policy;

@@ -29,7 +29,9 @@ pub(super) async fn forward(
 ) -> Result<Response<IngressBody>, IngressError> {
     let budget_end = match permit.was_held() {
         true => arrived + policy.start_timeout,
-        false => Instant::now() + policy.request_timeout,
+        // From the request's arrival: a warm request was admitted microseconds later,
+        // and the clock is not read again for it.
+        false => arrived + policy.request_timeout,
     };
     let mut backoff = Backoff::default();
     let mut attempts = 0;

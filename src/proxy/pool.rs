@@ -45,7 +45,9 @@ pub enum ConnectError {
 
 struct Idle {
     conn: Box<GuestConn>,
-    since: Instant,
+    /// When it was checked in, on the coarse clock: an age compared with a timeout of
+    /// seconds needs no more, and it is read twice per request.
+    since: Duration,
 }
 
 /// The idle connections to every endpoint, of one shard.
@@ -95,9 +97,9 @@ impl Pool {
     pub(super) fn checkout(&self, endpoint: Endpoint) -> Option<Box<GuestConn>> {
         let mut idle = self.shard().lock().expect("pool lock");
         let list = idle.get_mut(&endpoint)?;
-        let now = Instant::now();
+        let now = crate::clock::coarse_monotonic();
         while let Some(mut idle) = list.pop() {
-            if now.duration_since(idle.since) <= self.idle_timeout && idle.conn.usable() {
+            if now.saturating_sub(idle.since) <= self.idle_timeout && idle.conn.usable() {
                 return Some(idle.conn);
             }
             // Closed by the guest, or idle too long: dropped (its socket closed).
@@ -119,7 +121,7 @@ impl Pool {
         if list.len() < self.max_idle_per_endpoint {
             list.push(Idle {
                 conn,
-                since: Instant::now(),
+                since: crate::clock::coarse_monotonic(),
             });
         }
         drop(idle);
@@ -129,12 +131,12 @@ impl Pool {
     /// Drops every idle connection past the idle timeout or no longer usable. Returns
     /// whether any is left.
     fn sweep(&self) -> bool {
-        let now = Instant::now();
+        let now = crate::clock::coarse_monotonic();
         let mut any = false;
         for shard in &self.shards {
             let mut idle = shard.lock().expect("pool lock");
             idle.retain(|_, list| {
-                list.retain_mut(|idle| now.duration_since(idle.since) <= self.idle_timeout && idle.conn.usable());
+                list.retain_mut(|idle| now.saturating_sub(idle.since) <= self.idle_timeout && idle.conn.usable());
                 !list.is_empty()
             });
             any |= !idle.is_empty();

@@ -9,7 +9,7 @@
 
 use std::cell::RefCell;
 use std::io::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use http::header::{self, HeaderMap};
 use http::{StatusCode, Version};
@@ -129,7 +129,9 @@ fn date(out: &mut Vec<u8>) {
     thread_local! {
         static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
     }
-    let second = coarse_unix_seconds();
+    // Read from the kernel's coarse clock: a date to the second needs no more, and
+    // this is read once per response.
+    let second = crate::clock::coarse_unix_seconds();
     CACHED.with_borrow_mut(|(at, text)| {
         if *at != second || text.is_empty() {
             *at = second;
@@ -137,21 +139,6 @@ fn date(out: &mut Vec<u8>) {
         }
         out.extend_from_slice(text.as_bytes());
     });
-}
-
-/// Seconds since the Unix epoch from the kernel's coarse clock (updated every tick, read
-/// without the time-stamp counter): a date to the second needs no more, and this is read
-/// once per response.
-fn coarse_unix_seconds() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `now` is a valid timespec to write into; the clock id is a constant.
-    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut now) } == 0 {
-        return u64::try_from(now.tv_sec).unwrap_or_default();
-    }
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }
 
 #[cfg(test)]
