@@ -15,12 +15,17 @@ use super::service;
 /// not all come within `timeout`. The timer is made, boxed (the request's future, which
 /// a held event keeps, does not grow by it), only when the body has to be waited for:
 /// one that came with its head never registers one.
-pub(super) async fn read_body<B>(
+///
+/// A plain fn returning a block, not an `async fn`: an async fn's future keeps its
+/// arguments twice, and this future sets the size of the handler's (the largest of its
+/// states), which a held event keeps.
+#[allow(clippy::manual_async_fn)] // On purpose: see above.
+pub(super) fn read_body<'a, B>(
     headers: &http::HeaderMap,
-    body: &mut B,
+    body: &'a mut B,
     limit: usize,
     timeout: std::time::Duration,
-) -> Result<Bytes, IngressError>
+) -> impl Future<Output = Result<Bytes, IngressError>> + 'a
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<service::BoxError>,
@@ -29,49 +34,88 @@ where
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(IngressError::BodyTooLarge { limit });
-    }
-    // Most bodies come as one frame: that frame is the body, not copied; more frames are
-    // joined into one buffer.
-    let mut body = std::pin::Pin::new(body);
-    let (mut first, mut joined, mut total) = (None::<Bytes>, None::<bytes::BytesMut>, 0usize);
-    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let next = |cx: &mut std::task::Context<'_>, body: std::pin::Pin<&mut B>, timer: &mut Option<_>| {
-        use std::task::Poll;
-        if let Poll::Ready(frame) = body.poll_frame(cx) {
-            return Poll::Ready(Ok(frame));
-        }
-        let timer: &mut std::pin::Pin<Box<tokio::time::Sleep>> =
-            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(IngressError::BodyTimeout(timeout))),
-            Poll::Pending => Poll::Pending,
-        }
-    };
-    while let Some(frame) = std::future::poll_fn(|cx| next(cx, body.as_mut(), &mut timer)).await? {
-        let frame = frame.map_err(|e| IngressError::BodyRead(e.into().to_string()))?;
-        let Ok(data) = frame.into_data() else {
-            // Trailers carry nothing the event needs.
-            continue;
-        };
-        total += data.len();
-        if total > limit {
+    let too_large = declared.is_some_and(|len| len > limit as u64);
+    // What a joined buffer is made for: the declared length (within the limit).
+    let expected = declared.map_or(0, |len| len as usize);
+    async move {
+        if too_large {
             return Err(IngressError::BodyTooLarge { limit });
         }
-        match (&first, &mut joined) {
-            (None, _) => first = Some(data),
-            (Some(first), None) => {
-                let mut buf = bytes::BytesMut::with_capacity(declared.map_or(total, |len| len as usize).max(total));
-                buf.extend_from_slice(first);
-                buf.extend_from_slice(&data);
-                joined = Some(buf);
+        let mut body = std::pin::Pin::new(body);
+        let mut read = Read::Nothing;
+        let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        while let Some(frame) = std::future::poll_fn(|cx| next_frame(cx, body.as_mut(), &mut timer, timeout)).await? {
+            let frame = frame.map_err(|e| IngressError::BodyRead(e.into().to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                // Trailers carry nothing the event needs.
+                continue;
+            };
+            if read.len() + data.len() > limit {
+                return Err(IngressError::BodyTooLarge { limit });
             }
-            (Some(_), Some(buf)) => buf.extend_from_slice(&data),
+            read = match read {
+                Read::Nothing => Read::One(data),
+                // Most bodies come as one frame: that frame is the body, not copied;
+                // more frames are joined into one buffer.
+                Read::One(first) => {
+                    let total = first.len() + data.len();
+                    let mut buf = bytes::BytesMut::with_capacity(expected.max(total));
+                    buf.extend_from_slice(&first);
+                    buf.extend_from_slice(&data);
+                    Read::Joined(buf)
+                }
+                Read::Joined(mut buf) => {
+                    buf.extend_from_slice(&data);
+                    Read::Joined(buf)
+                }
+            };
+        }
+        Ok(match read {
+            Read::Nothing => Bytes::new(),
+            Read::One(data) => data,
+            Read::Joined(buf) => buf.freeze(),
+        })
+    }
+}
+
+/// What a body read has read so far.
+enum Read {
+    Nothing,
+    One(Bytes),
+    Joined(bytes::BytesMut),
+}
+
+impl Read {
+    fn len(&self) -> usize {
+        match self {
+            Read::Nothing => 0,
+            Read::One(data) => data.len(),
+            Read::Joined(buf) => buf.len(),
         }
     }
-    Ok(match (joined, first) {
-        (Some(buf), _) => buf.freeze(),
-        (None, first) => first.unwrap_or_default(),
-    })
+}
+
+/// A body's next frame (`None` at its end), or the error reading it.
+type NextFrame<B> = Option<Result<http_body::Frame<Bytes>, <B as http_body::Body>::Error>>;
+
+/// The body's next frame, or 408 once `timeout` has passed since the body was first
+/// waited for (the timer made then).
+fn next_frame<B>(
+    cx: &mut std::task::Context<'_>,
+    body: std::pin::Pin<&mut B>,
+    timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    timeout: std::time::Duration,
+) -> std::task::Poll<Result<NextFrame<B>, IngressError>>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    use std::task::Poll;
+    if let Poll::Ready(frame) = body.poll_frame(cx) {
+        return Poll::Ready(Ok(frame));
+    }
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    match timer.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(IngressError::BodyTimeout(timeout))),
+        Poll::Pending => Poll::Pending,
+    }
 }
