@@ -79,7 +79,13 @@ async fn ours(method: &http::Method, answer: &'static [u8], then: Then) -> Outco
     let request = Proxy::prepare(http::Uri::from_static("/events"), parts, body);
     let deadline = Instant::now() + Duration::from_secs(5);
     let response = proxy
-        .send(endpoint, request, deadline, Duration::from_secs(5))
+        .send(
+            endpoint,
+            &request,
+            deadline,
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
         .await
         .map_err(|_| ())?;
     let (parts, body) = response.into_parts();

@@ -22,6 +22,7 @@ mod differential;
 mod pool;
 pub mod wire;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,9 +77,9 @@ pub struct GuestRequest(Request<Bytes>);
 /// What a failed attempt leaves.
 #[derive(Debug)]
 pub enum Failure {
-    /// No byte of the request reached the guest: it comes back, to be sent again (boxed:
-    /// the failure is rare, and the result of every send should stay small).
-    NotSent(Box<GuestRequest>, ConnectError),
+    /// No byte of the request reached the guest: the caller, which lent it, may send it
+    /// again.
+    NotSent(ConnectError),
     /// The request may have reached the guest, or no answer came in time.
     Failed(ProxyError),
 }
@@ -120,65 +121,76 @@ impl Proxy {
 
     /// Sends `request` to `endpoint` — on an idle connection, else a new one made by
     /// `connect_by` — and returns the guest's response with its body still streaming,
-    /// once its headers came within `timeout`.
-    pub async fn send(
-        &self,
+    /// once its headers came by `deadline` (the caller's `timeout` from now; the body
+    /// then has as long again).
+    ///
+    /// The request is lent, not given: the caller keeps it to send again when nothing
+    /// was sent. A plain fn returning a block, not an `async fn`: an async fn's future
+    /// keeps its arguments twice, and this future is part of the one every request
+    /// allocates for its forwarding.
+    #[allow(clippy::manual_async_fn)] // On purpose: see above.
+    pub fn send<'a>(
+        &'a self,
         endpoint: Endpoint,
-        request: GuestRequest,
+        request: &'a GuestRequest,
         connect_by: Instant,
+        deadline: Instant,
         timeout: Duration,
-    ) -> Result<Response<PooledBody>, Failure> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (mut conn, reused) = match self.pool.checkout(endpoint) {
-                Some(conn) => (conn, true),
-                None => match self.pool.connect(endpoint, connect_by).await {
-                    Ok(conn) => (conn, false),
-                    Err(error) => return Err(Failure::NotSent(Box::new(request), error)),
-                },
-            };
-            match conn.exchange_by(&request.0, deadline).await {
-                None => return Err(Failure::Failed(ProxyError::Timeout(timeout))),
-                Some(Ok(head)) => {
-                    let limit = self.max_response_body;
-                    if let wire::Framing::Length(declared) = head.framing {
-                        if declared > limit {
-                            // Refused before anything is passed on; the connection closes.
-                            return Err(Failure::Failed(ProxyError::ResponseTooLarge { declared, limit }));
+    ) -> impl Future<Output = Result<Response<PooledBody>, Failure>> + Send + 'a {
+        async move {
+            loop {
+                let (mut conn, reused) = match self.pool.checkout(endpoint) {
+                    Some(conn) => (conn, true),
+                    // Boxed: a new connection is the rare case, and its future inline would
+                    // make every request's larger.
+                    None => match Box::pin(self.pool.connect(endpoint, connect_by)).await {
+                        Ok(conn) => (conn, false),
+                        Err(error) => return Err(Failure::NotSent(error)),
+                    },
+                };
+                match conn.exchange_by(&request.0, deadline).await {
+                    None => return Err(Failure::Failed(ProxyError::Timeout(timeout))),
+                    Some(Ok(head)) => {
+                        let limit = self.max_response_body;
+                        if let wire::Framing::Length(declared) = head.framing {
+                            if declared > limit {
+                                // Refused before anything is passed on; the connection closes.
+                                return Err(Failure::Failed(ProxyError::ResponseTooLarge { declared, limit }));
+                            }
                         }
+                        let mut headers = head.headers;
+                        strip_hop_by_hop(&mut headers);
+                        let body = PooledBody {
+                            conn: Some(conn),
+                            reading: body::Reading::new(head.framing),
+                            keep_alive: head.keep_alive,
+                            pool: self.pool.clone(),
+                            bounds: body::Bounds {
+                                left: limit,
+                                limit,
+                                deadline,
+                                timeout,
+                                timer: None,
+                            },
+                        };
+                        let mut response = Response::new(body);
+                        *response.status_mut() = head.status;
+                        *response.version_mut() = head.version;
+                        *response.headers_mut() = headers;
+                        return Ok(response);
                     }
-                    let mut headers = head.headers;
-                    strip_hop_by_hop(&mut headers);
-                    let body = PooledBody {
-                        conn: Some(conn),
-                        reading: body::Reading::new(head.framing),
-                        keep_alive: head.keep_alive,
-                        pool: self.pool.clone(),
-                        bounds: body::Bounds {
-                            left: limit,
-                            limit,
-                            deadline,
-                            timeout,
-                            timer: None,
-                        },
-                    };
-                    let mut response = Response::new(body);
-                    *response.status_mut() = head.status;
-                    *response.version_mut() = head.version;
-                    *response.headers_mut() = headers;
-                    return Ok(response);
+                    // A connection the guest had closed meanwhile took none of the request:
+                    // try the next one.
+                    Some(Err(Exchange::NotSent(_))) if reused => {}
+                    Some(Err(Exchange::NotSent(error))) => {
+                        let error = ConnectError::Refused(format!(
+                            "closed before the request was written: {}",
+                            conn::describe(&error)
+                        ));
+                        return Err(Failure::NotSent(error));
+                    }
+                    Some(Err(Exchange::Failed(error))) => return Err(Failure::Failed(ProxyError::Unreachable(error))),
                 }
-                // A connection the guest had closed meanwhile took none of the request:
-                // try the next one.
-                Some(Err(Exchange::NotSent(_))) if reused => {}
-                Some(Err(Exchange::NotSent(error))) => {
-                    let error = ConnectError::Refused(format!(
-                        "closed before the request was written: {}",
-                        conn::describe(&error)
-                    ));
-                    return Err(Failure::NotSent(Box::new(request), error));
-                }
-                Some(Err(Exchange::Failed(error))) => return Err(Failure::Failed(ProxyError::Unreachable(error))),
             }
         }
     }
@@ -290,7 +302,16 @@ mod tests {
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
         let request = Proxy::prepare(http::Uri::from_static("/events"), parts, Bytes::from_static(b"{}"));
         let deadline = Instant::now() + Duration::from_secs(5);
-        let response = match proxy.send(endpoint, request, deadline, Duration::from_secs(5)).await {
+        let response = match proxy
+            .send(
+                endpoint,
+                &request,
+                deadline,
+                Instant::now() + Duration::from_secs(5),
+                Duration::from_secs(5),
+            )
+            .await
+        {
             Ok(response) => response,
             Err(_) => panic!("the guest answers"),
         };
@@ -431,7 +452,16 @@ mod tests {
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
         let request = Proxy::prepare(http::Uri::from_static("/events"), parts, Bytes::new());
         let deadline = Instant::now() + Duration::from_secs(5);
-        let Ok(response) = proxy.send(endpoint, request, deadline, Duration::from_secs(5)).await else {
+        let Ok(response) = proxy
+            .send(
+                endpoint,
+                &request,
+                deadline,
+                Instant::now() + Duration::from_secs(5),
+                Duration::from_secs(5),
+            )
+            .await
+        else {
             panic!("the guest answers");
         };
         let mut body = response.into_body();
@@ -510,7 +540,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_connection_gives_the_request_back() {
+    async fn a_refused_connection_is_reported_as_nothing_sent() {
         let proxy = Proxy::new(&ProxyConfig::default());
         let endpoint = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -519,11 +549,18 @@ mod tests {
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
         let request = Proxy::prepare(http::Uri::from_static("/events?a=1"), parts, Bytes::from_static(b"{}"));
         let deadline = Instant::now() + Duration::from_secs(5);
-        match proxy.send(endpoint, request, deadline, Duration::from_secs(5)).await {
-            Err(Failure::NotSent(back, ConnectError::Refused(_))) => {
-                assert_eq!(back.0.uri(), "/events?a=1");
-            }
-            other => panic!("expected the request back, got {:?}", other.map(|r| r.status())),
+        match proxy
+            .send(
+                endpoint,
+                &request,
+                deadline,
+                Instant::now() + Duration::from_secs(5),
+                Duration::from_secs(5),
+            )
+            .await
+        {
+            Err(Failure::NotSent(ConnectError::Refused(_))) => {}
+            other => panic!("expected nothing sent, got {:?}", other.map(|r| r.status())),
         }
     }
 }
