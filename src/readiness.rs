@@ -23,22 +23,36 @@ use tokio::time::MissedTickBehavior;
 use crate::config::ReadinessConfig;
 use crate::vm::{Endpoint, Readiness};
 
-/// At most this many probe attempts outstanding at once.
+/// At most this many probe attempts outstanding at once (overlapping attempts).
 const MAX_PARALLEL_ATTEMPTS: usize = 4;
+
+/// Whether a guest's probe attempts may overlap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempts {
+    /// A new attempt every interval while earlier ones are pending (up to 4): a booting
+    /// guest's network can swallow an attempt for a whole TCP retransmit timeout.
+    Overlapping,
+    /// One at a time: a guest resumed or restored was serving when it was paused or
+    /// saved, so its network is up, and overlapping attempts only compete for its vCPUs
+    /// (under TCG each is a connection and a process the guest serves on code it must
+    /// translate anew: they made a restore's probe about half again as long).
+    OneAtATime,
+}
 
 /// Waits until a guest answers: what a VM's owner runs once the backend reports the VM
 /// running. [`Prober`] is the real one; tests swap in a scripted one.
 #[async_trait]
 pub trait GuestProbe: Send + Sync + 'static {
-    /// Returns once the guest at `endpoint` answers `readiness`. Never returns
-    /// otherwise: the caller bounds it (start timeout) or drops it (the VM stopped).
-    async fn wait_ready(&self, endpoint: Endpoint, readiness: &Readiness);
+    /// Returns once the guest at `endpoint` answers `readiness`, its attempts made as
+    /// `attempts` says. Never returns otherwise: the caller bounds it (start timeout) or
+    /// drops it (the VM stopped).
+    async fn wait_ready(&self, endpoint: Endpoint, readiness: &Readiness, attempts: Attempts);
 }
 
 #[async_trait]
 impl GuestProbe for Prober {
-    async fn wait_ready(&self, endpoint: Endpoint, readiness: &Readiness) {
-        Prober::wait_ready(self, endpoint, readiness).await
+    async fn wait_ready(&self, endpoint: Endpoint, readiness: &Readiness, attempts: Attempts) {
+        Prober::wait_ready(self, endpoint, readiness, attempts).await
     }
 }
 
@@ -73,14 +87,18 @@ impl Prober {
 
     /// Returns once the guest at `endpoint` answers. Never returns otherwise: the
     /// caller bounds it (start timeout) or drops it (the VM stopped).
-    pub async fn wait_ready(&self, endpoint: Endpoint, readiness: &Readiness) {
+    pub async fn wait_ready(&self, endpoint: Endpoint, readiness: &Readiness, overlap: Attempts) {
+        let outstanding = match overlap {
+            Attempts::Overlapping => MAX_PARALLEL_ATTEMPTS,
+            Attempts::OneAtATime => 1,
+        };
         let mut attempts = JoinSet::new();
         let mut tick = tokio::time::interval(self.config.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_error = None;
         loop {
             tokio::select! {
-                _ = tick.tick(), if attempts.len() < MAX_PARALLEL_ATTEMPTS => {
+                _ = tick.tick(), if attempts.len() < outstanding => {
                     let (config, readiness) = (self.config.clone(), readiness.clone());
                     attempts.spawn(async move { probe_once(&config, endpoint, &readiness).await });
                 }
@@ -194,7 +212,11 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let waiter = tokio::spawn(async move { prober().wait_ready(addr, &Readiness::HttpRoot).await });
+        let waiter = tokio::spawn(async move {
+            prober()
+                .wait_ready(addr, &Readiness::HttpRoot, Attempts::Overlapping)
+                .await
+        });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
         let listener = TcpListener::bind(addr).await.unwrap();
@@ -210,5 +232,38 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    /// A guest that answers each connection only after 50 ms (a restored guest
+    /// under TCG): overlapping attempts pile up connections on it meanwhile, one at a
+    /// time makes exactly one.
+    #[tokio::test]
+    async fn one_attempt_at_a_time_makes_one_connection_to_a_slow_guest() {
+        for (attempts, expect_more_than_one) in [(Attempts::OneAtATime, false), (Attempts::Overlapping, true)] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counted = connections.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (mut s, _) = listener.accept().await.unwrap();
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+                    });
+                }
+            });
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                prober().wait_ready(addr, &Readiness::HttpRoot, attempts),
+            )
+            .await
+            .expect("the guest answers");
+            let made = connections.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(made > 1, expect_more_than_one, "{attempts:?}: {made} connections");
+        }
     }
 }

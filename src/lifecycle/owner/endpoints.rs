@@ -9,13 +9,16 @@ use std::sync::Arc;
 use tokio::task::{AbortHandle, JoinSet};
 
 use crate::lifecycle::gate::Target;
-use crate::readiness::GuestProbe;
+use crate::readiness::{Attempts, GuestProbe};
 use crate::vm::{Endpoint, Readiness};
 
 /// How endpoints are probed.
 pub(super) struct Probing {
     pub(super) probe: Arc<dyn GuestProbe>,
     pub(super) readiness: Readiness,
+    /// Whether attempts may overlap (not for a guest resumed or restored: see
+    /// `Attempts`).
+    pub(super) attempts: Attempts,
 }
 
 #[derive(Default)]
@@ -112,9 +115,9 @@ impl Endpoints {
     }
 
     fn start_probe(&mut self, endpoint: Endpoint, how: &Probing) {
-        let (probe, readiness) = (how.probe.clone(), how.readiness.clone());
+        let (probe, readiness, attempts) = (how.probe.clone(), how.readiness.clone(), how.attempts);
         let task = self.probes.spawn(async move {
-            probe.wait_ready(endpoint, &readiness).await;
+            probe.wait_ready(endpoint, &readiness, attempts).await;
             endpoint
         });
         self.probing.insert(endpoint, task);

@@ -47,6 +47,7 @@ use super::{AdmitError, Command, VmHandle, Waiter};
 use crate::backend::{BackendStatus, VmEvent};
 use crate::idle_policy::Plan;
 use crate::metrics::ColdStartPhase;
+use crate::readiness::Attempts;
 use crate::vm::{Policy, VmPhase};
 use endpoints::{Endpoints, Probing};
 use timer::{maybe, Timer};
@@ -389,6 +390,11 @@ impl Owner {
         Probing {
             probe: self.handle.0.context.probe.clone(),
             readiness: self.policy().readiness.clone(),
+            // A guest resumed or restored was serving when it was paused or saved.
+            attempts: match self.cold_kind {
+                StartKind::Boot => Attempts::Overlapping,
+                StartKind::Resume | StartKind::Restore => Attempts::OneAtATime,
+            },
         }
     }
 

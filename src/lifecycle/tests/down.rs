@@ -97,6 +97,11 @@ async fn a_paused_vm_resumes_instead_of_booting() {
     assert_eq!(w.backend.calls(), ["start", "pause", "resume"]);
     w.backend.report(BackendPhase::Running, Some(endpoint()));
     assert!(held.await.unwrap().is_ok());
+    assert_eq!(
+        *w.probe.attempts.lock().unwrap(),
+        [Attempts::Overlapping, Attempts::OneAtATime],
+        "a booting guest is probed with overlapping attempts, a resumed one one at a time"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -136,6 +141,11 @@ async fn a_hibernated_vm_is_restored_and_stopped_after_a_second_idle_timeout() {
     assert_eq!(w.phase(), VmPhase::Ready);
     assert_eq!(w.phase_count("restore"), 1);
     assert_eq!(w.phase_count("start_call"), 1, "only the first start, a boot, has one");
+    assert_eq!(
+        *w.probe.attempts.lock().unwrap(),
+        [Attempts::Overlapping, Attempts::OneAtATime],
+        "a restored guest is probed one attempt at a time"
+    );
 
     // Hibernated again, then a second idle timeout: stopped for good.
     pass(IDLE + Duration::from_secs(1)).await;

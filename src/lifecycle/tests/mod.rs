@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::backend::{Backend, BackendError, BackendPhase, BackendStatus, Catalog, StopOutcome};
 use crate::metrics::Metrics;
-use crate::readiness::GuestProbe;
+use crate::readiness::{Attempts, GuestProbe};
 use crate::vm::{Readiness, ScaleDown};
 
 /// A backend whose calls are recorded and whose answers and status the test sets.
@@ -148,11 +148,14 @@ impl Scripted {
 struct ScriptedProbe {
     up: watch::Sender<bool>,
     down: watch::Sender<Vec<Endpoint>>,
+    /// How each probe was asked to make its attempts, in order.
+    attempts: Mutex<Vec<Attempts>>,
 }
 
 #[async_trait]
 impl GuestProbe for ScriptedProbe {
-    async fn wait_ready(&self, endpoint: Endpoint, _: &Readiness) {
+    async fn wait_ready(&self, endpoint: Endpoint, _: &Readiness, attempts: Attempts) {
+        self.attempts.lock().unwrap().push(attempts);
         let (mut up, mut down) = (self.up.subscribe(), self.down.subscribe());
         loop {
             if *up.borrow_and_update() && !down.borrow_and_update().contains(&endpoint) {
@@ -204,6 +207,7 @@ fn world_with(policy: Policy, rules: IdleRules) -> World {
     let probe = Arc::new(ScriptedProbe {
         up: watch::channel(false).0,
         down: watch::channel(Vec::new()).0,
+        attempts: Mutex::default(),
     });
     let metrics = Metrics::new();
     let key = VmKey::new("ns", "vm");
