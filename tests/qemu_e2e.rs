@@ -307,18 +307,40 @@ fn write_adaptive_config(dir: &Path) -> PathBuf {
 /// The metric of pre-warms an event found (the VM started ahead of it).
 const PREWARMS_USED: &str = "vm_activator_prewarm_total{namespace=\"default\",outcome=\"used\",vm=\"demo\"}";
 
-/// Sends one event at `at`; returns whether the adaptive policy had started the VM
-/// ahead of it (the event found that pre-warm). Told by the activator's own count, not
-/// by the event's latency: under TCG on a loaded machine a boot started well ahead may
-/// still be booting when the event comes (seen in the soak: 8 s boots), and the policy's
-/// decision is what is tested.
-async fn event_at(activator: &Activator, id: &str, at: Instant) -> bool {
+/// What an event found when it came.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Found {
+    /// The adaptive policy had started the VM ahead of it (a pre-warm it used).
+    PreWarmed,
+    /// The VM running on: the plan chose not to stop it before this event.
+    Running,
+    /// The VM stopped: the event waited for a cold start.
+    ColdStart,
+}
+
+/// The cold starts that ended, counted by the activator.
+const COLD_STARTS: &str = "vm_activator_cold_start_seconds_count{namespace=\"default\",vm=\"demo\"}";
+
+/// Sends one event at `at`; returns what it found. Told by the activator's own counts,
+/// not by the event's latency: under TCG on a loaded machine a boot started well ahead
+/// may still be booting when the event comes (seen in the soak: 8 s boots), and the
+/// policy's decision is what is tested.
+async fn event_at(activator: &Activator, id: &str, at: Instant) -> Found {
     tokio::time::sleep_until(at).await;
-    let before = activator.metric(PREWARMS_USED).await;
+    let (prewarms, cold_starts) = (
+        activator.metric(PREWARMS_USED).await,
+        activator.metric(COLD_STARTS).await,
+    );
     let sent = Instant::now();
     assert_eq!(activator.send_status("/default/demo", id).await, 202, "{id}");
     eprintln!("{id}: {:?}", sent.elapsed());
-    activator.metric(PREWARMS_USED).await > before
+    if activator.metric(PREWARMS_USED).await > prewarms {
+        Found::PreWarmed
+    } else if activator.metric(COLD_STARTS).await > cold_starts {
+        Found::ColdStart
+    } else {
+        Found::Running
+    }
 }
 
 /// The adaptive idle policy on a real guest: fed one event a period, the VM learns the
@@ -352,8 +374,19 @@ async fn real_vm_adaptive_policy_learns_the_period_and_a_restart_keeps_it() {
         }
         at += period;
     }
-    eprintln!("pre-warmed: {ahead:?}; scale-downs before each event: {downs:?}");
-    assert!(ahead[4..].iter().all(|w| *w), "learned within 5 periods: {ahead:?}");
+    eprintln!("found: {ahead:?}; scale-downs before each event: {downs:?}");
+    // Learned within five periods: no event from then on waits for a cold start — each
+    // finds the VM started ahead of it, or running on where the plan chose not to stop
+    // (a boot that took most of the period on a loaded machine: seen in CI with 4.7 s
+    // boots).
+    assert!(
+        ahead[4..].iter().all(|found| *found != Found::ColdStart),
+        "learned within 5 periods: {ahead:?}"
+    );
+    assert!(
+        ahead[4..].contains(&Found::PreWarmed),
+        "started ahead of an event: {ahead:?}"
+    );
     // Powered off between learned events. Not necessarily between every pair: the plan
     // weighs the stop against the target's measured cold start, and on a loaded machine a
     // boot that took most of the period makes running on to the next event the better
@@ -374,8 +407,9 @@ async fn real_vm_adaptive_policy_learns_the_period_and_a_restart_keeps_it() {
     // A restart: the new process has seen nothing, and pre-warms for the next event.
     assert!(first.terminate(Duration::from_secs(30)).await.success());
     let second = Activator::spawn(&["--config", config.to_str().unwrap()]).await;
-    assert!(
+    assert_eq!(
         event_at(&second, "after-restart", at).await,
+        Found::PreWarmed,
         "a restarted activator pre-warmed from the history file"
     );
     assert_eq!(second.metric(PREWARMS_USED).await, 1.0);
