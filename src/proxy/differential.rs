@@ -77,17 +77,7 @@ async fn ours(method: &http::Method, answer: &'static [u8], then: Then) -> Outco
     let proxy = Proxy::new(&ProxyConfig::default());
     let (parts, body) = request(method);
     let request = Proxy::prepare(http::Uri::from_static("/events"), parts, body);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let response = proxy
-        .send(
-            endpoint,
-            &request,
-            deadline,
-            Instant::now() + Duration::from_secs(5),
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|_| ())?;
+    let response = proxy.send_within_5s(endpoint, &request).await.map_err(|_| ())?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map_err(|_| ())?.to_bytes();
     Ok((parts.status, parts.headers, body))

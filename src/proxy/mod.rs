@@ -196,6 +196,20 @@ impl Proxy {
     }
 }
 
+#[cfg(test)]
+impl Proxy {
+    /// Sends `request` to `endpoint` with five seconds for everything: the tests' bound.
+    pub(crate) async fn send_within_5s(
+        &self,
+        endpoint: Endpoint,
+        request: &GuestRequest,
+    ) -> Result<Response<PooledBody>, Failure> {
+        let within = Instant::now() + Duration::from_secs(5);
+        self.send(endpoint, request, within, within, Duration::from_secs(5))
+            .await
+    }
+}
+
 /// Removes the headers that describe one connection rather than the message: the
 /// fixed list of RFC 9110 §7.6.1 plus every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -301,17 +315,7 @@ mod tests {
     async fn post(proxy: &Proxy, endpoint: Endpoint) -> http::StatusCode {
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
         let request = Proxy::prepare(http::Uri::from_static("/events"), parts, Bytes::from_static(b"{}"));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let response = match proxy
-            .send(
-                endpoint,
-                &request,
-                deadline,
-                Instant::now() + Duration::from_secs(5),
-                Duration::from_secs(5),
-            )
-            .await
-        {
+        let response = match proxy.send_within_5s(endpoint, &request).await {
             Ok(response) => response,
             Err(_) => panic!("the guest answers"),
         };
@@ -451,17 +455,7 @@ mod tests {
         let (endpoint, ends) = guest_on_its_own_runtime(50, Duration::from_millis(20));
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
         let request = Proxy::prepare(http::Uri::from_static("/events"), parts, Bytes::new());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let Ok(response) = proxy
-            .send(
-                endpoint,
-                &request,
-                deadline,
-                Instant::now() + Duration::from_secs(5),
-                Duration::from_secs(5),
-            )
-            .await
-        else {
+        let Ok(response) = proxy.send_within_5s(endpoint, &request).await else {
             panic!("the guest answers");
         };
         let mut body = response.into_body();
@@ -548,17 +542,7 @@ mod tests {
         };
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
         let request = Proxy::prepare(http::Uri::from_static("/events?a=1"), parts, Bytes::from_static(b"{}"));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        match proxy
-            .send(
-                endpoint,
-                &request,
-                deadline,
-                Instant::now() + Duration::from_secs(5),
-                Duration::from_secs(5),
-            )
-            .await
-        {
+        match proxy.send_within_5s(endpoint, &request).await {
             Err(Failure::NotSent(ConnectError::Refused(_))) => {}
             other => panic!("expected nothing sent, got {:?}", other.map(|r| r.status())),
         }
