@@ -3,7 +3,7 @@
 //! stamps that need no more than that (the `Date` header, idle connections' ages), so
 //! the warm path reads the precise clock only where a duration is measured.
 //!
-//! Pure: no I/O, no state.
+//! Pure: no I/O; no state but the origin of a fallback no Linux system takes.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,11 +49,11 @@ mod tests {
         let precise = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
         assert!(coarse_unix_seconds().abs_diff(precise) <= 1);
         let before = coarse_monotonic();
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(50));
         let waited = coarse_monotonic() - before;
-        // Ticks are at most 10 ms apart (HZ ≥ 100).
+        // Ticks are at most 10 ms apart (HZ ≥ 100): each reading lags by less than one.
         assert!(
-            waited >= Duration::from_millis(20) && waited < Duration::from_secs(1),
+            waited >= Duration::from_millis(35) && waited < Duration::from_secs(5),
             "{waited:?}"
         );
     }

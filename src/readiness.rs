@@ -7,7 +7,8 @@
 //! Attempts overlap: a new one starts every `interval` while earlier ones are still
 //! pending (up to a small bound), because one attempt can hang for a whole TCP
 //! retransmit timeout when it races the guest network coming up, and the cold-start
-//! overhead must stay within milliseconds of the guest's first answer.
+//! overhead must stay within milliseconds of the guest's first answer — for a booting
+//! guest. A guest resumed or restored is probed one attempt at a time ([`Attempts`]).
 //!
 //! Owns: probing. Must not import the lifecycle, activator, backend or ingress.
 
