@@ -17,7 +17,9 @@
 //! through `exec:cat`: QMP `stop`, then `migrate` to `exec:cat > NAME.partial`, polled
 //! with `query-migrate` until it completes. A restore hands QEMU the state file itself
 //! as fd 3 (`-incoming fd:3`; with the RAM in a file `-incoming defer`, then the
-//! capability and `migrate-incoming fd:3` over QMP, as the capability must be set first).
+//! capabilities and `migrate-incoming fd:3` over QMP, as the capability must be set
+//! first — with `events` among them, so QEMU announces the end of the load with a
+//! `MIGRATION` event and nothing polls; `process.rs`).
 //!
 //! Safety of a restore, in order:
 //! 1. written atomically: `.partial` → synced → renamed to `.state`, and only then the
@@ -317,6 +319,15 @@ async fn migrate_to(qmp: &mut Qmp, partial: &Path, ram_in_file: bool) -> Result<
 /// on both sides.
 pub(super) fn ignore_shared() -> serde_json::Value {
     json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+}
+
+/// A restore's capabilities: [`ignore_shared`]'s, and `events` — QEMU announces the end
+/// of the load with a `MIGRATION` event instead of being asked until it is done.
+pub(super) fn incoming_capabilities() -> serde_json::Value {
+    json!({ "capabilities": [
+        { "capability": "x-ignore-shared", "state": true },
+        { "capability": "events", "state": true },
+    ] })
 }
 
 /// Makes a written `.partial` the VM's state: synced (with the RAM file, if any),

@@ -1,7 +1,15 @@
 //! One VM's QEMU process: its command line, spawning it (with a parent-death signal,
 //! so a killed activator never leaks VMs), supervising it until it exits, and stopping
 //! it (ACPI power-down, then `quit`, then SIGKILL).
+//!
+//! The QMP socket is bound by the activator before QEMU starts and handed to it as
+//! fd 4 (as libvirt does): the connection is made at once and answered as soon as QEMU
+//! is up, with no polling for a socket file. A restore's state file is fd 3.
+//!
+//! Long because: the command line, the descriptor hand-off and the supervisor's two
+//! ways up (boot; restore with its load) are one process's life and read best together.
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -21,14 +29,20 @@ use crate::vm::Endpoint;
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The descriptor a restoring QEMU reads its state from (`-incoming fd:3`).
 const INCOMING_FD: i32 = 3;
-/// How often a restoring QEMU is asked whether the guest runs yet.
+/// The descriptor of the QMP socket, bound and listening before QEMU starts.
+const QMP_FD: i32 = 4;
+/// Descriptors handed to the child are first moved at or above this, so that putting
+/// one in its place (3, 4) can never overwrite another still to be moved.
+const HANDOFF_FLOOR: i32 = 10;
+/// How often a QEMU restoring from `-incoming fd:` (RAM in the stream) is asked whether
+/// the guest runs yet. A deferred restore (RAM in its file) waits for QEMU's event.
 const INCOMING_POLL: Duration = Duration::from_millis(2);
 /// How much of QEMU's stderr is kept for error messages.
 const STDERR_TAIL: usize = 2048;
 
 impl QemuBackend {
     /// The QEMU command line for one VM (without the program name).
-    fn args(&self, vm: &LocalVm, host_port: u16, qmp: &Path, console: &Path, incoming: Option<&Path>) -> Vec<String> {
+    fn args(&self, vm: &LocalVm, host_port: u16, console: &Path, incoming: Option<&Path>) -> Vec<String> {
         let m = &vm.spec.machine;
         let guest_port = vm.spec.policy().port;
         let mut args = vec![
@@ -57,8 +71,12 @@ impl QemuBackend {
             format!("user,id=net0,hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"),
             "-device".into(),
             "virtio-net-pci,netdev=net0".into(),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", qmp.display()),
+            // QMP on the socket the activator bound (fd 4, see `spawn`): it accepts
+            // connections before QEMU is up, so nothing polls for a socket file.
+            "-chardev".into(),
+            format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
         ];
         if self.accel == "kvm" {
             args.extend(["-cpu".into(), "host".into()]);
@@ -106,13 +124,15 @@ impl QemuBackend {
         let qmp_path = self.run_dir.join(format!("{stem}.qmp"));
         let console = self.run_dir.join(format!("{stem}.console.log"));
         let _ = std::fs::remove_file(&qmp_path);
+        let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_path)
+            .map_err(|e| fail(format!("cannot bind the QMP socket {}: {e}", qmp_path.display())))?;
         if let (None, Some(ram)) = (incoming, &vm.ram_file) {
             // A boot starts from new, empty memory.
             let _ = std::fs::remove_file(ram);
         }
         let mut command = Command::new(&self.config.binary);
         command
-            .args(self.args(vm, host_port, &qmp_path, &console, incoming))
+            .args(self.args(vm, host_port, &console, incoming))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -124,23 +144,33 @@ impl QemuBackend {
             ),
             None => None,
         };
-        let state_fd = state.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-        // SAFETY: prctl, dup2 and fcntl are async-signal-safe. prctl only asks the kernel
-        // to SIGKILL this child if the activator dies, so a crashed activator never leaks
-        // VMs; dup2 gives the child the state file as fd 3 (without close-on-exec).
+        let handoff = |fd: &dyn AsFd, what: &str| {
+            above_floor(fd.as_fd()).map_err(|e| fail(format!("cannot pass the {what} to QEMU: {e}")))
+        };
+        let qmp_fd = handoff(&qmp_listener, "QMP socket")?;
+        let state_fd = match &state {
+            Some(file) => Some(handoff(file, "state file")?),
+            None => None,
+        };
+        // The child's copies: fd 4 the QMP socket, fd 3 the state file.
+        let moves = [
+            (Some(qmp_fd.as_raw_fd()), QMP_FD),
+            (state_fd.as_ref().map(AsRawFd::as_raw_fd), INCOMING_FD),
+        ];
+        // SAFETY: prctl and dup2 are async-signal-safe. prctl only asks the kernel to
+        // SIGKILL this child if the activator dies, so a crashed activator never leaks
+        // VMs; dup2 puts each handed-off descriptor (all above the targets) in its place,
+        // without close-on-exec.
         unsafe {
             command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if let Some(fd) = state_fd {
-                    let moved = if fd == INCOMING_FD {
-                        libc::fcntl(fd, libc::F_SETFD, 0)
-                    } else {
-                        libc::dup2(fd, INCOMING_FD)
-                    };
-                    if moved == -1 {
-                        return Err(std::io::Error::last_os_error());
+                for (from, to) in moves {
+                    if let Some(from) = from {
+                        if libc::dup2(from, to) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                 }
                 Ok(())
@@ -150,8 +180,8 @@ impl QemuBackend {
             .spawn()
             .map_err(|e| fail(format!("cannot run {}: {e}", self.config.binary.display())))?;
         tracing::info!(vm = %vm.key, pid = child.id(), %endpoint, accel = self.accel, "QEMU started");
-        // The child has its own copy of the state file's descriptor.
-        drop(state);
+        // The child has its own copies of the state file and the QMP socket.
+        drop((state, state_fd, qmp_listener, qmp_fd));
         let stderr = child.stderr.take().expect("stderr is piped");
         let stderr_tail = Arc::new(std::sync::Mutex::new(String::new()));
         tokio::spawn(collect_tail(stderr, stderr_tail.clone()));
@@ -278,10 +308,26 @@ async fn supervise(supervised: Supervised) {
     let boot = async {
         let mut qmp = Qmp::connect(&qmp_path).await?;
         if deferred_incoming {
-            qmp.execute("migrate-set-capabilities", Some(super::hibernate::ignore_shared()))
-                .await?;
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(super::hibernate::incoming_capabilities()),
+            )
+            .await?;
             let uri = json!({ "uri": format!("fd:{INCOMING_FD}") });
             qmp.execute("migrate-incoming", Some(uri)).await?;
+            // QEMU says when the state is loaded: no polling. (A load that fails ends
+            // the process, which ends this wait too.)
+            let done = qmp
+                .wait_event("MIGRATION", |data| {
+                    matches!(
+                        data.get("status").and_then(Value::as_str),
+                        Some("completed" | "failed" | "cancelled")
+                    )
+                })
+                .await?;
+            if done.get("status").and_then(Value::as_str) != Some("completed") {
+                return Err(format!("loading the saved state ended {done}"));
+            }
         }
         let mut status = qmp.execute("query-status", None).await?;
         // Loading a saved state: QEMU says `inmigrate` until it is loaded. The state was
@@ -294,7 +340,8 @@ async fn supervise(supervised: Supervised) {
             }
             if status.get("running").and_then(Value::as_bool) != Some(true) {
                 qmp.execute("cont", None).await?;
-                status = qmp.execute("query-status", None).await?;
+                // `cont` answers once the guest runs.
+                status = json!({ "running": true, "status": "running" });
             }
         }
         *qmp_slot.lock().await = Some(qmp);
@@ -379,6 +426,17 @@ async fn collect_tail(mut stderr: tokio::process::ChildStderr, tail: Arc<std::sy
             t.drain(..cut);
         }
     }
+}
+
+/// A close-on-exec copy of `fd` numbered at least [`HANDOFF_FLOOR`].
+fn above_floor(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor, owned by nothing else.
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HANDOFF_FLOOR) };
+    if raw == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor just made and owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 pub(super) fn free_port() -> std::io::Result<u16> {

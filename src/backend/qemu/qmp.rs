@@ -1,5 +1,7 @@
-//! A minimal QMP client for the QEMU machine protocol.
+//! A minimal QMP client for the QEMU machine protocol: commands answered in order,
+//! the events that arrive meanwhile kept (a few) for whoever waits for one.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
 
@@ -10,6 +12,8 @@ use tokio::sync::Mutex;
 
 /// How long QMP may take to come up after spawn, and to answer one command.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many events that arrived while a command waited for its answer are kept.
+const KEPT_EVENTS: usize = 16;
 
 pub(super) async fn qmp_execute(slot: &Mutex<Option<Qmp>>, command: &str) -> Result<Value, String> {
     let mut guard = slot.lock().await;
@@ -17,14 +21,19 @@ pub(super) async fn qmp_execute(slot: &Mutex<Option<Qmp>>, command: &str) -> Res
     qmp.execute(command, None).await
 }
 
-/// A minimal QMP client: one connection, commands answered in order, events skipped.
+/// A minimal QMP client: one connection, commands answered in order; events kept for
+/// [`Qmp::wait_event`] (the last [`KEPT_EVENTS`]).
 pub(super) struct Qmp {
     reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     writer: tokio::net::unix::OwnedWriteHalf,
+    events: VecDeque<Value>,
 }
 
 impl Qmp {
-    /// Connects (retrying while QEMU creates the socket) and negotiates capabilities.
+    /// Connects and negotiates capabilities. The socket is normally the activator's own,
+    /// bound before QEMU starts (see `process.rs`): the connection is made at once and
+    /// the greeting comes as soon as QEMU is up. A socket QEMU creates itself is retried
+    /// for until it exists.
     pub(super) async fn connect(path: &Path) -> Result<Qmp, String> {
         let deadline = tokio::time::Instant::now() + QMP_TIMEOUT;
         let stream = loop {
@@ -40,6 +49,7 @@ impl Qmp {
         let mut qmp = Qmp {
             reader: BufReader::new(read),
             writer,
+            events: VecDeque::new(),
         };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
@@ -81,7 +91,143 @@ impl Qmp {
             if let Some(error) = message.get("error") {
                 return Err(format!("QMP {command}: {error}"));
             }
-            // An asynchronous event (SHUTDOWN, POWERDOWN, ...): not our answer.
+            // An asynchronous event (SHUTDOWN, MIGRATION, ...): not our answer, but
+            // perhaps what someone waits for next.
+            self.keep(message);
         }
+    }
+
+    fn keep(&mut self, event: Value) {
+        if self.events.len() == KEPT_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+
+    /// Waits for the event `name` whose `data` satisfies `wanted` (one kept from before
+    /// counts) and returns its data; other events are dropped. Each message must come
+    /// within the QMP timeout.
+    pub(super) async fn wait_event(&mut self, name: &str, wanted: impl Fn(&Value) -> bool) -> Result<Value, String> {
+        let matches = |message: &Value| {
+            message.get("event").and_then(Value::as_str) == Some(name)
+                && wanted(message.get("data").unwrap_or(&Value::Null))
+        };
+        while let Some(event) = self.events.pop_front() {
+            if matches(&event) {
+                return Ok(event.get("data").cloned().unwrap_or(Value::Null));
+            }
+        }
+        loop {
+            let message = self.read_message().await?;
+            if matches(&message) {
+                return Ok(message.get("data").cloned().unwrap_or(Value::Null));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A QMP server that greets, answers `qmp_capabilities`, then answers the next command
+    /// with `script` (lines sent in order: events and the command's return mixed).
+    async fn serve(listener: UnixListener, script: Vec<Value>) {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let send = |message: Value| {
+            let mut line = message.to_string();
+            line.push('\n');
+            line
+        };
+        let greeting = send(json!({ "QMP": { "version": {}, "capabilities": [] } }));
+        write.write_all(greeting.as_bytes()).await.expect("greet");
+        for answers in [vec![json!({ "return": {} })], script] {
+            lines.next_line().await.expect("read").expect("a command");
+            for answer in answers {
+                write.write_all(send(answer).as_bytes()).await.expect("answer");
+            }
+        }
+        // Keep the connection open until the client is done.
+        let _ = lines.next_line().await;
+    }
+
+    fn migration(status: &str) -> Value {
+        json!({ "event": "MIGRATION", "data": { "status": status }, "timestamp": {} })
+    }
+
+    #[tokio::test]
+    async fn an_event_that_came_before_a_commands_answer_is_still_waited_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp");
+        let listener = UnixListener::bind(&path).expect("bind");
+        // The load finishes before QEMU answers the command that started it: its events
+        // come first.
+        let script = vec![
+            migration("setup"),
+            json!({ "event": "RESUME", "timestamp": {} }),
+            migration("completed"),
+            json!({ "return": {} }),
+        ];
+        let server = tokio::spawn(serve(listener, script));
+        let mut qmp = Qmp::connect(&path).await.expect("connect");
+        qmp.execute("migrate-incoming", None).await.expect("answered");
+        let done = tokio::time::timeout(
+            Duration::from_secs(5),
+            qmp.wait_event("MIGRATION", |data| data["status"] == "completed"),
+        )
+        .await
+        .expect("the kept event is found without reading more")
+        .expect("no error");
+        assert_eq!(done["status"], "completed");
+        drop(qmp);
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_an_event_skips_the_others_and_reads_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let script = vec![
+            json!({ "return": {} }),
+            migration("setup"),
+            migration("active"),
+            migration("failed"),
+        ];
+        let server = tokio::spawn(serve(listener, script));
+        let mut qmp = Qmp::connect(&path).await.expect("connect");
+        qmp.execute("migrate-incoming", None).await.expect("answered");
+        let ended = qmp
+            .wait_event("MIGRATION", |data| {
+                matches!(data["status"].as_str(), Some("completed" | "failed"))
+            })
+            .await
+            .expect("an end");
+        assert_eq!(ended["status"], "failed");
+        drop(qmp);
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_ends_the_wait_with_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write.write_all(b"{\"QMP\": {}}\n").await.expect("greet");
+            lines.next_line().await.expect("read");
+            write.write_all(b"{\"return\": {}}\n").await.expect("answer");
+            // QEMU ends (a failed load ends the process): the connection closes.
+        });
+        let mut qmp = Qmp::connect(&path).await.expect("connect");
+        server.await.expect("server");
+        let error = qmp.wait_event("MIGRATION", |_| true).await.expect_err("closed");
+        assert!(error.contains("closed"), "{error}");
     }
 }
