@@ -154,25 +154,32 @@ mod tests {
         let _ = lines.next_line().await;
     }
 
+    /// A client connected to [`serve`] with `script`, and the server's task (the
+    /// directory keeps the socket).
+    async fn connected(script: Vec<Value>) -> (Qmp, tokio::task::JoinHandle<()>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(serve(listener, script));
+        let qmp = Qmp::connect(&path).await.expect("connect");
+        (qmp, server, dir)
+    }
+
     fn migration(status: &str) -> Value {
         json!({ "event": "MIGRATION", "data": { "status": status }, "timestamp": {} })
     }
 
     #[tokio::test]
     async fn an_event_that_came_before_a_commands_answer_is_still_waited_for() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("qmp");
-        let listener = UnixListener::bind(&path).expect("bind");
         // The load finishes before QEMU answers the command that started it: its events
         // come first.
-        let script = vec![
+        let (mut qmp, server, _dir) = connected(vec![
             migration("setup"),
             json!({ "event": "RESUME", "timestamp": {} }),
             migration("completed"),
             json!({ "return": {} }),
-        ];
-        let server = tokio::spawn(serve(listener, script));
-        let mut qmp = Qmp::connect(&path).await.expect("connect");
+        ])
+        .await;
         qmp.execute("migrate-incoming", None).await.expect("answered");
         let done = tokio::time::timeout(
             Duration::from_secs(5),
@@ -188,17 +195,13 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_for_an_event_skips_the_others_and_reads_on() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("qmp");
-        let listener = UnixListener::bind(&path).expect("bind");
-        let script = vec![
+        let (mut qmp, server, _dir) = connected(vec![
             json!({ "return": {} }),
             migration("setup"),
             migration("active"),
             migration("failed"),
-        ];
-        let server = tokio::spawn(serve(listener, script));
-        let mut qmp = Qmp::connect(&path).await.expect("connect");
+        ])
+        .await;
         qmp.execute("migrate-incoming", None).await.expect("answered");
         let ended = qmp
             .wait_event("MIGRATION", |data| {
