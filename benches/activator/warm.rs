@@ -91,7 +91,7 @@ pub async fn run(mode: Mode, generator: &Generator) {
     // unlike throughput, it does not depend on how the two cores were shared out.
     let activator_pids = vec![activator.pid()];
     let nginx_pids = nginx.as_ref().map(Nginx::pids).unwrap_or_default();
-    println!("Each target's row is its median round by requests/s.");
+    println!("Each target's row is its median round by requests/s; errors are those of all rounds.");
     println!("\n| concurrency | target | req/s | p50 µs | p99 µs | errors | CPU µs per request |");
     println!("|---:|---|---:|---:|---:|---:|---:|");
     let mut ratios = Vec::new();
@@ -134,12 +134,17 @@ pub async fn run(mode: Mode, generator: &Generator) {
         };
         for name in ["direct", "nginx", "activator"] {
             if let Some((r, cpu)) = median_of(name) {
+                // Errors of every round, not only the median one's.
+                let errors: u64 = rounds_run
+                    .iter()
+                    .filter_map(|r| find(r, name))
+                    .map(|(r, _)| r.errors)
+                    .sum();
                 println!(
-                    "| {concurrency} | {name} | {:.0} | {} | {} | {} | {} |",
+                    "| {concurrency} | {name} | {:.0} | {} | {} | {errors} | {} |",
                     r.rps,
                     us(r.p50),
                     us(r.p99),
-                    r.errors,
                     cpu.map_or_else(|| "–".into(), |c| format!("{c:.1}"))
                 );
             }

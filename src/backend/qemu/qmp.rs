@@ -203,12 +203,15 @@ mod tests {
         ])
         .await;
         qmp.execute("migrate-incoming", None).await.expect("answered");
-        let ended = qmp
-            .wait_event("MIGRATION", |data| {
+        let ended = tokio::time::timeout(
+            Duration::from_secs(5),
+            qmp.wait_event("MIGRATION", |data| {
                 matches!(data["status"].as_str(), Some("completed" | "failed"))
-            })
-            .await
-            .expect("an end");
+            }),
+        )
+        .await
+        .expect("the wait ends")
+        .expect("an end");
         assert_eq!(ended["status"], "failed");
         drop(qmp);
         server.await.expect("server");
@@ -230,7 +233,10 @@ mod tests {
         });
         let mut qmp = Qmp::connect(&path).await.expect("connect");
         server.await.expect("server");
-        let error = qmp.wait_event("MIGRATION", |_| true).await.expect_err("closed");
+        let error = tokio::time::timeout(Duration::from_secs(5), qmp.wait_event("MIGRATION", |_| true))
+            .await
+            .expect("the wait ends")
+            .expect_err("closed");
         assert!(error.contains("closed"), "{error}");
     }
 }
