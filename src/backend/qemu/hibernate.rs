@@ -324,10 +324,11 @@ pub(super) fn ignore_shared() -> serde_json::Value {
 /// A restore's capabilities: [`ignore_shared`]'s, and `events` — QEMU announces the end
 /// of the load with a `MIGRATION` event instead of being asked until it is done.
 pub(super) fn incoming_capabilities() -> serde_json::Value {
-    json!({ "capabilities": [
-        { "capability": "x-ignore-shared", "state": true },
-        { "capability": "events", "state": true },
-    ] })
+    let mut capabilities = ignore_shared();
+    if let Some(list) = capabilities["capabilities"].as_array_mut() {
+        list.push(json!({ "capability": "events", "state": true }));
+    }
+    capabilities
 }
 
 /// Makes a written `.partial` the VM's state: synced (with the RAM file, if any),
