@@ -92,6 +92,9 @@ impl Activator {
     /// effect when the VM is next stopped), and removes VMs that left the catalog.
     pub fn sync_catalog(&self, catalog: &Catalog) {
         let mut removed = Vec::new();
+        // Told once the registry's lock is released: an owner at rest takes its first
+        // steps on this thread (`VmHandle::send`), and they must not run under the lock.
+        let mut changed = Vec::new();
         {
             let mut vms = self.vms.write().unwrap_or_else(|e| e.into_inner());
             for (key, policy) in catalog.iter() {
@@ -102,11 +105,11 @@ impl Activator {
                         if vm.needs_owner(policy) {
                             // Its owner runs from now on, to start it ahead of each keep-warm
                             // window, or of the event its stored idle history predicts.
-                            vm.set_policy(policy.clone());
+                            changed.push((vm.clone(), policy.clone()));
                         }
                         namespace.insert(key.name.clone(), vm);
                     }
-                    Some(vm) if vm.gate().policy() != *policy => vm.set_policy(policy.clone()),
+                    Some(vm) if vm.gate().policy() != *policy => changed.push((vm.clone(), policy.clone())),
                     Some(_) => {}
                 }
             }
@@ -120,6 +123,9 @@ impl Activator {
                 });
             }
             vms.retain(|_, namespace| !namespace.is_empty());
+        }
+        for (vm, policy) in changed {
+            vm.set_policy(policy);
         }
         for vm in removed {
             vm.remove();

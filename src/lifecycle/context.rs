@@ -96,6 +96,14 @@ impl Context {
         }
     }
 
+    /// Polls `task` once on this thread, as if it ran on the context's runtime (its
+    /// timers, I/O and spawns belong there), with a waker that does nothing: whatever it
+    /// waits for must be polled again — by the task it is spawned as next.
+    pub(super) fn poll_once<F: std::future::Future>(&self, task: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        let _runtime = self.runtime.as_ref().map(|runtime| runtime.enter());
+        task.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
     /// The backend.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend

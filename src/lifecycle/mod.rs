@@ -14,7 +14,8 @@
 //!
 //! The owner's task runs only while the VM has something going on (starting, running,
 //! stopping, held requests, a timer): a stopped VM costs no task, which is what lets
-//! thousands of registered VMs cost little. The next command spawns it again.
+//! thousands of registered VMs cost little. The next command starts it again: on the
+//! sender's thread until it first waits, then as a task (`VmHandle::send`).
 //!
 //! See docs/architecture.md for the state diagram.
 //!
@@ -142,6 +143,8 @@ struct OwnerSlot {
     task: Option<AbortHandle>,
     dormant: Option<GateTx>,
     removed: bool,
+    /// The process is stopping: an owner still on its way to its task is not started.
+    aborted: bool,
 }
 
 struct HandleInner {
@@ -175,6 +178,7 @@ impl VmHandle {
                 task: None,
                 dormant: Some(tx),
                 removed: false,
+                aborted: false,
             }),
             learning: Mutex::new(None),
         }));
@@ -335,6 +339,7 @@ impl VmHandle {
     pub(crate) fn abort(&self) {
         let mut slot = self.lock_slot();
         slot.removed = true;
+        slot.aborted = true;
         slot.commands = None;
         if let Some(task) = slot.task.take() {
             task.abort();
@@ -351,9 +356,15 @@ impl VmHandle {
         self.0.owner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends `command` to the owner, spawning it if it is not running. Sends happen
+    /// Sends `command` to the owner, starting it if it is not running. Sends happen
     /// under the slot's lock, so an owner that decides to end (under the same lock)
     /// never leaves a command behind.
+    ///
+    /// A new owner takes its first command on the caller's thread: its first steps — a
+    /// cold start's start call among them — run here, in the owner runtime's context,
+    /// until the owner first waits; only then is it spawned there. Spawned at once, the
+    /// start call would wait for a thread of that runtime to wake (the request is served
+    /// on an ingress worker thread): the start signal's one cross-thread hop.
     fn send(&self, command: Command) -> Result<(), ()> {
         let mut slot = self.lock_slot();
         if slot.removed {
@@ -373,13 +384,24 @@ impl VmHandle {
             return Err(());
         };
         let (commands, inbox) = mpsc::unbounded_channel();
-        let _ = commands.send(command);
-        // Made inside its task: the owner's timers belong to the runtime it runs on, not to
-        // the caller's (a request on an ingress worker thread).
-        let handle = self.clone();
-        let owner = async move { owner::Owner::new(handle, tx, inbox).run().await };
-        slot.task = Some(self.0.context.spawn(owner).abort_handle());
+        // Commands sent from now on wait in the inbox until the owner takes them.
         slot.commands = Some(commands);
+        drop(slot);
+        let handle = self.clone();
+        let mut owner = Box::pin(async move { owner::Owner::new(handle, tx, inbox).run(command).await });
+        if self.0.context.poll_once(owner.as_mut()).is_ready() {
+            // It did what it was asked and retired (or ended) without waiting.
+            return Ok(());
+        }
+        // Spawned under the lock: the owner may retire as soon as it runs, and does so
+        // under the same lock, after its task is recorded here.
+        let mut slot = self.lock_slot();
+        let task = self.0.context.spawn(owner);
+        if slot.aborted {
+            task.abort();
+        } else {
+            slot.task = Some(task.abort_handle());
+        }
         Ok(())
     }
 

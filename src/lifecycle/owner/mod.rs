@@ -141,10 +141,11 @@ impl Owner {
         owner
     }
 
-    /// Takes events until the VM has nothing going on (or leaves the catalog).
-    pub(super) async fn run(mut self) {
+    /// Takes `first`, then events, until the VM has nothing going on (or leaves the
+    /// catalog).
+    pub(super) async fn run(mut self, first: Command) {
+        let mut event = Event::Command(first);
         loop {
-            let event = self.next_event().await;
             if self.on(event) == Flow::End {
                 return;
             }
@@ -159,6 +160,7 @@ impl Owner {
                     }
                 }
             }
+            event = self.next_event().await;
         }
     }
 

@@ -207,3 +207,28 @@ async fn a_request_held_for_a_slot_times_out_after_its_own_start_timeout() {
     drop(busy);
     drop(w.admit().await.unwrap().unwrap());
 }
+
+/// The start call is made on the thread of the request that asks for it, before the
+/// owners' runtime runs anything: the start signal waits for no other thread to wake.
+#[test]
+fn a_cold_start_calls_the_backend_before_the_owners_runtime_runs() {
+    // The owners' runtime: the context is made on it, and it is never driven again.
+    let owners = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let w = owners.block_on(async { world(policy()) });
+    let ingress = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    ingress.block_on(async {
+        let vm = w.vm.clone();
+        let held = tokio::spawn(async move { vm.admit(0).await });
+        tokio::task::yield_now().await;
+        assert_eq!(w.backend.calls(), ["start"], "started from the request's thread");
+        assert_eq!(w.phase(), VmPhase::Starting);
+        assert!(!held.is_finished(), "held until the VM is ready");
+        held.abort();
+    });
+}
