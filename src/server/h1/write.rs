@@ -88,7 +88,10 @@ pub fn head(
     }
     match framing {
         BodyFraming::Length(len) => {
-            let _ = write!(out, "content-length: {len}\r\n");
+            // Not `write!`: formatting machinery per response, for one integer.
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         BodyFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         BodyFraming::None => {
