@@ -33,7 +33,9 @@ mod tests;
 
 pub use context::{Context, IdleRules, WallClock};
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -389,9 +391,17 @@ impl VmHandle {
         drop(slot);
         let handle = self.clone();
         let mut owner = Box::pin(async move { owner::Owner::new(handle, tx, inbox).run(command).await });
-        if self.0.context.poll_once(owner.as_mut()).is_ready() {
+        // A panic stays the owner's, as it would in its task: the caller's request (or
+        // connection) goes on, and the requests the owner held are answered by its end.
+        let first = std::panic::catch_unwind(AssertUnwindSafe(|| self.0.context.poll_once(owner.as_mut())));
+        match first {
             // It did what it was asked and retired (or ended) without waiting.
-            return Ok(());
+            Ok(Poll::Ready(())) => return Ok(()),
+            Ok(Poll::Pending) => {}
+            Err(_) => {
+                tracing::error!(vm = %self.key(), "the VM's owner panicked");
+                return Ok(());
+            }
         }
         // Spawned under the lock: the owner may retire as soon as it runs, and does so
         // under the same lock, after its task is recorded here.

@@ -27,6 +27,8 @@ struct Scripted {
     status: watch::Sender<BackendStatus>,
     calls: Mutex<Vec<&'static str>>,
     start_error: Mutex<Option<String>>,
+    /// `start` panics (a bug in a backend).
+    start_panics: Mutex<bool>,
     pause_supported: Mutex<bool>,
     hibernate_supported: Mutex<bool>,
     /// What `restored` says after a start.
@@ -54,6 +56,9 @@ impl Backend for Scripted {
 
     async fn start(&self, _: &VmKey) -> Result<(), BackendError> {
         self.record("start");
+        if *self.start_panics.lock().unwrap() {
+            panic!("scripted: start panics");
+        }
         if let Some(message) = self.start_error.lock().unwrap().clone() {
             return Err(BackendError::Failed { op: "start", message });
         }
@@ -195,6 +200,7 @@ fn world_with(policy: Policy, rules: IdleRules) -> World {
         status: watch::channel(BackendStatus::stopped()).0,
         calls: Mutex::default(),
         start_error: Mutex::default(),
+        start_panics: Mutex::new(false),
         pause_supported: Mutex::new(true),
         hibernate_supported: Mutex::new(true),
         restores: Mutex::new(false),

@@ -232,3 +232,24 @@ fn a_cold_start_calls_the_backend_before_the_owners_runtime_runs() {
         held.abort();
     });
 }
+
+/// A panic in an owner's first steps (here: the backend's start call, made on the
+/// request's thread) is the owner's, as it would be in its own task: the request is
+/// answered, its caller does not unwind, and later requests are refused, not hung.
+#[tokio::test(start_paused = true)]
+async fn an_owner_that_panics_in_its_first_steps_answers_the_request() {
+    let w = world(policy());
+    *w.backend.start_panics.lock().unwrap() = true;
+    // In the test's own task: a panic that reached the caller would fail the test.
+    let first = w.vm.admit(0).await;
+    assert!(
+        matches!(first, Err(AdmitError::Stopped(_))),
+        "the held request is answered"
+    );
+    assert_eq!(w.backend.calls(), ["start"]);
+    let later = w.vm.admit(0).await;
+    assert!(
+        matches!(later, Err(AdmitError::Stopped(_))),
+        "later requests are refused"
+    );
+}
