@@ -1,6 +1,6 @@
 //! HTTP/1.1 pieces both directions share, all pure (no I/O) but `fill`: the chunked
 //! transfer coding's decoder, the framing fields' parsers, header names kept without a
-//! copy, and the read into a connection's buffer.
+//! copy, header maps kept for the next head, and the read into a connection's buffer.
 //! The ingress's server (`server::h1`) reads requests with them, the proxy's client
 //! (`proxy::wire`) reads guests' responses with them.
 //!
@@ -9,6 +9,7 @@
 pub mod chunked;
 pub mod fields;
 pub mod fill;
+pub mod maps;
 pub mod names;
 
 /// The most header (or trailer) lines a message may have (hyper's default).

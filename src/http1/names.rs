@@ -27,13 +27,28 @@ static KNOWN: [HeaderName; 14] = [
     HeaderName::from_static("x-request-id"),
 ];
 
+/// `ce-specversion`, to look up by: a `&str` is parsed and lowercased again at every
+/// lookup.
+pub static CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+
+/// `ce-type`, to look up by (see [`CE_SPECVERSION`]).
+pub static CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
+
 /// The longest name in `KNOWN`.
 const LONGEST: usize = 21;
 
 /// `bytes` as a header name: one of the kept names if it is one (in any case), else
 /// what `HeaderName::from_bytes` makes of it (a standard name, or a copy).
 pub fn header_name(bytes: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
-    if (5..=LONGEST).contains(&bytes.len()) {
+    // Only a name shaped like a kept one is lowercased and looked up: `ce-…`, `t…`,
+    // `p…` or `x-…` (`Content-Type`, `Host`, `Date` go straight to `http`).
+    let shaped = |bytes: &[u8]| match bytes[0].to_ascii_lowercase() {
+        b'c' => bytes[2] == b'-',
+        b't' | b'p' => true,
+        b'x' => bytes[1] == b'-',
+        _ => false,
+    };
+    if (5..=LONGEST).contains(&bytes.len()) && shaped(bytes) {
         let mut lower = [0u8; LONGEST];
         for (l, b) in lower.iter_mut().zip(bytes) {
             *l = b.to_ascii_lowercase();
@@ -75,6 +90,11 @@ mod tests {
         assert_eq!(header_name(b"Content-Type").unwrap(), http::header::CONTENT_TYPE);
         assert_eq!(header_name(b"ce-myextension").unwrap(), "ce-myextension");
         assert_eq!(header_name(b"ce-ids").unwrap(), "ce-ids");
+        assert_eq!(header_name(b"X-Request-ID").unwrap(), "x-request-id");
+        assert_eq!(header_name(b"TraceParent").unwrap(), "traceparent");
+        assert_eq!(header_name(b"Prefer").unwrap(), "prefer");
+        assert_eq!(header_name(b"Content-Length").unwrap(), http::header::CONTENT_LENGTH);
+        assert_eq!(header_name(b"cx-id").unwrap(), "cx-id");
         assert!(header_name(b"ce id").is_err());
         assert!(header_name(b"").is_err());
     }

@@ -244,14 +244,18 @@ where
         let config = &x.state.config;
         let body = read_body(x.headers, x.body, config.max_body_bytes, config.body_read_timeout).await?;
         let envelope = cloudevent::validate(x.headers, body)?;
-        if let Some(kind) = envelope.event_type(x.headers) {
-            if config.prewarm_types.iter().any(|t| t == kind) {
-                // A pre-warm: start the VM, deliver nothing.
-                let phase = x.vm.warm().await?;
-                let body = serde_json::json!({"prewarm": true, "state": phase.as_str()});
-                let response = (http::StatusCode::ACCEPTED, axum::Json(body)).into_response();
-                return Ok(response.map(IngressBody::Own));
-            }
+        // The type is looked up only when some type is a pre-warm (most configurations
+        // have none).
+        if !config.prewarm_types.is_empty()
+            && envelope
+                .event_type(x.headers)
+                .is_some_and(|kind| config.prewarm_types.iter().any(|t| t == kind))
+        {
+            // A pre-warm: start the VM, deliver nothing.
+            let phase = x.vm.warm().await?;
+            let body = serde_json::json!({"prewarm": true, "state": phase.as_str()});
+            let response = (http::StatusCode::ACCEPTED, axum::Json(body)).into_response();
+            return Ok(response.map(IngressBody::Own));
         }
         if telemetry::enabled() {
             trace_cloudevent(&envelope, x.headers);

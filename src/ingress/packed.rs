@@ -10,6 +10,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::http1::maps;
+
 /// Headers packed while their request is held.
 pub(super) struct PackedHeaders {
     /// `name:value\n` for each header in order (a name has no ':', a value no '\n').
@@ -33,9 +35,11 @@ impl PackedHeaders {
             lines.put_slice(value.as_bytes());
             lines.put_u8(b'\n');
         }
+        let count = headers.len();
+        maps::give_back(headers);
         PackedHeaders {
             lines: lines.freeze(),
-            count: headers.len(),
+            count,
         }
     }
 
@@ -47,7 +51,7 @@ impl PackedHeaders {
 
     /// The headers as a map again, in their order. The values share the packed buffer.
     pub(super) fn unpack(self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.count);
+        let mut map = maps::take(self.count);
         for (name, value) in self.lines() {
             // Both were a valid name and value when packed.
             let (Ok(name), Ok(value)) = (

@@ -18,8 +18,12 @@ pub(super) struct Target<'a> {
     pub(super) rest: &'a str,
 }
 
-/// One path segment, percent-decoded (borrowed when there is nothing to decode).
+/// One path segment, percent-decoded (borrowed when there is nothing to decode: without
+/// a '%' the segment is already the text it stands for).
 fn decode(segment: &str) -> Result<Cow<'_, str>, IngressError> {
+    if !segment.contains('%') {
+        return Ok(Cow::Borrowed(segment));
+    }
     cloudevent::percent_decode(segment.as_bytes()).map_err(|e| IngressError::BadPath(format!("{segment:?}: {e}")))
 }
 
@@ -34,7 +38,8 @@ impl<'a> Target<'a> {
             return Err(IngressError::NoRoute(path.to_string()));
         }
         let rest = parts.next().unwrap_or("");
-        for segment in rest.split('/') {
+        // An empty rest (the usual `/{namespace}/{vm}`) has no segment to check.
+        for segment in rest.split('/').filter(|_| !rest.is_empty()) {
             let decoded = decode(segment)?;
             // Reject traversal even when hidden behind encoded slashes or backslashes:
             // the guest may decode them and leave the configured path prefix.
@@ -150,6 +155,8 @@ mod tests {
             "/default/demo/..%2Fadmin",
             "/default/demo/..%5Cadmin",
             "/default/demo/%zz",
+            "/default/demo/a\\..\\b",
+            "/default/%zz",
         ] {
             assert!(matches!(Target::parse(path), Err(IngressError::BadPath(_))), "{path}");
         }

@@ -32,6 +32,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 
 use crate::config::ProxyConfig;
+use crate::http1::maps;
 use crate::vm::Endpoint;
 pub use body::{BodyError, GuardedBody, PooledBody};
 use conn::Exchange;
@@ -73,6 +74,13 @@ pub enum ProxyError {
 /// repeated without copying anything.
 #[derive(Debug)]
 pub struct GuestRequest(Request<Bytes>);
+
+impl Drop for GuestRequest {
+    /// Its header map is kept for the next head this thread parses (`http1::maps`).
+    fn drop(&mut self) {
+        maps::give_back(std::mem::take(self.0.headers_mut()));
+    }
+}
 
 /// What a failed attempt leaves.
 #[derive(Debug)]

@@ -27,7 +27,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Version};
 
 use crate::http1::fields::{last_coding_is_chunked, Persistence};
-use crate::http1::{names, MAX_HEADERS};
+use crate::http1::{maps, names, MAX_HEADERS};
 
 /// The largest response head taken from a guest (status line and headers).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -174,7 +174,7 @@ fn frame(
     head: &Bytes,
     spans: &[Span],
 ) -> Result<ResponseHead, WireError> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = maps::take(spans.len());
     let mut persistence = Persistence::new(http11);
     let (mut te, mut chunked) = (false, false);
     let mut length: Option<u64> = None;

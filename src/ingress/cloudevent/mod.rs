@@ -17,6 +17,8 @@ mod structured;
 use bytes::Bytes;
 use http::header::{HeaderMap, CONTENT_TYPE};
 
+use crate::http1::names;
+
 pub use binary::percent_decode;
 use binary::validate_binary;
 use structured::{validate_batch, validate_structured};
@@ -95,7 +97,7 @@ impl Envelope {
     /// The event's `type` (one event: binary or structured mode; `None` for a batch).
     pub fn event_type<'a>(&'a self, headers: &'a HeaderMap) -> Option<&'a str> {
         match self.mode {
-            Mode::Binary => headers.get("ce-type").and_then(|v| v.to_str().ok()),
+            Mode::Binary => headers.get(&names::CE_TYPE).and_then(|v| v.to_str().ok()),
             Mode::Structured => self.attribute(|a| a.kind.as_deref()),
             Mode::Batch(_) => None,
         }
@@ -210,7 +212,7 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
                 body,
             })
         }
-        () if headers.contains_key("ce-specversion") => {
+        () if headers.contains_key(&names::CE_SPECVERSION) => {
             validate_binary(headers)?;
             Ok(Envelope {
                 mode: Mode::Binary,

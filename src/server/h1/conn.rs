@@ -36,6 +36,7 @@ use tokio::time::{Instant, Sleep};
 use super::body::{Reader, ReaderSlot, RequestBody};
 use super::head::{self, Framing, Head, HeadError};
 use super::write::{self, BodyFraming};
+use crate::http1::maps;
 
 /// The first read of a head asks for this much; most CloudEvents heads fit.
 const HEAD_START: usize = 1024;
@@ -287,6 +288,8 @@ where
     let close = close || framing == BodyFraming::UntilClose;
     out.reserve(256);
     write::head(out, version, parts.status, &parts.headers, framing, close);
+    // Written: the map is kept for the next head this thread parses.
+    maps::give_back(parts.headers);
     if framing == BodyFraming::None {
         // Dropped before the answer is written: what it holds (the request's place in
         // flight) is released before the sender can see the answer.

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 
 use crate::http1::fields::{digits, last_coding_is_chunked, Persistence};
-use crate::http1::names;
+use crate::http1::{maps, names};
 use http::{Method, Uri, Version};
 
 pub use crate::http1::MAX_HEADERS;
@@ -141,7 +141,7 @@ fn frame(
     spans: &[Span],
     slice: impl Fn((usize, usize)) -> Bytes,
 ) -> Result<Head, HeadError> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = maps::take(spans.len());
     let mut persistence = Persistence::new(http11);
     let (mut te, mut chunked, mut length, mut saw_length) = (false, false, None::<u64>, false);
     let mut expect_continue = false;
