@@ -43,7 +43,7 @@ pub struct Cli {
     /// Bearer mode: file of accepted tokens (one per line, `#` comments).
     #[arg(long, env = "VM_ACTIVATOR_BEARER_TOKENS_FILE")]
     pub bearer_tokens_file: Option<PathBuf>,
-    /// OIDC mode: the token issuer (`iss`), e.g. https://kubernetes.default.svc.cluster.local.
+    /// OIDC mode: the token issuer (`iss`), e.g. `https://kubernetes.default.svc.cluster.local`.
     #[arg(long, env = "VM_ACTIVATOR_OIDC_ISSUER")]
     pub oidc_issuer: Option<String>,
     /// OIDC mode: the audience (`aud`) tokens must be for.
