@@ -182,8 +182,9 @@ fn frame(
     for &(name_at, name_len, value_at, value_len) in spans {
         let name =
             names::header_name(&head[name_at..name_at + name_len]).map_err(|_| WireError::Malformed("header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-            .map_err(|_| WireError::Malformed("header value"))?;
+        // SAFETY: as in the request head's parser (`server::h1::head`): `httparse` took
+        // the value only if every byte is one `HeaderValue` allows.
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(value_at..value_at + value_len)) };
         match name {
             header::TRANSFER_ENCODING => {
                 te = true;
