@@ -21,7 +21,9 @@ pub(super) struct Target<'a> {
 /// One path segment, percent-decoded (borrowed when there is nothing to decode: without
 /// a '%' the segment is already the text it stands for).
 fn decode(segment: &str) -> Result<Cow<'_, str>, IngressError> {
-    if !segment.contains('%') {
+    // A byte loop, not `contains`: segments are short, and a search's set-up costs more
+    // than the walk.
+    if !segment.bytes().any(|b| b == b'%') {
         return Ok(Cow::Borrowed(segment));
     }
     cloudevent::percent_decode(segment.as_bytes()).map_err(|e| IngressError::BadPath(format!("{segment:?}: {e}")))
@@ -30,14 +32,20 @@ fn decode(segment: &str) -> Result<Cow<'_, str>, IngressError> {
 impl<'a> Target<'a> {
     pub(super) fn parse(path: &'a str) -> Result<Target<'a>, IngressError> {
         let trimmed = path.strip_prefix('/').unwrap_or(path);
-        let mut parts = trimmed.splitn(3, '/');
-        let (Some(ns), Some(name)) = (parts.next(), parts.next()) else {
+        // `/{namespace}/{vm}[/{rest}]`, split at its first two slashes by byte loops (a
+        // path is short: a search's set-up costs more than the walk).
+        let slash = |s: &str| s.bytes().position(|b| b == b'/');
+        let Some(first) = slash(trimmed) else {
             return Err(IngressError::NoRoute(path.to_string()));
+        };
+        let (ns, tail) = (&trimmed[..first], &trimmed[first + 1..]);
+        let (name, rest) = match slash(tail) {
+            Some(second) => (&tail[..second], &tail[second + 1..]),
+            None => (tail, ""),
         };
         if ns.is_empty() || name.is_empty() {
             return Err(IngressError::NoRoute(path.to_string()));
         }
-        let rest = parts.next().unwrap_or("");
         // An empty rest (the usual `/{namespace}/{vm}`) has no segment to check.
         for segment in rest.split('/').filter(|_| !rest.is_empty()) {
             let decoded = decode(segment)?;
@@ -160,6 +168,10 @@ mod tests {
         ] {
             assert!(matches!(Target::parse(path), Err(IngressError::BadPath(_))), "{path}");
         }
-        assert!(matches!(Target::parse("/onlyone"), Err(IngressError::NoRoute(_))));
+        for path in ["/onlyone", "/", "", "/default/", "//demo", "/default//x"] {
+            assert!(matches!(Target::parse(path), Err(IngressError::NoRoute(_))), "{path:?}");
+        }
+        let t = Target::parse("default/demo/").unwrap();
+        assert_eq!((&*t.namespace, &*t.name, t.rest), ("default", "demo", ""));
     }
 }

@@ -21,9 +21,20 @@ pub(super) fn validate_binary(headers: &HeaderMap) -> Result<(), EventError> {
         let Some(attribute) = name.as_str().strip_prefix("ce-") else {
             continue;
         };
-        if attribute.is_empty()
-            || attribute.len() > 20
-            || !attribute.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        // A match, not a search of `REQUIRED`: the compiler switches on the length. The
+        // required names are well-formed; only another name's characters are checked.
+        let slot = match attribute {
+            "specversion" => Some(0),
+            "id" => Some(1),
+            "source" => Some(2),
+            "type" => Some(3),
+            _ => None,
+        };
+        debug_assert_eq!(slot, REQUIRED.iter().position(|r| *r == attribute));
+        if slot.is_none()
+            && (attribute.is_empty()
+                || attribute.len() > 20
+                || !attribute.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
         {
             return Err(EventError::Header {
                 header: name.to_string(),
@@ -34,7 +45,7 @@ pub(super) fn validate_binary(headers: &HeaderMap) -> Result<(), EventError> {
             header: name.to_string(),
             message,
         })?;
-        if let Some(slot) = REQUIRED.iter().position(|r| *r == attribute) {
+        if let Some(slot) = slot {
             if attrs[slot].is_some() {
                 return Err(EventError::Header {
                     header: name.to_string(),
@@ -73,6 +84,12 @@ pub(super) fn validate_binary(headers: &HeaderMap) -> Result<(), EventError> {
 /// assert!(percent_decode(b"100%").is_err());
 /// ```
 pub fn percent_decode(raw: &[u8]) -> Result<Cow<'_, str>, String> {
+    // The usual value (an id, a source, a type) is ASCII with nothing to decode: text as
+    // it is, without the general UTF-8 check.
+    if raw.is_ascii() && !raw.contains(&b'%') {
+        // SAFETY: every byte is ASCII, so `raw` is valid UTF-8.
+        return Ok(Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(raw) }));
+    }
     if !raw.contains(&b'%') {
         // The common case: nothing to decode, nothing to allocate.
         return std::str::from_utf8(raw)

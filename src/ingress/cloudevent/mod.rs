@@ -176,16 +176,18 @@ impl EventError {
 }
 
 /// The media type of a `Content-Type` value, without parameters (compare it ignoring
-/// ASCII case).
-fn media_type(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
-    Some(value.split(';').next().unwrap_or("").trim())
+/// ASCII case). Bytes, not text: only equality with two ASCII names is asked of it, and
+/// a value that is not text equals neither.
+fn media_type(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(CONTENT_TYPE)?.as_bytes();
+    let end = value.iter().position(|&b| b == b';').unwrap_or(value.len());
+    Some(value[..end].trim_ascii())
 }
 
 /// Validates a request's headers and body as one CloudEvent (or a batch).
 pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError> {
     let media_type = media_type(headers);
-    let is = |wanted: &str| media_type.is_some_and(|m| m.eq_ignore_ascii_case(wanted));
+    let is = |wanted: &str| media_type.is_some_and(|m| m.eq_ignore_ascii_case(wanted.as_bytes()));
     match () {
         () if is(STRUCTURED) => {
             let attributes = validate_structured(&body)?;
