@@ -293,10 +293,8 @@ fn forwarding<'a, B>(
     guest_uri: http::Uri,
     body: Bytes,
 ) -> impl Future<Output = Result<Response<IngressBody>, IngressError>> + 'a {
-    let span = match telemetry::enabled() {
-        true => trace_admitted(&permit, x.headers),
-        false => Span::none(),
-    };
+    // Before the headers are taken: the guest gets the `forward` span's `traceparent`.
+    let traced = telemetry::enabled().then(|| trace_admitted(&permit, x.headers));
     // The guest gets the sender's headers (taken: nothing else needs them now).
     let (mut head, ()) = Request::new(()).into_parts();
     head.method = http::Method::POST;
@@ -304,7 +302,12 @@ fn forwarding<'a, B>(
     let body_bytes = body.len();
     let request = Proxy::prepare(guest_uri, head, body);
     let (state, vm, policy, arrived) = (x.state, x.vm, x.policy, x.arrived);
-    Box::pin(forward(state, vm, policy, request, permit, arrived, body_bytes).instrument(span))
+    let forward = forward(state, vm, policy, request, permit, arrived, body_bytes);
+    // Instrumented only when traced (see `Ingress::answer`).
+    match traced {
+        Some(span) => Box::pin(futures_util::future::Either::Left(forward.instrument(span))),
+        None => Box::pin(futures_util::future::Either::Right(forward)),
+    }
 }
 
 /// Puts the CloudEvent's attributes on the request's span. Not inline in `handle`: its
@@ -346,7 +349,12 @@ mod held_state {
         let state = IngressState::new(app.activator, Proxy::new(&Default::default()), Default::default(), auth);
         // The listener's request body is hyper's `Incoming`, which a test cannot make:
         // a body of the same size stands in for it.
-        let future = service(state, 1).answer(Request::new(LikeIncoming::default()));
+        let future = service(state, 1).answer(
+            http::Method::POST,
+            http::Uri::default(),
+            http::HeaderMap::new(),
+            LikeIncoming::default(),
+        );
         let size = std::mem::size_of_val(&future);
         eprintln!("ingress future: {size} bytes");
         assert!(size <= 736, "the ingress future is {size} bytes");

@@ -89,47 +89,59 @@ impl Ingress {
         // `map`, not an `async` block around it: a block awaiting the exchange would keep
         // it twice (as its capture and as its awaited local). Instrumented only when
         // traced: a span, even an empty one, is 40 bytes more per held HTTP/2 event.
-        if telemetry::enabled() {
-            let span = telemetry::event::span(request.headers());
-            Box::pin(self.exchange(request).instrument(span).map(Ok))
-        } else {
-            Box::pin(self.exchange(request).map(Ok))
+        let span = telemetry::enabled().then(|| telemetry::event::span(request.headers()));
+        let (parts, body) = request.into_parts();
+        let exchange = self.exchange(parts.method, parts.uri, parts.headers, body);
+        match span {
+            Some(span) => Box::pin(exchange.instrument(span).map(Ok)),
+            None => Box::pin(exchange.map(Ok)),
         }
     }
 
-    /// Answers `request`: the future the `Service` impls box, unboxed for a caller that
-    /// holds it inline (the HTTP/1.1 connection's task: one allocation less per request).
-    pub fn answer<B>(&self, request: Request<B>) -> impl Future<Output = Response<IngressBody>> + Send + use<B>
-    where
-        B: Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: Into<BoxError>,
-    {
-        // Traced: the whole request runs in its span; with traces off, no span is made.
-        let span = if telemetry::enabled() {
-            telemetry::event::span(request.headers())
-        } else {
-            tracing::Span::none()
-        };
-        self.exchange(request).instrument(span)
-    }
-
-    fn exchange<B>(&self, request: Request<B>) -> impl Future<Output = Response<IngressBody>> + Send + use<B>
+    /// Answers a request given as its parts — method, target, headers, body: the future
+    /// the `Service` impls box, unboxed for a caller that holds it inline (the HTTP/1.1
+    /// connection's task: one allocation less per request), and taking the parts apart
+    /// as that caller has them (a `Request` built only to be taken apart again is
+    /// moved, field by field, twice).
+    pub fn answer<B>(
+        &self,
+        method: http::Method,
+        uri: http::Uri,
+        headers: http::HeaderMap,
+        body: B,
+    ) -> impl Future<Output = Response<IngressBody>> + Send + use<B>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         use futures_util::future::Either;
-        // Taken apart here, not in the block: the block keeps what it captures, and
-        // `deliver` borrows it from there (see `deliver`). Of the head it keeps what
-        // `deliver` reads: the path and query (40 bytes of the URI's 88) and the
-        // headers, not the method, version and extensions (88 bytes fewer per held event).
-        let (parts, mut body) = request.into_parts();
-        let http::request::Parts {
-            method,
-            uri,
-            mut headers,
-            ..
-        } = parts;
+        // Traced: the whole request runs in its span. With traces off there is no span,
+        // and no `Instrumented` either: it would enter and leave an empty span at every
+        // poll and at its drop.
+        if telemetry::enabled() {
+            let span = telemetry::event::span(&headers);
+            Either::Left(self.exchange(method, uri, headers, body).instrument(span))
+        } else {
+            Either::Right(self.exchange(method, uri, headers, body))
+        }
+    }
+
+    /// The exchange of one request. Of the head it keeps what `deliver` reads: the path
+    /// and query (40 bytes of the URI's 88) and the headers, not the method, version and
+    /// extensions (88 bytes fewer per held event); `deliver` borrows them from the block
+    /// (see `deliver`).
+    fn exchange<B>(
+        &self,
+        method: http::Method,
+        uri: http::Uri,
+        mut headers: http::HeaderMap,
+        mut body: B,
+    ) -> impl Future<Output = Response<IngressBody>> + Send + use<B>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use futures_util::future::Either;
         if method != http::Method::POST {
             return Either::Left(std::future::ready(refuse_method(&self.state, &method, &uri)));
         }

@@ -263,8 +263,11 @@ impl h1::Handler for Ingress {
 
     fn handle(
         &self,
-        request: http::Request<h1::RequestBody>,
+        method: http::Method,
+        uri: http::Uri,
+        headers: http::HeaderMap,
+        body: h1::RequestBody,
     ) -> impl std::future::Future<Output = http::Response<ingress::IngressBody>> + Send {
-        self.answer(request)
+        self.answer(method, uri, headers, body)
     }
 }

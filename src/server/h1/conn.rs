@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response, StatusCode};
+use http::{Response, StatusCode};
 use http_body::Body;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -121,12 +121,8 @@ where
             ..
         } = head;
         let head_request = method == http::Method::HEAD;
-        let mut request = Request::new(RequestBody::new(reader, framing, slot.clone()));
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        *request.version_mut() = version;
-        *request.headers_mut() = headers;
-        let response = service.handle(request).await;
+        let body = RequestBody::new(reader, framing, slot.clone());
+        let response = service.handle(method, uri, headers, body).await;
         let body_read = slot
             .lock()
             .unwrap_or_else(|e| e.into_inner())

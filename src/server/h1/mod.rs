@@ -39,8 +39,15 @@ use tokio::sync::watch;
 pub trait Handler {
     /// The response body.
     type Body: Body<Data = Bytes>;
-    /// Answers `request`.
-    fn handle(&self, request: Request<RequestBody>) -> impl std::future::Future<Output = Response<Self::Body>> + Send;
+    /// Answers the request with this method, target, headers and body (its parts as the
+    /// connection has them: no `Request` is built only to be taken apart again).
+    fn handle(
+        &self,
+        method: http::Method,
+        uri: http::Uri,
+        headers: http::HeaderMap,
+        body: RequestBody,
+    ) -> impl std::future::Future<Output = Response<Self::Body>> + Send;
 }
 
 /// The first bytes of an HTTP/2 connection with prior knowledge.
