@@ -91,7 +91,7 @@ pub fn percent_decode(raw: &[u8]) -> Result<Cow<'_, str>, String> {
         return Ok(Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(raw) }));
     }
     if !raw.contains(&b'%') {
-        // The common case: nothing to decode, nothing to allocate.
+        // Not ASCII, nothing to decode: text as it is if it is UTF-8.
         return std::str::from_utf8(raw)
             .map(Cow::Borrowed)
             .map_err(|_| "value is not valid UTF-8".to_string());
