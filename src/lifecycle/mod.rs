@@ -268,9 +268,11 @@ impl VmHandle {
         // request has waited `start_timeout` (see `Owner::expire_held`).
         let release = match answer.await {
             Ok(result) => result?,
-            // The owner ended without answering: the VM left the catalog, or shutdown.
+            // The owner ended without answering: the VM left the catalog, shutdown, or
+            // the owner panicked (the next request's owner takes over: 503, try again).
             Err(_) if self.0.context.is_draining() => return Err(AdmitError::Draining),
-            Err(_) => return Err(AdmitError::Stopped("the VM was removed".into())),
+            Err(_) if self.lock_slot().removed => return Err(AdmitError::Stopped("the VM was removed".into())),
+            Err(_) => return Err(AdmitError::Stopped("the VM's owner failed; try again".into())),
         };
         let permit = gate.admit_released(ticket, release, arrived);
         self.share_activity(Some(arrived));
@@ -381,9 +383,13 @@ impl VmHandle {
             },
             None => command,
         };
-        let Some(tx) = slot.dormant.take() else {
-            tracing::error!(vm = %self.key(), "the VM's owner ended unexpectedly");
-            return Err(());
+        let tx = match slot.dormant.take() {
+            Some(tx) => tx,
+            // No owner and no parked write side, yet the VM is in the catalog: its owner
+            // ended without retiring — it panicked, in its task or in its first steps
+            // here, and its future is gone. A new owner takes over (`take_over_from_panicked`).
+            None if !self.0.context.is_draining() => self.take_over_from_panicked(),
+            None => return Err(()),
         };
         let (commands, inbox) = mpsc::unbounded_channel();
         // Commands sent from now on wait in the inbox until the owner takes them.
@@ -413,6 +419,27 @@ impl VmHandle {
             slot.task = Some(task.abort_handle());
         }
         Ok(())
+    }
+
+    /// The write side of the gate for an owner taking over from one that panicked. A VM
+    /// the gate shows at rest (stopped, paused, hibernated, failed) is taken over as it
+    /// is; one the dead owner was moving (starting, ready, stopping…) is parked as failed,
+    /// with the reason, so the next request starts it again — a start of a VM that is
+    /// already running is a no-op for every backend — rather than being refused for the
+    /// rest of the process's life.
+    fn take_over_from_panicked(&self) -> GateTx {
+        let gate = &self.0.gate;
+        let tx = GateTx::take_over(gate);
+        let phase = gate.phase();
+        tracing::error!(vm = %self.key(), ?phase, "the VM's owner ended unexpectedly; a new one takes over");
+        if !matches!(
+            phase,
+            VmPhase::Stopped | VmPhase::Paused | VmPhase::Hibernated | VmPhase::Failed
+        ) {
+            let reason: Arc<str> = "the VM's owner failed (a bug); the VM is started again".into();
+            tx.publish(VmPhase::Failed, &[], Some(reason));
+        }
+        tx
     }
 
     /// Called by an owner with nothing left to do. Under the slot's lock: if a command

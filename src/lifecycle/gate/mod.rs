@@ -252,6 +252,14 @@ impl Gate {
 }
 
 impl GateTx {
+    /// The write side of `gate` again, for the owner that takes over from one that ended
+    /// without handing it back (it panicked: the write side went down with it). Only
+    /// when that owner is gone — its task ended or its future was dropped — so that
+    /// there is still one writer.
+    pub(super) fn take_over(gate: &Gate) -> GateTx {
+        GateTx(gate.clone())
+    }
+
     /// The read side.
     pub(super) fn gate(&self) -> &Gate {
         &self.0

@@ -29,6 +29,8 @@ struct Scripted {
     start_error: Mutex<Option<String>>,
     /// `start` panics (a bug in a backend).
     start_panics: Mutex<bool>,
+    /// `stop_if_idle` panics (a bug in a backend, in the owner's own task).
+    stop_panics: Mutex<bool>,
     pause_supported: Mutex<bool>,
     hibernate_supported: Mutex<bool>,
     /// What `restored` says after a start.
@@ -107,6 +109,9 @@ impl Backend for Scripted {
 
     async fn stop_if_idle(&self, _: &VmKey, _: SystemTime) -> Result<StopOutcome, BackendError> {
         self.record("stop_if_idle");
+        if *self.stop_panics.lock().unwrap() {
+            panic!("scripted: stop_if_idle panics");
+        }
         let outcome = *self.stop_outcome.lock().unwrap();
         if outcome == StopOutcome::Stopped {
             self.stopped().await;
@@ -201,6 +206,7 @@ fn world_with(policy: Policy, rules: IdleRules) -> World {
         calls: Mutex::default(),
         start_error: Mutex::default(),
         start_panics: Mutex::new(false),
+        stop_panics: Mutex::new(false),
         pause_supported: Mutex::new(true),
         hibernate_supported: Mutex::new(true),
         restores: Mutex::new(false),

@@ -235,21 +235,51 @@ fn a_cold_start_calls_the_backend_before_the_owners_runtime_runs() {
 
 /// A panic in an owner's first steps (here: the backend's start call, made on the
 /// request's thread) is the owner's, as it would be in its own task: the request is
-/// answered, its caller does not unwind, and later requests are refused, not hung.
+/// answered (503, try again), its caller does not unwind, and the next request's owner
+/// takes over — the VM parked as failed, started again — instead of the VM being
+/// refused until the process restarts.
 #[tokio::test(start_paused = true)]
-async fn an_owner_that_panics_in_its_first_steps_answers_the_request() {
+async fn an_owner_that_panics_in_its_first_steps_answers_the_request_and_is_taken_over() {
     let w = world(policy());
     *w.backend.start_panics.lock().unwrap() = true;
     // In the test's own task: a panic that reached the caller would fail the test.
     let first = w.vm.admit(0).await;
     assert!(
-        matches!(first, Err(AdmitError::Stopped(_))),
-        "the held request is answered"
+        matches!(&first, Err(AdmitError::Stopped(m)) if m.contains("owner failed")),
+        "the held request is answered: {first:?}"
     );
     assert_eq!(w.backend.calls(), ["start"]);
-    let later = w.vm.admit(0).await;
-    assert!(
-        matches!(later, Err(AdmitError::Stopped(_))),
-        "later requests are refused"
-    );
+    *w.backend.start_panics.lock().unwrap() = false;
+    let next = w.admit();
+    settle().await;
+    assert_eq!(w.backend.calls(), ["start", "start"], "a new owner starts the VM again");
+    assert_eq!(w.phase(), VmPhase::Starting);
+    assert!(w.vm.gate().state().last_error.unwrap().contains("owner failed"));
+    w.backend.report(BackendPhase::Running, Some(endpoint()));
+    w.probe.up.send_replace(true);
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Ready);
+    drop(next.await.unwrap().expect("admitted by the new owner"));
+}
+
+/// The same for an owner that panics in its own task (here: the backend's idle stop):
+/// the task ends, the VM was neither at rest nor removed, and the next request's owner
+/// takes over from "failed" and starts it again (a no-op for a VM still running).
+#[tokio::test(start_paused = true)]
+async fn an_owner_that_panics_in_its_task_is_taken_over_by_the_next_request() {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    *w.backend.stop_panics.lock().unwrap() = true;
+    pass(IDLE + Duration::from_secs(1)).await;
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
+    *w.backend.stop_panics.lock().unwrap() = false;
+    let next = w.admit();
+    settle().await;
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle", "start"]);
+    assert!(w.vm.gate().state().last_error.unwrap().contains("owner failed"));
+    w.backend.report(BackendPhase::Running, Some(endpoint()));
+    w.probe.up.send_replace(true);
+    settle().await;
+    assert_eq!(w.phase(), VmPhase::Ready);
+    drop(next.await.unwrap().expect("admitted by the new owner"));
 }
