@@ -11,6 +11,9 @@
 //! Owns: the published state (with the endpoints taking traffic, `target.rs`), in-flight
 //! counting, the bounds on held requests, the activity clock.
 //! Must not import: HTTP, the backend, Kubernetes, `owner`.
+//!
+//! Long because: the read side and the write side share one `Inner`, and are kept in
+//! one file so that what only the writer may do (publish, take over) is seen next to it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

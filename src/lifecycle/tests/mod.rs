@@ -270,11 +270,16 @@ impl World {
     async fn bring_up(&self) -> Permit {
         let first = self.admit();
         settle().await;
+        self.comes_up().await;
+        first.await.unwrap().expect("admitted")
+    }
+
+    /// The started VM runs and its guest answers the probe: it is Ready.
+    async fn comes_up(&self) {
         self.backend.report(BackendPhase::Running, Some(endpoint()));
         self.probe.up.send_replace(true);
         settle().await;
         assert_eq!(self.phase(), VmPhase::Ready);
-        first.await.unwrap().expect("admitted")
     }
 
     /// Observations of one cold-start phase.

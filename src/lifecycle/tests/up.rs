@@ -255,10 +255,7 @@ async fn an_owner_that_panics_in_its_first_steps_answers_the_request_and_is_take
     assert_eq!(w.backend.calls(), ["start", "start"], "a new owner starts the VM again");
     assert_eq!(w.phase(), VmPhase::Starting);
     assert!(w.vm.gate().state().last_error.unwrap().contains("owner failed"));
-    w.backend.report(BackendPhase::Running, Some(endpoint()));
-    w.probe.up.send_replace(true);
-    settle().await;
-    assert_eq!(w.phase(), VmPhase::Ready);
+    w.comes_up().await;
     drop(next.await.unwrap().expect("admitted by the new owner"));
 }
 
@@ -277,9 +274,6 @@ async fn an_owner_that_panics_in_its_task_is_taken_over_by_the_next_request() {
     settle().await;
     assert_eq!(w.backend.calls(), ["start", "stop_if_idle", "start"]);
     assert!(w.vm.gate().state().last_error.unwrap().contains("owner failed"));
-    w.backend.report(BackendPhase::Running, Some(endpoint()));
-    w.probe.up.send_replace(true);
-    settle().await;
-    assert_eq!(w.phase(), VmPhase::Ready);
+    w.comes_up().await;
     drop(next.await.unwrap().expect("admitted by the new owner"));
 }
