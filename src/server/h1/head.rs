@@ -146,7 +146,9 @@ fn frame(
     let (mut te, mut chunked, mut length, mut saw_length) = (false, false, None::<u64>, false);
     let mut expect_continue = false;
     for &(name_at, name_len, value_at, value_len) in spans {
-        let name = names::header_name(&head[name_at..name_at + name_len]).map_err(|_| HeaderError::name())?;
+        let name = names::header_name(&head[name_at..name_at + name_len])
+            // A name httparse let through but `http` refuses.
+            .map_err(|_| HeadError::Malformed("header name"))?;
         // SAFETY: `httparse` took the value only if every byte is one a header value may
         // have (HTAB, SP to `~`, obs-text), which is exactly what `HeaderValue` checks
         // (debug builds — the tests and the fuzz target — check it again).
@@ -204,15 +206,6 @@ fn frame(
         keep_alive: persistence.keeps(),
         expect_continue,
     })
-}
-
-/// The errors of a header that httparse let through but `http` refuses.
-struct HeaderError;
-
-impl HeaderError {
-    fn name() -> HeadError {
-        HeadError::Malformed("header name")
-    }
 }
 
 #[cfg(test)]
