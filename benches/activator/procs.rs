@@ -46,6 +46,9 @@ pub struct Memory {
     pub rss_kib: u64,
     /// VmHWM (peak RSS since start or since the last `reset_peak`) in KiB.
     pub peak_kib: u64,
+    /// RssFile in KiB: the part of the RSS that is mapped files — the executable's code,
+    /// above all — not memory the process allocated.
+    pub file_kib: u64,
 }
 
 /// Reads `/proc/<pid>/status`.
@@ -61,6 +64,7 @@ pub fn memory(pid: u32) -> Memory {
     Memory {
         rss_kib: field("VmRSS:"),
         peak_kib: field("VmHWM:"),
+        file_kib: field("RssFile:"),
     }
 }
 
