@@ -50,15 +50,14 @@ BENCH_ACTIVATOR_WRAPPER="$work/wrap.sh" BENCH_ONLY=scale "$exe" --bench >"$work/
 pid=$(ls "$work" | sed -n 's/^cg\.\([0-9]*\).*/\1/p' | sort -n | head -n 1)
 # Callgrind writes a dump on demand as cg.<pid>.<n> and the one at exit as cg.<pid>.
 parts="$(ls "$work"/cg."$pid".* 2>/dev/null | sort -t. -k3n) $work/cg.$pid"
-[ -n "$parts" ] || { echo "profile: callgrind wrote nothing" >&2; exit 1; }
 
 # Function names of the vm-activator object with a cost, first seen first. Callgrind
 # names an object or function once as `(id) name` and by `(id)` after (`ob`/`cob`,
 # `fn`/`cfn` share the tables); a recursion level shows as a `'N` suffix.
-# shellcheck disable=SC2086
-[ -s "$work/cg.$pid.1" ] || { echo "profile: no dump at idle (was /readyz answered?)" >&2; exit 1; }
 # The tables hold across one process's dumps: a later part names by id what an earlier
 # one defined.
+[ -s "$work/cg.$pid.1" ] || { echo "profile: no dump at idle (was /readyz answered?)" >&2; exit 1; }
+# shellcheck disable=SC2086
 awk '
   /^c?ob=\(/ { id = $0; sub(/^c?ob=\(/, "", id); name = id; sub(/\).*/, "", id)
                if (sub(/^[0-9]+\) /, "", name)) obs[id] = name

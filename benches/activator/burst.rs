@@ -1,11 +1,11 @@
 //! Burst: 10,000 events held by the real binary during one cold start (the fake cluster
 //! keeps the guest from listening until every event is held), then released. Checks
 //! every event reached the guest exactly once and measures the activator's RSS growth
-//! per held event (the executable's code mapped meanwhile not counted: it is mapped once,
-//! whatever the number of events). Run twice, each with a fresh activator: every event on its own
-//! HTTP/1.1 connection (as 10,000 separate senders would deliver them), and HTTP/2 with
-//! 100 events per connection (which separates the cost of a held event from the cost of
-//! its connection).
+//! per held event (the executable's code mapped meanwhile not counted: it is mapped
+//! once, whatever the number of events). Run twice, each with a fresh activator: every
+//! event on its own HTTP/1.1 connection (as 10,000 separate senders would deliver them),
+//! and HTTP/2 with 100 events per connection (which separates the cost of a held event
+//! from the cost of its connection).
 
 use std::sync::Arc;
 use std::time::Duration;
