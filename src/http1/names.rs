@@ -96,18 +96,20 @@ const TEXT: [&str; COUNT] = [
     "vary",
 ];
 
-/// The longest name in [`TEXT`]; a name is compared as three 8-byte words.
+/// The longest name in [`TEXT`].
 const LONGEST: usize = 21;
+/// A name is compared as this many 8-byte words (enough for [`LONGEST`] bytes).
 const WORDS: usize = 3;
 
 /// Where a name of `len` bytes whose first byte is `first` and second-to-last is
-/// `near_end` (both lowercased) can only be in [`NAMES`]: no two names share the three,
-/// and these factors spread them over [`SLOTS`] without a collision (checked when the
-/// table is built, at compile time).
+/// `near_end` (both with the case bit 0x20 set, which lowercases a letter) can only be
+/// in [`NAMES`]: no two names share the three, and these factors spread them over
+/// [`SLOTS`] without a collision (checked when the table is built, at compile time).
 const fn slot(len: usize, first: u8, near_end: u8) -> usize {
     (len + 3 * first as usize + 15 * near_end as usize) & (SLOT_COUNT - 1)
 }
 
+/// How many slots [`SLOTS`] has (a power of two: [`slot`] masks with it).
 const SLOT_COUNT: usize = 128;
 /// A slot no name hashes to.
 const NO_NAME: u8 = u8::MAX;
