@@ -167,8 +167,8 @@ static NAME_WORDS: [Words; COUNT] = {
     all
 };
 
-/// `bytes` as a header name: one of [`NAMES`] if it is one (in any case), else what
-/// `HeaderName::from_bytes` makes of it (a standard name, or a copy).
+/// `bytes` as a header name: one of the names kept here (`NAMES`) if it is one (in any
+/// case), else what `HeaderName::from_bytes` makes of it (a standard name, or a copy).
 ///
 /// One of `NAMES` is found by its length, first and second-to-last byte (one slot to
 /// look at) and then compared as three words, ignoring the case of letters only: a
