@@ -4,7 +4,7 @@
 //! globally and per VM, with Knative EventPolicy's `*` suffix wildcard.
 //!
 //! Owns: credentials checks. Must not import the activator, lifecycle, backend or axum (it
-//! takes `http` headers only).
+//! takes a request's header fields only).
 
 pub mod bearer;
 mod oidc;
@@ -12,6 +12,8 @@ mod oidc;
 use std::sync::Arc;
 
 use http::HeaderMap;
+
+use crate::http1::lines::{text, ReadFields};
 
 pub use bearer::BearerTokens;
 pub use oidc::OidcVerifier;
@@ -77,18 +79,19 @@ impl Authenticator {
         }
     }
 
-    /// Checks the request's credentials.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
+    /// Checks the request's credentials (its `Authorization` header, looked up only when
+    /// some are asked for).
+    pub async fn authenticate(&self, headers: &(impl ReadFields + ?Sized)) -> Result<Caller, AuthError> {
         match self {
             Authenticator::None => Ok(Caller { subject: None }),
             Authenticator::Bearer(tokens) => {
-                tokens.check(bearer_token(headers)?)?;
+                tokens.check(bearer_token_of(headers.field("authorization"))?)?;
                 Ok(Caller { subject: None })
             }
             Authenticator::Oidc(verifier) => {
                 // Boxed: the verifier's future (it may fetch keys) is large, and inline it
                 // would be part of every request's state, held events included.
-                let subject = Box::pin(verifier.verify(bearer_token(headers)?)).await?;
+                let subject = Box::pin(verifier.verify(bearer_token_of(headers.field("authorization"))?)).await?;
                 Ok(Caller { subject: Some(subject) })
             }
         }
@@ -102,10 +105,17 @@ impl Authenticator {
 
 /// The token of an `Authorization: Bearer <token>` header.
 pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
-    let value = headers.get(http::header::AUTHORIZATION).ok_or(AuthError::Missing)?;
-    let value = value
-        .to_str()
-        .map_err(|_| AuthError::Invalid("authorization header is not ASCII".into()))?;
+    bearer_token_of(
+        headers
+            .get(http::header::AUTHORIZATION)
+            .map(http::HeaderValue::as_bytes),
+    )
+}
+
+/// The token of an `Authorization` header's value `Bearer <token>`.
+pub fn bearer_token_of(authorization: Option<&[u8]>) -> Result<&str, AuthError> {
+    let value = authorization.ok_or(AuthError::Missing)?;
+    let value = text(value).ok_or_else(|| AuthError::Invalid("authorization header is not ASCII".into()))?;
     let (scheme, token) = value.split_once(' ').ok_or(AuthError::Missing)?;
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
         return Err(AuthError::Missing);

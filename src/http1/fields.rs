@@ -4,7 +4,7 @@
 //!
 //! Pure: no I/O.
 
-use http::header::HeaderValue;
+use crate::http1::lines::text;
 
 /// A non-empty run of ASCII digits as a number (no sign, no spaces), if it fits.
 pub fn digits(bytes: &[u8]) -> Option<u64> {
@@ -18,17 +18,13 @@ pub fn digits(bytes: &[u8]) -> Option<u64> {
 }
 
 /// Whether a comma-separated header value lists `token` (case-insensitive).
-pub fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+pub fn has_token(value: &[u8], token: &str) -> bool {
+    text(value).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// Whether a `Transfer-Encoding` value's last coding is `chunked`.
-pub fn last_coding_is_chunked(value: &HeaderValue) -> bool {
-    value
-        .to_str()
-        .ok()
+pub fn last_coding_is_chunked(value: &[u8]) -> bool {
+    text(value)
         .and_then(|v| v.rsplit(',').next())
         .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
 }
@@ -53,7 +49,7 @@ impl Persistence {
     }
 
     /// Reads one `Connection` line.
-    pub fn connection(&mut self, value: &HeaderValue) {
+    pub fn connection(&mut self, value: &[u8]) {
         if self.closed || has_token(value, "close") {
             self.close();
         } else if !self.keep {
@@ -84,18 +80,18 @@ mod tests {
         for bad in [&b""[..], b"18446744073709551616", b"+1", b" 1", b"1 ", b"0x1"] {
             assert_eq!(digits(bad), None, "{bad:?}");
         }
-        let value = |s: &'static str| HeaderValue::from_static(s);
-        assert!(has_token(&value("keep-alive, Close"), "close"));
-        assert!(!has_token(&value("closed"), "close"));
-        assert!(last_coding_is_chunked(&value("gzip, Chunked ")));
-        assert!(!last_coding_is_chunked(&value("chunked, gzip")));
+        let value = |s: &'static str| s.as_bytes();
+        assert!(has_token(value("keep-alive, Close"), "close"));
+        assert!(!has_token(value("closed"), "close"));
+        assert!(last_coding_is_chunked(value("gzip, Chunked ")));
+        assert!(!last_coding_is_chunked(value("chunked, gzip")));
     }
 
     #[test]
     fn a_close_is_final_and_http10_needs_keep_alive() {
         let lines = |http11: bool, lines: &[&'static str]| {
             let mut p = Persistence::new(http11);
-            lines.iter().for_each(|l| p.connection(&HeaderValue::from_static(l)));
+            lines.iter().for_each(|l| p.connection(l.as_bytes()));
             p.keeps()
         };
         assert!(lines(true, &[]));
@@ -105,7 +101,7 @@ mod tests {
         assert!(!lines(false, &["keep-alive", "close"]));
         let mut p = Persistence::new(true);
         p.close();
-        p.connection(&HeaderValue::from_static("keep-alive"));
+        p.connection(b"keep-alive");
         assert!(!p.keeps());
     }
 }

@@ -3,18 +3,13 @@
 //! `ce-*` attributes every binary-mode CloudEvent carries. The names CloudEvents senders
 //! (Knative's brokers and channels, the SDKs) and tracing put on every event are kept
 //! here as `'static` names; a header with one of them costs no allocation. The usual
-//! standard names are found by the same lookup (as `http`'s constants).
+//! standard names are found by the same lookup (as `http`'s constants). Used where a
+//! header map is made: a guest's response head, and a traced request's fields (whose
+//! `traceparent` is replaced); an HTTP/1.1 request's fields are otherwise read in place.
 //!
 //! Pure: no I/O.
 
 use http::header::{self, HeaderName};
-
-/// `ce-specversion`, to look up by: a `&str` is parsed and lowercased again at every
-/// lookup.
-pub static CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
-
-/// `ce-type`, to look up by (see [`CE_SPECVERSION`]).
-pub static CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
 
 /// The names found without a copy, lowercase: first those kept as `'static` names
 /// (CloudEvents attributes and tracing headers), then the usual standard names request

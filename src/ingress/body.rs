@@ -10,8 +10,8 @@ use bytes::Bytes;
 use super::response::IngressError;
 use super::service;
 
-/// Reads the body, refusing (413) as soon as it passes `limit` — from `Content-Length`
-/// before reading anything, or while streaming a chunked body — and (408) when it has
+/// Reads the body, refusing (413) as soon as it passes `limit` — from the length it
+/// declares (`Content-Length`) before reading anything, or while streaming a chunked body — and (408) when it has
 /// not all come within `timeout`. The timer is made, boxed (the request's future, which
 /// a held event keeps, does not grow by it), only when the body has to be waited for:
 /// one that came with its head never registers one.
@@ -21,7 +21,6 @@ use super::service;
 /// states), which a held event keeps.
 #[allow(clippy::manual_async_fn)] // On purpose: see above.
 pub(super) fn read_body<'a, B>(
-    headers: &http::HeaderMap,
     body: &'a mut B,
     limit: usize,
     timeout: std::time::Duration,
@@ -30,10 +29,9 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<service::BoxError>,
 {
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    // The length the body declares (its `Content-Length`, which both the HTTP/1.1
+    // server and hyper's HTTP/2 take as the body's exact size): no header is looked up.
+    let declared = body.size_hint().exact();
     let too_large = declared.is_some_and(|len| len > limit as u64);
     // What a joined buffer is made for: the declared length (within the limit).
     let expected = declared.map_or(0, |len| len as usize);

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use axum::response::IntoResponse;
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Response;
 
 use tokio::time::Instant;
 use tracing::{Instrument, Span};
@@ -32,6 +32,7 @@ use tracing::{Instrument, Span};
 use crate::activator::Activator;
 use crate::auth::{authorize, Authenticator};
 use crate::config::IngressConfig;
+use crate::http1::lines::Fields;
 use crate::lifecycle::{Permit, VmHandle};
 use crate::proxy::Proxy;
 use crate::telemetry;
@@ -101,7 +102,7 @@ pub(super) fn refuse_method(state: &IngressState, method: &http::Method, uri: &h
 async fn deliver<B>(
     state: &IngressState,
     path: Option<&http::uri::PathAndQuery>,
-    headers: &mut http::HeaderMap,
+    headers: &mut Fields,
     body: &mut B,
 ) -> Response<IngressBody>
 where
@@ -121,7 +122,7 @@ where
         };
         // Authenticate before looking the VM up: an unauthenticated caller learns nothing
         // about which VMs exist, and starts nothing.
-        let caller = match state.auth.authenticate(headers).await {
+        let caller = match state.auth.authenticate(&*headers).await {
             Ok(caller) => caller,
             Err(error) => {
                 let error = IngressError::from(error);
@@ -226,7 +227,7 @@ struct Exchange<'a, B> {
     policy: &'a Policy,
     rest: Rest<'a>,
     query: Option<&'a str>,
-    headers: &'a mut http::HeaderMap,
+    headers: &'a mut Fields,
     body: &'a mut B,
     arrived: Instant,
 }
@@ -242,13 +243,13 @@ where
 {
     async move {
         let config = &x.state.config;
-        let body = read_body(x.headers, x.body, config.max_body_bytes, config.body_read_timeout).await?;
-        let envelope = cloudevent::validate(x.headers, body)?;
+        let body = read_body(x.body, config.max_body_bytes, config.body_read_timeout).await?;
+        let envelope = cloudevent::validate(&*x.headers, body)?;
         // The type is looked up only when some type is a pre-warm (most configurations
         // have none).
         if !config.prewarm_types.is_empty()
             && envelope
-                .event_type(x.headers)
+                .event_type(&*x.headers)
                 .is_some_and(|kind| config.prewarm_types.iter().any(|t| t == kind))
         {
             // A pre-warm: start the VM, deliver nothing.
@@ -295,12 +296,10 @@ fn forwarding<'a, B>(
 ) -> impl Future<Output = Result<Response<IngressBody>, IngressError>> + 'a {
     // Before the headers are taken: the guest gets the `forward` span's `traceparent`.
     let traced = telemetry::enabled().then(|| trace_admitted(&permit, x.headers));
-    // The guest gets the sender's headers (taken: nothing else needs them now).
-    let (mut head, ()) = Request::new(()).into_parts();
-    head.method = http::Method::POST;
-    head.headers = std::mem::take(x.headers);
+    // The guest gets the sender's header fields (taken: nothing else needs them now).
+    let headers = std::mem::take(x.headers);
     let body_bytes = body.len();
-    let request = Proxy::prepare(guest_uri, head, body);
+    let request = Proxy::prepare(http::Method::POST, guest_uri, headers, body);
     let (state, vm, policy, arrived) = (x.state, x.vm, x.policy, x.arrived);
     let forward = forward(state, vm, policy, request, permit, arrived, body_bytes);
     // Instrumented only when traced (see `Ingress::answer`).
@@ -312,7 +311,7 @@ fn forwarding<'a, B>(
 
 /// Puts the CloudEvent's attributes on the request's span. Not inline in `handle`: its
 /// locals would be part of every held request's state.
-fn trace_cloudevent(envelope: &cloudevent::Envelope, headers: &http::HeaderMap) {
+fn trace_cloudevent(envelope: &cloudevent::Envelope, headers: &Fields) {
     let trigger = envelope.trigger(headers);
     let event_type = envelope.event_type(headers);
     telemetry::event::cloudevent(&Span::current(), event_type, &trigger.id, &trigger.source);
@@ -320,7 +319,7 @@ fn trace_cloudevent(envelope: &cloudevent::Envelope, headers: &http::HeaderMap) 
 
 /// Traces a request that was let in: its `held` span (with the cold start it waited
 /// for), and the `forward` span whose context the guest gets as its `traceparent`.
-fn trace_admitted(permit: &Permit, headers: &mut http::HeaderMap) -> Span {
+fn trace_admitted(permit: &Permit, headers: &mut Fields) -> Span {
     let span = Span::current();
     match permit.held() {
         Some(held) => {
@@ -329,7 +328,7 @@ fn trace_admitted(permit: &Permit, headers: &mut http::HeaderMap) -> Span {
         }
         None => telemetry::event::went_in(&span),
     }
-    telemetry::event::forward(&span, headers)
+    telemetry::event::forward(&span, headers.map_mut())
 }
 
 #[cfg(test)]
@@ -352,7 +351,7 @@ mod held_state {
         let future = service(state, 1).answer(
             http::Method::POST,
             http::Uri::default(),
-            http::HeaderMap::new(),
+            Fields::default(),
             LikeIncoming::default(),
         );
         let size = std::mem::size_of_val(&future);

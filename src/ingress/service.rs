@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::{deliver, refuse_method, IngressState};
+use crate::http1::lines::Fields;
 use crate::lifecycle::Permit;
 use crate::proxy::{GuardedBody, PooledBody};
 use crate::telemetry;
@@ -89,16 +90,17 @@ impl Ingress {
         // `map`, not an `async` block around it: a block awaiting the exchange would keep
         // it twice (as its capture and as its awaited local). Instrumented only when
         // traced: a span, even an empty one, is 40 bytes more per held HTTP/2 event.
-        let span = telemetry::enabled().then(|| telemetry::event::span(request.headers()));
         let (parts, body) = request.into_parts();
-        let exchange = self.exchange(parts.method, parts.uri, parts.headers, body);
+        let headers = Fields::Map(parts.headers);
+        let span = telemetry::enabled().then(|| telemetry::event::span(&headers));
+        let exchange = self.exchange(parts.method, parts.uri, headers, body);
         match span {
             Some(span) => Box::pin(exchange.instrument(span).map(Ok)),
             None => Box::pin(exchange.map(Ok)),
         }
     }
 
-    /// Answers a request given as its parts — method, target, headers, body: the future
+    /// Answers a request given as its parts — method, target, header fields, body: the future
     /// the `Service` impls box, unboxed for a caller that holds it inline (the HTTP/1.1
     /// connection's task: one allocation less per request), and taking the parts apart
     /// as that caller has them (a `Request` built only to be taken apart again is
@@ -107,7 +109,7 @@ impl Ingress {
         &self,
         method: http::Method,
         uri: http::Uri,
-        headers: http::HeaderMap,
+        headers: Fields,
         body: B,
     ) -> impl Future<Output = Response<IngressBody>> + Send + use<B>
     where
@@ -134,7 +136,7 @@ impl Ingress {
         &self,
         method: http::Method,
         uri: http::Uri,
-        mut headers: http::HeaderMap,
+        mut headers: Fields,
         mut body: B,
     ) -> impl Future<Output = Response<IngressBody>> + Send + use<B>
     where

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::wire::{self, ResponseHead};
+use super::GuestRequest;
 use crate::vm::Endpoint;
 
 /// The most one read asks the socket for, and what the read buffer is given when it is
@@ -84,7 +85,7 @@ impl GuestConn {
     /// [`GuestConn::exchange`], given up at `deadline` (`None`: no head by then).
     pub(super) async fn exchange_by(
         &mut self,
-        request: &http::Request<Bytes>,
+        request: &GuestRequest,
         deadline: Instant,
     ) -> Option<Result<ResponseHead, Exchange>> {
         let mut timer = match self.timer.take() {
@@ -104,18 +105,18 @@ impl GuestConn {
     }
 
     /// Sends `request` and reads the final response head.
-    pub(super) async fn exchange(&mut self, request: &http::Request<Bytes>) -> Result<ResponseHead, Exchange> {
-        let body = request.body();
+    pub(super) async fn exchange(&mut self, request: &GuestRequest) -> Result<ResponseHead, Exchange> {
+        let body = &request.body;
         wire::encode_request(
             &mut self.write,
-            request.method(),
-            request.uri(),
+            &request.method,
+            &request.uri,
             &self.host_line,
-            request.headers(),
+            &request.headers,
             body.len(),
         );
         self.write_request(body).await?;
-        let head_request = request.method() == http::Method::HEAD;
+        let head_request = request.method == http::Method::HEAD;
         loop {
             match wire::parse_response(&mut self.read, head_request) {
                 Ok(Some(head)) => return Ok(head),

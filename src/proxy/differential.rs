@@ -76,7 +76,12 @@ async fn ours(method: &http::Method, answer: &'static [u8], then: Then) -> Outco
     let endpoint = guest(answer, then).await;
     let proxy = Proxy::new(&ProxyConfig::default());
     let (parts, body) = request(method);
-    let request = Proxy::prepare(http::Uri::from_static("/events"), parts, body);
+    let request = Proxy::prepare(
+        parts.method,
+        http::Uri::from_static("/events"),
+        parts.headers.into(),
+        body,
+    );
     let response = proxy.send_within_5s(endpoint, &request).await.map_err(|_| ())?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map_err(|_| ())?.to_bytes();

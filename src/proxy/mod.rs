@@ -28,10 +28,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
-use http::{Request, Response};
+#[cfg(test)]
+use http::Request;
+use http::Response;
 use tokio::time::Instant;
 
 use crate::config::ProxyConfig;
+#[cfg(test)]
+use crate::http1::lines::ReadFields;
+use crate::http1::lines::{lowercase_is, text, Fields, Lines};
 use crate::http1::maps;
 use crate::vm::Endpoint;
 pub use body::{BodyError, GuardedBody, PooledBody};
@@ -73,12 +78,20 @@ pub enum ProxyError {
 /// Kept whole until a guest has it, so an attempt that never reached one can be
 /// repeated without copying anything.
 #[derive(Debug)]
-pub struct GuestRequest(Request<Bytes>);
+pub struct GuestRequest {
+    method: http::Method,
+    uri: http::Uri,
+    headers: Fields,
+    body: Bytes,
+}
 
 impl Drop for GuestRequest {
-    /// Its header map is kept for the next head this thread parses (`http1::maps`).
+    /// A header map (an HTTP/2 request's) is kept for the next head this thread parses
+    /// (`http1::maps`); lines keep their span list themselves.
     fn drop(&mut self) {
-        maps::give_back(std::mem::take(self.0.headers_mut()));
+        if let Fields::Map(map) = std::mem::take(&mut self.headers) {
+            maps::give_back(map);
+        }
     }
 }
 
@@ -120,11 +133,17 @@ impl Proxy {
     /// Turns the sender's request into one for a guest at `target` (origin form). Its
     /// `Host` and `Content-Length` are written when it is sent: the guest's address and
     /// the body's length.
-    pub fn prepare(target: http::Uri, mut parts: http::request::Parts, body: Bytes) -> GuestRequest {
-        parts.uri = target;
-        strip_hop_by_hop(&mut parts.headers);
-        parts.version = http::Version::HTTP_11;
-        GuestRequest(Request::from_parts(parts, body))
+    pub fn prepare(method: http::Method, target: http::Uri, mut headers: Fields, body: Bytes) -> GuestRequest {
+        match &mut headers {
+            Fields::Map(map) => strip_hop_by_hop(map),
+            Fields::Lines(lines) => strip_hop_by_hop_lines(lines),
+        }
+        GuestRequest {
+            method,
+            uri: target,
+            headers,
+            body,
+        }
     }
 
     /// Sends `request` to `endpoint` — on an idle connection, else a new one made by
@@ -156,7 +175,7 @@ impl Proxy {
                         Err(error) => return Err(Failure::NotSent(error)),
                     },
                 };
-                match conn.exchange_by(&request.0, deadline).await {
+                match conn.exchange_by(request, deadline).await {
                     None => return Err(Failure::Failed(ProxyError::Timeout(timeout))),
                     Some(Ok(head)) => {
                         let limit = self.max_response_body;
@@ -250,21 +269,47 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// [`strip_hop_by_hop`] for fields kept where their head carried them.
+fn strip_hop_by_hop_lines(lines: &mut Lines) {
+    // Fast path, one pass: most messages carry none of these.
+    if !lines.iter().any(|(name, _)| is_hop_by_hop_name(name)) {
+        return;
+    }
+    // The names `Connection` lists, lowercase (few: a Vec searched in turn).
+    let named: Vec<Vec<u8>> = lines
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"))
+        .filter_map(|(_, value)| text(value))
+        .flat_map(|value| value.split(','))
+        .map(|name| name.trim().as_bytes().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    lines.retain(|name, _| !is_hop_by_hop_name(name) && !named.iter().any(|named| named.eq_ignore_ascii_case(name)));
+}
+
 /// Whether `name` is one of the fixed hop-by-hop headers (or `Connection`, which may
 /// name more).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "keep-alive"
-            | "proxy-connection"
-    )
+    is_hop_by_hop_name(name.as_str().as_bytes())
+}
+
+/// [`is_hop_by_hop`] for a name in any case.
+fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    const HOP_BY_HOP: [&str; 9] = [
+        "connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "keep-alive",
+        "proxy-connection",
+    ];
+    // The length first: it rules out nearly every name.
+    HOP_BY_HOP
+        .iter()
+        .any(|hop| hop.len() == name.len() && lowercase_is(name, hop.as_bytes()))
 }
 
 #[cfg(test)]
@@ -288,6 +333,31 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["ce-id", "traceparent"]);
+    }
+
+    #[test]
+    fn strips_hop_by_hop_from_fields_read_in_place_in_any_case() {
+        let mut buf = bytes::BytesMut::from(
+            "POST / HTTP/1.1\r\nConnection: Keep-Alive, X-Secret\r\nKEEP-ALIVE: 5\r\nx-secret: 1\r\nCE-Id: abc\r\nTE: trailers\r\ntraceparent: 00\r\n\r\n",
+        );
+        let head = crate::server::h1::head::parse(&mut buf, 1024).unwrap().unwrap();
+        let request = Proxy::prepare(
+            http::Method::POST,
+            http::Uri::from_static("/"),
+            Fields::Lines(head.headers),
+            Bytes::new(),
+        );
+        let left: Vec<_> = request.headers.fields().map(|(n, _)| n.to_vec()).collect();
+        assert_eq!(left, [&b"CE-Id"[..], b"traceparent"]);
+        let mut plain = bytes::BytesMut::from("POST / HTTP/1.1\r\nce-id: 1\r\n\r\n");
+        let head = crate::server::h1::head::parse(&mut plain, 1024).unwrap().unwrap();
+        let request = Proxy::prepare(
+            http::Method::POST,
+            http::Uri::from_static("/"),
+            Fields::Lines(head.headers),
+            Bytes::new(),
+        );
+        assert_eq!(request.headers.len(), 1);
     }
 
     /// A guest on loopback answering 202 (and `close` when asked), counting the
@@ -322,7 +392,12 @@ mod tests {
 
     async fn post(proxy: &Proxy, endpoint: Endpoint) -> http::StatusCode {
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
-        let request = Proxy::prepare(http::Uri::from_static("/events"), parts, Bytes::from_static(b"{}"));
+        let request = Proxy::prepare(
+            parts.method,
+            http::Uri::from_static("/events"),
+            parts.headers.into(),
+            Bytes::from_static(b"{}"),
+        );
         let response = match proxy.send_within_5s(endpoint, &request).await {
             Ok(response) => response,
             Err(_) => panic!("the guest answers"),
@@ -462,7 +537,12 @@ mod tests {
         // 50 chunks, 20 ms apart: a second of body.
         let (endpoint, ends) = guest_on_its_own_runtime(50, Duration::from_millis(20));
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
-        let request = Proxy::prepare(http::Uri::from_static("/events"), parts, Bytes::new());
+        let request = Proxy::prepare(
+            parts.method,
+            http::Uri::from_static("/events"),
+            parts.headers.into(),
+            Bytes::new(),
+        );
         let Ok(response) = proxy.send_within_5s(endpoint, &request).await else {
             panic!("the guest answers");
         };
@@ -549,7 +629,12 @@ mod tests {
             listener.local_addr().unwrap()
         };
         let (parts, ()) = Request::post("/x").body(()).unwrap().into_parts();
-        let request = Proxy::prepare(http::Uri::from_static("/events?a=1"), parts, Bytes::from_static(b"{}"));
+        let request = Proxy::prepare(
+            parts.method,
+            http::Uri::from_static("/events?a=1"),
+            parts.headers.into(),
+            Bytes::from_static(b"{}"),
+        );
         match proxy.send_within_5s(endpoint, &request).await {
             Err(Failure::NotSent(ConnectError::Refused(_))) => {}
             other => panic!("expected nothing sent, got {:?}", other.map(|r| r.status())),

@@ -27,6 +27,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Version};
 
 use crate::http1::fields::{last_coding_is_chunked, Persistence};
+use crate::http1::lines::ReadFields;
 use crate::http1::{maps, names, MAX_HEADERS};
 
 /// The largest response head taken from a guest (status line and headers).
@@ -77,14 +78,15 @@ pub enum WireError {
 }
 
 /// Writes the head of a request to `out`: request line, `host` (already a whole line),
-/// the headers but `Host` and `Content-Length`, and the body's length when it has one
-/// (as hyper's client: an empty body gets no `Content-Length`).
+/// the header fields but `Host` and `Content-Length` (names as the sender wrote them, in
+/// its order), and the body's length when it has one (as hyper's client: an empty body
+/// gets no `Content-Length`).
 pub fn encode_request(
     out: &mut Vec<u8>,
     method: &Method,
     uri: &http::Uri,
     host_line: &[u8],
-    headers: &HeaderMap,
+    headers: &impl ReadFields,
     body_len: usize,
 ) {
     out.clear();
@@ -93,13 +95,13 @@ pub fn encode_request(
     out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     out.extend_from_slice(host_line);
-    for (name, value) in headers {
-        if name == header::HOST || name == header::CONTENT_LENGTH {
+    for (name, value) in headers.fields() {
+        if name.eq_ignore_ascii_case(b"host") || name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     if body_len > 0 {
@@ -190,7 +192,7 @@ fn frame(
                 te = true;
                 // hyper reads every Transfer-Encoding line's last coding; the last line
                 // decides.
-                chunked = last_coding_is_chunked(&value);
+                chunked = last_coding_is_chunked(value.as_bytes());
             }
             header::CONTENT_LENGTH => {
                 for part in value.as_bytes().split(|&b| b == b',') {
@@ -201,7 +203,7 @@ fn frame(
                 }
             }
             header::CONNECTION => {
-                persistence.connection(&value);
+                persistence.connection(value.as_bytes());
             }
             _ => {}
         }
@@ -285,6 +287,30 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET / HTTP/1.1\r\nhost: 10.0.0.5:8080\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn fields_read_in_place_go_out_as_the_sender_wrote_them() {
+        let mut buf = BytesMut::from(
+            "POST /ns/vm HTTP/1.1\r\nHOST: sender\r\nCE-Id: 1\r\nContent-length: 2\r\nX-Two: a\r\nx-two: b\r\n\r\n",
+        );
+        let head = crate::server::h1::head::parse(&mut buf, 1024).unwrap().unwrap();
+        let fields = crate::http1::lines::Fields::Lines(head.headers);
+        let mut out = Vec::new();
+        let host = host_line("10.0.0.5:8080".parse().unwrap());
+        encode_request(
+            &mut out,
+            &Method::POST,
+            &http::Uri::from_static("/e"),
+            &host,
+            &fields,
+            2,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /e HTTP/1.1\r\nhost: 10.0.0.5:8080\r\nCE-Id: 1\r\nX-Two: a\r\nx-two: b\r\ncontent-length: 2\r\n\r\n",
+            "the sender's Host and Content-Length, in any case, are replaced"
         );
     }
 

@@ -265,7 +265,7 @@ impl h1::Handler for Ingress {
         &self,
         method: http::Method,
         uri: http::Uri,
-        headers: http::HeaderMap,
+        headers: crate::http1::lines::Fields,
         body: h1::RequestBody,
     ) -> impl std::future::Future<Output = http::Response<ingress::IngressBody>> + Send {
         self.answer(method, uri, headers, body)

@@ -19,10 +19,11 @@
 use std::time::SystemTime;
 
 use http::HeaderMap;
+use opentelemetry::propagation::Extractor;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{Span as _, TraceContextExt, Tracer};
 use opentelemetry::KeyValue;
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderInjector;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tokio::time::Instant;
 use tracing::field::Empty;
@@ -30,11 +31,29 @@ use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::TRACE_TARGET;
+use crate::http1::lines::{text, ReadFields};
+
+/// A request's header fields as the trace context propagator reads them (as
+/// `opentelemetry_http::HeaderExtractor` reads a map, for fields kept either way).
+struct FieldsExtractor<'a, H>(&'a H);
+
+impl<H: ReadFields> Extractor for FieldsExtractor<'_, H> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.field(key).and_then(text)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .fields()
+            .filter_map(|(name, _)| std::str::from_utf8(name).ok())
+            .collect()
+    }
+}
 
 /// The span of one request on the ingress, a child of the sender's `traceparent` (a new
 /// trace without one). Its `trace_id` field puts the trace id on every log line made
 /// while it is current.
-pub fn span(headers: &HeaderMap) -> Span {
+pub fn span(headers: &impl ReadFields) -> Span {
     let span = tracing::info_span!(
         target: TRACE_TARGET,
         "event",
@@ -51,7 +70,7 @@ pub fn span(headers: &HeaderMap) -> Span {
         http.response.status_code = Empty,
         trace_id = Empty,
     );
-    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let parent = TraceContextPropagator::new().extract(&FieldsExtractor(headers));
     // Only fails when the span is disabled (no exporter): then there is nothing to do.
     let _ = span.set_parent(parent);
     let trace_id = span.context().span().span_context().trace_id();

@@ -4,9 +4,9 @@
 use std::borrow::Cow;
 
 use cloudevents::event::TryIntoTime;
-use http::header::HeaderMap;
 
 use super::{EventError, REQUIRED};
+use crate::http1::lines::{lowercase_is, ReadFields};
 
 /// Binary mode: every `ce-` header must be a valid attribute name with a valid
 /// percent-encoded UTF-8 value; the required ones present, non-empty and well-formed.
@@ -14,46 +14,51 @@ use super::{EventError, REQUIRED};
 /// Borrows only: nothing is copied out of the headers (the id stays in `ce-id`). The
 /// checks are the SDK builder's (required attributes present and non-empty, `time` as
 /// RFC 3339) without building an owned event that would be thrown away.
-pub(super) fn validate_binary(headers: &HeaderMap) -> Result<(), EventError> {
+pub(super) fn validate_binary(headers: &(impl ReadFields + ?Sized)) -> Result<(), EventError> {
     let mut attrs: [Option<Cow<'_, str>>; 4] = Default::default();
     let mut time = None;
-    for (name, value) in headers {
-        let Some(attribute) = name.as_str().strip_prefix("ce-") else {
+    for (name, value) in headers.fields() {
+        // Names in any case (an HTTP/1.1 head's are as the sender wrote them).
+        let Some(attribute) = name
+            .get(..3)
+            .filter(|prefix| lowercase_is(prefix, b"ce-"))
+            .map(|_| &name[3..])
+        else {
             continue;
         };
-        // A match, not a search of `REQUIRED`: the compiler switches on the length. The
-        // required names are well-formed; only another name's characters are checked.
-        let slot = match attribute {
-            "specversion" => Some(0),
-            "id" => Some(1),
-            "source" => Some(2),
-            "type" => Some(3),
+        // A match on the length first, then one compare: the required names are
+        // well-formed; only another name's characters are checked.
+        let is = |wanted: &str| lowercase_is(attribute, wanted.as_bytes());
+        let slot = match attribute.len() {
+            11 if is("specversion") => Some(0),
+            2 if is("id") => Some(1),
+            6 if is("source") => Some(2),
+            4 if is("type") => Some(3),
             _ => None,
         };
-        debug_assert_eq!(slot, REQUIRED.iter().position(|r| *r == attribute));
+        debug_assert_eq!(slot, REQUIRED.iter().position(|r| is(r)));
+        let header = || String::from_utf8_lossy(name).to_ascii_lowercase();
         if slot.is_none()
-            && (attribute.is_empty()
-                || attribute.len() > 20
-                || !attribute.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+            && (attribute.is_empty() || attribute.len() > 20 || !attribute.iter().all(|b| b.is_ascii_alphanumeric()))
         {
             return Err(EventError::Header {
-                header: name.to_string(),
+                header: header(),
                 message: "attribute names are 1-20 characters of a-z and 0-9".into(),
             });
         }
-        let decoded = percent_decode(value.as_bytes()).map_err(|message| EventError::Header {
-            header: name.to_string(),
+        let decoded = percent_decode(value).map_err(|message| EventError::Header {
+            header: header(),
             message,
         })?;
         if let Some(slot) = slot {
             if attrs[slot].is_some() {
                 return Err(EventError::Header {
-                    header: name.to_string(),
+                    header: header(),
                     message: "appears more than once".into(),
                 });
             }
             attrs[slot] = Some(decoded);
-        } else if attribute == "time" {
+        } else if attribute.len() == 4 && is("time") {
             time = Some(decoded);
         }
     }

@@ -9,15 +9,15 @@
 //! mode.
 //!
 //! Owns: what counts as a valid event and the error that names the attribute.
-//! Must not import the activator, lifecycle, backend or axum (it takes `http` types only).
+//! Must not import the activator, lifecycle, backend or axum (it takes a request's header
+//! fields, `http1::lines`, only).
 
 mod binary;
 mod structured;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, CONTENT_TYPE};
 
-use crate::http1::names;
+use crate::http1::lines::{text, ReadFields};
 
 pub use binary::percent_decode;
 use binary::validate_binary;
@@ -73,8 +73,8 @@ impl Envelope {
     }
 
     /// The event's `id` and `source` (for a batch, the first event's id).
-    pub fn trigger(&self, headers: &HeaderMap) -> crate::backend::Trigger {
-        self.trigger_from(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+    pub fn trigger(&self, headers: &(impl ReadFields + ?Sized)) -> crate::backend::Trigger {
+        self.trigger_from(|name| headers.field(name).and_then(text))
     }
 
     /// As [`Envelope::trigger`], reading the request's headers through `header`.
@@ -95,9 +95,9 @@ impl Envelope {
     }
 
     /// The event's `type` (one event: binary or structured mode; `None` for a batch).
-    pub fn event_type<'a>(&'a self, headers: &'a HeaderMap) -> Option<&'a str> {
+    pub fn event_type<'a>(&'a self, headers: &'a (impl ReadFields + ?Sized)) -> Option<&'a str> {
         match self.mode {
-            Mode::Binary => headers.get(&names::CE_TYPE).and_then(|v| v.to_str().ok()),
+            Mode::Binary => headers.field("ce-type").and_then(text),
             Mode::Structured => self.attribute(|a| a.kind.as_deref()),
             Mode::Batch(_) => None,
         }
@@ -178,14 +178,14 @@ impl EventError {
 /// The media type of a `Content-Type` value, without parameters (compare it ignoring
 /// ASCII case). Bytes, not text: only equality with two ASCII names is asked of it, and
 /// a value that is not text equals neither.
-fn media_type(headers: &HeaderMap) -> Option<&[u8]> {
-    let value = headers.get(CONTENT_TYPE)?.as_bytes();
+fn media_type(headers: &(impl ReadFields + ?Sized)) -> Option<&[u8]> {
+    let value = headers.field("content-type")?;
     let end = value.iter().position(|&b| b == b';').unwrap_or(value.len());
     Some(value[..end].trim_ascii())
 }
 
 /// Validates a request's headers and body as one CloudEvent (or a batch).
-pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError> {
+pub fn validate(headers: &(impl ReadFields + ?Sized), body: Bytes) -> Result<Envelope, EventError> {
     let media_type = media_type(headers);
     let is = |wanted: &str| media_type.is_some_and(|m| m.eq_ignore_ascii_case(wanted.as_bytes()));
     match () {
@@ -214,7 +214,7 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
                 body,
             })
         }
-        () if headers.contains_key(&names::CE_SPECVERSION) => {
+        () if headers.field("ce-specversion").is_some() => {
             validate_binary(headers)?;
             Ok(Envelope {
                 mode: Mode::Binary,
@@ -229,6 +229,7 @@ pub fn validate(headers: &HeaderMap, body: Bytes) -> Result<Envelope, EventError
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use http::HeaderMap;
     use http::HeaderValue;
 
     pub(super) fn binary(pairs: &[(&str, &[u8])]) -> HeaderMap {

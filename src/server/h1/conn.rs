@@ -36,6 +36,7 @@ use tokio::time::{Instant, Sleep};
 use super::body::{Reader, ReaderSlot, RequestBody};
 use super::head::{self, Framing, Head, HeadError};
 use super::write::{self, BodyFraming};
+use crate::http1::lines::Fields;
 use crate::http1::maps;
 
 /// The first read of a head asks for this much; most CloudEvents heads fit.
@@ -122,7 +123,7 @@ where
         } = head;
         let head_request = method == http::Method::HEAD;
         let body = RequestBody::new(reader, framing, slot.clone());
-        let response = service.handle(method, uri, headers, body).await;
+        let response = service.handle(method, uri, Fields::Lines(headers), body).await;
         let body_read = slot
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -160,7 +161,7 @@ fn asks_close(headers: &http::HeaderMap) -> bool {
     headers
         .get_all(http::header::CONNECTION)
         .iter()
-        .any(|v| crate::http1::fields::has_token(v, "close"))
+        .any(|v| crate::http1::fields::has_token(v.as_bytes(), "close"))
 }
 
 /// Reads the next request head within the header-read timeout (on the connection's

@@ -1,5 +1,5 @@
 //! A request head: parsed with `httparse` from the connection's buffer (the header
-//! values and the target share its bytes, no copy), its framing decided by RFC 9112
+//! fields and the target stay in its bytes, no copy and no header map), its framing decided by RFC 9112
 //! §6.3 exactly as hyper's server decides it — the rows of the request-smuggling table
 //! in `tests/h1.rs` are refused here as hyper refuses them:
 //!
@@ -17,15 +17,16 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderValue};
 
 use crate::http1::fields::{digits, last_coding_is_chunked, Persistence};
-use crate::http1::{maps, names};
+use crate::http1::lines::Lines;
 use http::{Method, Uri, Version};
 
 pub use crate::http1::MAX_HEADERS;
 /// The longest request target (hyper's).
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+/// The longest header name (`http`'s: hyper refuses a longer one).
+const MAX_NAME_LEN: usize = u16::MAX as usize;
 
 /// Where a header's name and value are in the head: (name at, name length, value at,
 /// value length).
@@ -51,9 +52,9 @@ pub struct Head {
     pub uri: Uri,
     /// HTTP/1.1 or HTTP/1.0.
     pub version: Version,
-    /// The headers, their values sharing the head's bytes (of several equal
+    /// The header fields, where they are in the head's bytes (of several equal
     /// `Content-Length`s, one; with `Transfer-Encoding`, none).
-    pub headers: HeaderMap,
+    pub headers: Lines,
     /// How the body is framed.
     pub framing: Framing,
     /// Whether the connection may serve another request after this one.
@@ -127,63 +128,65 @@ pub fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadEr
     // SAFETY: the first `count` spans were written just above.
     let spans: &[Span] = unsafe { std::slice::from_raw_parts(spans.as_ptr().cast::<Span>(), count) };
     let head = buf.split_to(len).freeze();
-    let slice = |(at, len): (usize, usize)| head.slice(at..at + len);
-    let uri = Uri::from_maybe_shared(slice(path_at)).map_err(|_| HeadError::Malformed("request target"))?;
-    frame(method, uri, http11, &head, spans, slice).map(Some)
+    let uri = Uri::from_maybe_shared(head.slice(path_at.0..path_at.0 + path_at.1))
+        .map_err(|_| HeadError::Malformed("request target"))?;
+    frame(method, uri, http11, head, spans).map(Some)
 }
 
-/// Builds the head's headers and decides its framing (see the module header).
-fn frame(
-    method: Method,
-    uri: Uri,
-    http11: bool,
-    head: &Bytes,
-    spans: &[Span],
-    slice: impl Fn((usize, usize)) -> Bytes,
-) -> Result<Head, HeadError> {
-    let mut headers = maps::take(spans.len());
+/// Records where the head's fields are and decides its framing (see the module header).
+fn frame(method: Method, uri: Uri, http11: bool, head: Bytes, spans: &[Span]) -> Result<Head, HeadError> {
+    let mut headers = Lines::new(head, spans.len());
     let mut persistence = Persistence::new(http11);
     let (mut te, mut chunked, mut length, mut saw_length) = (false, false, None::<u64>, false);
     let mut expect_continue = false;
     for &(name_at, name_len, value_at, value_len) in spans {
-        let name = names::header_name(&head[name_at..name_at + name_len])
-            // A name httparse let through but `http` refuses.
-            .map_err(|_| HeadError::Malformed("header name"))?;
-        // SAFETY: `httparse` took the value only if every byte is one a header value may
-        // have (HTAB, SP to `~`, obs-text), which is exactly what `HeaderValue` checks
-        // (debug builds — the tests and the fuzz target — check it again).
-        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(slice((value_at, value_len))) };
-        match name {
-            header::TRANSFER_ENCODING => {
+        if name_len > MAX_NAME_LEN {
+            // A name `http` refuses (`httparse` checked its characters: a token's).
+            return Err(HeadError::Malformed("header name"));
+        }
+        let bytes = headers.bytes();
+        let (name, value) = (
+            &bytes[name_at..name_at + name_len],
+            &bytes[value_at..value_at + value_len],
+        );
+        // Whether the lengths kept so far are dropped (a `Transfer-Encoding` after them).
+        let drop_lengths = match framing_field(name) {
+            Some(FramingField::TransferEncoding) => {
                 if !http11 {
                     return Err(HeadError::Malformed("Transfer-Encoding in HTTP/1.0"));
                 }
                 te = true;
-                chunked = last_coding_is_chunked(&value);
-                if length.take().is_some() {
-                    headers.remove(header::CONTENT_LENGTH);
-                }
+                chunked = last_coding_is_chunked(value);
+                length.take().is_some()
             }
-            header::CONTENT_LENGTH => {
+            Some(FramingField::ContentLength) => {
                 saw_length = true;
                 if te {
                     continue;
                 }
-                let len = digits(value.as_bytes()).ok_or(HeadError::Malformed("Content-Length"))?;
+                let len = digits(value).ok_or(HeadError::Malformed("Content-Length"))?;
                 match length {
                     Some(previous) if previous != len => return Err(HeadError::Malformed("Content-Length")),
                     // The same length again: one.
                     Some(_) => continue,
                     None => length = Some(len),
                 }
+                false
             }
-            header::CONNECTION => {
-                persistence.connection(&value);
+            Some(FramingField::Connection) => {
+                persistence.connection(value);
+                false
             }
-            header::EXPECT => expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue"),
-            _ => {}
+            Some(FramingField::Expect) => {
+                expect_continue = value.eq_ignore_ascii_case(b"100-continue");
+                false
+            }
+            None => false,
+        };
+        if drop_lengths {
+            headers.retain(|name, _| framing_field(name) != Some(FramingField::ContentLength));
         }
-        headers.append(name, value);
+        headers.push((name_at, name_len), (value_at, value_len));
     }
     if te && !chunked {
         return Err(HeadError::Malformed("Transfer-Encoding not ending in chunked"));
@@ -208,6 +211,27 @@ fn frame(
     })
 }
 
+/// The fields that decide a request's framing and persistence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FramingField {
+    TransferEncoding,
+    ContentLength,
+    Connection,
+    Expect,
+}
+
+/// Which framing field `name` is, ignoring case (the length picks the one to compare).
+fn framing_field(name: &[u8]) -> Option<FramingField> {
+    let (field, text) = match name.len() {
+        17 => (FramingField::TransferEncoding, "transfer-encoding"),
+        14 => (FramingField::ContentLength, "content-length"),
+        10 => (FramingField::Connection, "connection"),
+        6 => (FramingField::Expect, "expect"),
+        _ => return None,
+    };
+    name.eq_ignore_ascii_case(text.as_bytes()).then_some(field)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,7 +249,7 @@ mod tests {
         assert_eq!(h.uri, "/ns/vm?x=1");
         assert_eq!(h.framing, Framing::Length(2));
         assert!(h.keep_alive);
-        assert_eq!(h.headers["ce-id"], "1");
+        assert_eq!(h.headers.get("ce-id"), Some(&b"1"[..]));
         assert_eq!(&buf[..], b"{}NEXT", "the body and what follows stay");
     }
 
@@ -289,6 +313,60 @@ mod tests {
         assert!(!keep(
             "POST / HTTP/1.1\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n"
         ));
+    }
+
+    #[test]
+    fn fields_stay_where_they_came_in_the_case_they_came() {
+        let h = head("POST / HTTP/1.1\r\nCE-ID: 1\r\nContent-Length: 0\r\nce-source: /s\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let fields: Vec<_> = h.headers.iter().collect();
+        assert_eq!(
+            fields,
+            [
+                (&b"CE-ID"[..], &b"1"[..]),
+                (b"Content-Length", b"0"),
+                (b"ce-source", b"/s")
+            ]
+        );
+        // A length dropped for a later Transfer-Encoding is not passed on.
+        let h = head("POST / HTTP/1.1\r\ncontent-length: 5\r\nX: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let names: Vec<_> = h.headers.iter().map(|(n, _)| n.to_vec()).collect();
+        assert_eq!(names, [&b"X"[..], b"Transfer-Encoding"]);
+        // Of several equal lengths, one.
+        let h = head("POST / HTTP/1.1\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.headers.len(), 1);
+    }
+
+    /// No header map is built any more, so nothing checks a name with `http`: every name
+    /// `httparse` takes must be one `http` takes (else hyper would refuse the head where
+    /// this parser passes it on).
+    #[test]
+    fn every_name_httparse_takes_is_one_http_takes() {
+        for b in 0..=255u8 {
+            let mut name = b"x-a".to_vec();
+            name.insert(2, b);
+            let mut text = b"POST / HTTP/1.1\r\n".to_vec();
+            text.extend_from_slice(&name);
+            text.extend_from_slice(b": 1\r\n\r\n");
+            if let Ok(Some(h)) = parse(&mut BytesMut::from(&text[..]), 1024) {
+                // (A `:` ends the name early: the name is what came before it.)
+                for (name, value) in h.headers.iter() {
+                    assert!(http::HeaderName::from_bytes(name).is_ok(), "byte {b:#x}");
+                    assert!(http::HeaderValue::from_bytes(value).is_ok(), "byte {b:#x}");
+                }
+            }
+        }
+        let long = format!("POST / HTTP/1.1\r\n{}: 1\r\n\r\n", "a".repeat(MAX_NAME_LEN + 1));
+        assert!(http::HeaderName::from_bytes("a".repeat(MAX_NAME_LEN + 1).as_bytes()).is_err());
+        assert_eq!(
+            parse(&mut BytesMut::from(long.as_str()), 1 << 20).unwrap_err(),
+            HeadError::Malformed("header name")
+        );
     }
 
     #[test]

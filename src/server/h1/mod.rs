@@ -39,13 +39,14 @@ use tokio::sync::watch;
 pub trait Handler {
     /// The response body.
     type Body: Body<Data = Bytes>;
-    /// Answers the request with this method, target, headers and body (its parts as the
-    /// connection has them: no `Request` is built only to be taken apart again).
+    /// Answers the request with this method, target, header fields and body (its parts
+    /// as the connection has them: no `Request` is built only to be taken apart again,
+    /// and no header map).
     fn handle(
         &self,
         method: http::Method,
         uri: http::Uri,
-        headers: http::HeaderMap,
+        headers: crate::http1::lines::Fields,
         body: RequestBody,
     ) -> impl std::future::Future<Output = Response<Self::Body>> + Send;
 }

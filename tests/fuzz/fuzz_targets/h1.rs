@@ -1,7 +1,8 @@
 //! Fuzzes the ingress's own HTTP/1.1 parsers (`server::h1`): request heads and chunked
 //! bodies, pipelined, fed as a socket would deliver them. Never a panic, and the same
 //! outcome whether the bytes come all at once or in pieces of any size (the first input
-//! byte chooses the piece size and the head limit). Run: see README "Security".
+//! byte chooses the piece size and the head limit), and every header field passed on is
+//! one `http` takes. Run: see docs/testing.md "Fuzzing".
 #![no_main]
 
 use bytes::BytesMut;
@@ -75,6 +76,12 @@ fn run(input: &[u8], piece: usize, max_head: usize) -> Outcome {
             }
         }
         assert!(parsed.headers.len() <= head::MAX_HEADERS);
+        // No header map is built: every field passed on must be one a map would take
+        // (hyper's server would refuse the head otherwise).
+        for (name, value) in parsed.headers.iter() {
+            assert!(http::HeaderName::from_bytes(name).is_ok(), "name {name:?}");
+            assert!(http::HeaderValue::from_bytes(value).is_ok(), "value {value:?}");
+        }
         requests.push((parsed.method.to_string(), parsed.uri.to_string(), parsed.framing, body));
         if !parsed.keep_alive {
             return Outcome { requests, end: "close".into() };
