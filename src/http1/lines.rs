@@ -9,6 +9,9 @@
 //! header names are compared (RFC 9110 §5.1). The span lists are kept per thread for
 //! the next head, as `maps` keeps header maps.
 //!
+//! Long because: two types (the lines, and lines-or-map) with one reader over both, and
+//! a third of it tests of the lookups' exactness that no header map checks any more.
+//!
 //! Pure: no I/O. Must not import anything of the service.
 
 use std::cell::RefCell;

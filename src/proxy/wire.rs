@@ -18,6 +18,9 @@
 //! `differential.rs` (tests) sends one table of guest answers to this client and to
 //! hyper's and compares what each makes of them.
 //!
+//! Long because: two fifths of it are the tables of guest answers and request heads its
+//! tests hold it to, which need the private pieces.
+//!
 //! Pure: no I/O. Owns: the bytes on the guest connection, nothing of its timing.
 
 use std::mem::MaybeUninit;
