@@ -1,7 +1,11 @@
-//! HTTP/1.1 as the proxy speaks it to guests, on `httparse`: a request head written from
-//! the request's parts into a buffer the connection keeps; a response head parsed from
-//! the connection's buffer (its header values sharing those bytes, no copies) with its
-//! body's framing decided by RFC 9112 §6.3 as hyper's client decides it:
+//! HTTP/1.1 as the proxy speaks it to guests, on `httparse`. Long because: two fifths of
+//! it are the tables of guest answers and request heads its tests hold it to, which need
+//! the private pieces.
+//!
+//! A request head is written from the request's parts into a buffer the connection
+//! keeps; a response head is parsed from the connection's buffer (its header values
+//! sharing those bytes, no copies) with its body's framing decided by RFC 9112 §6.3 as
+//! hyper's client decides it:
 //!
 //! - 1xx responses other than 101 are skipped (the final response follows); a 101 is
 //!   refused (we never ask to switch protocols, RFC 9110 §15.2.2);
@@ -17,9 +21,6 @@
 //!
 //! `differential.rs` (tests) sends one table of guest answers to this client and to
 //! hyper's and compares what each makes of them.
-//!
-//! Long because: two fifths of it are the tables of guest answers and request heads its
-//! tests hold it to, which need the private pieces.
 //!
 //! Pure: no I/O. Owns: the bytes on the guest connection, nothing of its timing.
 
