@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -147,6 +148,9 @@ struct OwnerSlot {
     removed: bool,
     /// The process is stopping: an owner still on its way to its task is not started.
     aborted: bool,
+    /// Owners of this VM that panicked so far (a bug): the pause before the next one
+    /// takes over by itself doubles with each (`take_over_after_panic`).
+    panics: u32,
 }
 
 struct HandleInner {
@@ -181,6 +185,7 @@ impl VmHandle {
                 dormant: Some(tx),
                 removed: false,
                 aborted: false,
+                panics: 0,
             }),
             learning: Mutex::new(None),
         }));
@@ -405,20 +410,60 @@ impl VmHandle {
             Ok(Poll::Ready(())) => return Ok(()),
             Ok(Poll::Pending) => {}
             Err(_) => {
-                tracing::error!(vm = %self.key(), "the VM's owner panicked");
+                self.take_over_after_panic();
                 return Ok(());
             }
         }
         // Spawned under the lock: the owner may retire as soon as it runs, and does so
         // under the same lock, after its task is recorded here.
         let mut slot = self.lock_slot();
-        let task = self.0.context.spawn(owner);
+        let handle = self.clone();
+        let task = self.0.context.spawn(async move {
+            if AssertUnwindSafe(owner).catch_unwind().await.is_err() {
+                handle.take_over_after_panic();
+            }
+        });
         if slot.aborted {
             task.abort();
         } else {
             slot.task = Some(task.abort_handle());
         }
         Ok(())
+    }
+
+    /// An owner panicked (a bug) — in its first steps or in its task. Its VM must not be
+    /// left as it was until some request comes: a running VM would run on with no idle
+    /// timer to stop it. After a pause — 1 s, doubling with each panic of this VM's
+    /// owners up to 256 s, so a backend call that panics every time is retried as a
+    /// crash loop is, not in a tight one — a new owner takes over unless one has
+    /// meanwhile (a request's, which takes over at once) or the VM is at rest or failed
+    /// (it costs nothing as it is; the next command takes over). It starts the VM again
+    /// — a no-op for a VM still running — and from there the idle timeout stops it.
+    fn take_over_after_panic(&self) {
+        let panics = {
+            let mut slot = self.lock_slot();
+            slot.panics = slot.panics.saturating_add(1);
+            slot.panics
+        };
+        tracing::error!(vm = %self.key(), panics, "the VM's owner panicked");
+        let pause = Duration::from_secs(1 << (panics - 1).min(8));
+        let handle = self.clone();
+        self.0.context.spawn(async move {
+            tokio::time::sleep(pause).await;
+            let orphaned = {
+                let slot = handle.lock_slot();
+                let owned = slot.commands.as_ref().is_some_and(|c| !c.is_closed()) || slot.dormant.is_some();
+                !owned && !slot.removed
+            };
+            let at_rest = matches!(
+                handle.0.gate.phase(),
+                VmPhase::Stopped | VmPhase::Paused | VmPhase::Hibernated | VmPhase::Failed
+            );
+            if orphaned && !at_rest && !handle.0.context.is_draining() {
+                let (reply, _) = oneshot::channel();
+                let _ = handle.send(Command::Warm(reply));
+            }
+        });
     }
 
     /// The write side of the gate for an owner taking over from one that panicked. A VM

@@ -277,3 +277,47 @@ async fn an_owner_that_panics_in_its_task_is_taken_over_by_the_next_request() {
     w.comes_up().await;
     drop(next.await.unwrap().expect("admitted by the new owner"));
 }
+
+/// And with no request to follow: a second after the panic a new owner takes over by
+/// itself and starts the VM again (a no-op for a VM still running), so its idle timeout
+/// stops it — it is not left running with no idle timer. Each further panic of the VM's
+/// owners doubles the pause (a backend call that panics every time is retried as a
+/// crash loop is).
+#[tokio::test(start_paused = true)]
+async fn an_owner_that_panics_in_its_task_is_taken_over_by_itself_and_its_vm_still_stops_once_idle() {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    *w.backend.stop_panics.lock().unwrap() = true;
+    pass(IDLE + Duration::from_millis(100)).await;
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
+    pass(Duration::from_millis(800)).await;
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"], "not before the pause");
+    pass(Duration::from_millis(200)).await;
+    assert_eq!(
+        w.backend.calls(),
+        ["start", "stop_if_idle", "start"],
+        "taken over after 1 s"
+    );
+    assert!(w.vm.gate().state().last_error.unwrap().contains("owner failed"));
+    w.comes_up().await;
+
+    // The idle stop panics again: this time the pause is 2 s.
+    pass(IDLE + Duration::from_millis(100)).await;
+    let panicked_twice = ["start", "stop_if_idle", "start", "stop_if_idle"];
+    assert_eq!(w.backend.calls(), panicked_twice);
+    pass(Duration::from_millis(1500)).await;
+    assert_eq!(w.backend.calls(), panicked_twice, "the pause doubled");
+    pass(Duration::from_millis(500)).await;
+    assert_eq!(
+        w.backend.calls(),
+        [&panicked_twice[..], &["start"]].concat(),
+        "taken over after 2 s"
+    );
+    w.comes_up().await;
+
+    // Mended: the owner that took over stops the VM once idle, with no request.
+    *w.backend.stop_panics.lock().unwrap() = false;
+    pass(IDLE + Duration::from_millis(100)).await;
+    assert_eq!(w.backend.calls().last(), Some(&"stop_if_idle"));
+    assert_eq!(w.phase(), VmPhase::Stopped);
+}
