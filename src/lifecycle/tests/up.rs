@@ -259,16 +259,23 @@ async fn an_owner_that_panics_in_its_first_steps_answers_the_request_and_is_take
     drop(next.await.unwrap().expect("admitted by the new owner"));
 }
 
+/// A VM brought up by one event, whose backend's idle stop panics — in its owner's own
+/// task — once its idle timeout has passed (the panic has just happened).
+async fn a_vm_whose_idle_stop_panicked() -> World {
+    let w = world(policy());
+    drop(w.bring_up().await);
+    *w.backend.stop_panics.lock().unwrap() = true;
+    pass(IDLE + Duration::from_millis(100)).await;
+    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
+    w
+}
+
 /// The same for an owner that panics in its own task (here: the backend's idle stop):
 /// the task ends, the VM was neither at rest nor removed, and the next request's owner
 /// takes over from "failed" and starts it again (a no-op for a VM still running).
 #[tokio::test(start_paused = true)]
 async fn an_owner_that_panics_in_its_task_is_taken_over_by_the_next_request() {
-    let w = world(policy());
-    drop(w.bring_up().await);
-    *w.backend.stop_panics.lock().unwrap() = true;
-    pass(IDLE + Duration::from_secs(1)).await;
-    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
+    let w = a_vm_whose_idle_stop_panicked().await;
     *w.backend.stop_panics.lock().unwrap() = false;
     let next = w.admit();
     settle().await;
@@ -285,11 +292,7 @@ async fn an_owner_that_panics_in_its_task_is_taken_over_by_the_next_request() {
 /// crash loop is).
 #[tokio::test(start_paused = true)]
 async fn an_owner_that_panics_in_its_task_is_taken_over_by_itself_and_its_vm_still_stops_once_idle() {
-    let w = world(policy());
-    drop(w.bring_up().await);
-    *w.backend.stop_panics.lock().unwrap() = true;
-    pass(IDLE + Duration::from_millis(100)).await;
-    assert_eq!(w.backend.calls(), ["start", "stop_if_idle"]);
+    let w = a_vm_whose_idle_stop_panicked().await;
     pass(Duration::from_millis(800)).await;
     assert_eq!(w.backend.calls(), ["start", "stop_if_idle"], "not before the pause");
     pass(Duration::from_millis(200)).await;
